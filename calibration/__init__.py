@@ -1,0 +1,1 @@
+"""cytoedge stage package."""

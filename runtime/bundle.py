@@ -1,0 +1,196 @@
+"""Model bundle: a folder with ``manifest.json``, the denoiser ONNX graph(s) and calibration.
+
+Everything a run depends on (class names, input scale, noise schedule, loss mask, calibrated
+numbers) is read from here, never from literals in code, and every file is checked against the
+sha256 the manifest records, so a result can always be traced to the exact model that made it.
+Validation is closed: a missing or mistyped field is refused with its name.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from cytoedge.runtime.errors import BundleError
+from cytoedge.runtime.schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(s, str) and s for s in v)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_pos(v: Any) -> bool:
+    return _is_num(v) and v > 0
+
+
+def _is_triplet(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 3 and all(_is_num(x) for x in v)
+
+
+# (field path, check, what it must be) — one table, applied in order.
+REQUIRED: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("format_version", lambda v: v == FORMAT_VERSION, f"the integer {FORMAT_VERSION}"),
+    ("name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
+    ("class_names", _is_str_list, "a non-empty list of class names"),
+    ("abnormal_classes", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of class names"),
+    ("input.size", lambda v: isinstance(v, int) and v >= 8, "an integer >= 8 (model pixels)"),
+    ("input.channels", lambda v: v == 3, "3 (RGB)"),
+    ("input.um_per_px", _is_pos, "a positive number (micrometres per model pixel)"),
+    ("input.normalisation.mean", _is_triplet, "three numbers (per RGB channel, on [0, 1] pixels)"),
+    ("input.normalisation.std", _is_triplet, "three numbers (per RGB channel, on [0, 1] pixels)"),
+    ("noise_schedule", lambda v: isinstance(v, dict), "an object (kind + parameters)"),
+    ("prediction_type", lambda v: v == "epsilon", "'epsilon'"),
+    ("loss_mask.kind", lambda v: v in ("disc", "none"), "'disc' or 'none'"),
+    ("networks.denoiser.file", lambda v: isinstance(v, str) and bool(v), "a file name in the bundle"),
+    ("files", lambda v: isinstance(v, dict) and bool(v), "an object {file name: {sha256: ...}}"),
+    ("provenance", lambda v: isinstance(v, dict), "an object (data, steps, seed, date, code commit)"),
+]
+
+
+def _get(manifest: dict, dotted: str) -> Any:
+    node: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def validate_manifest(manifest: dict, where: str) -> None:
+    """Raise BundleError naming the first field that is missing or has the wrong form."""
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{where}: manifest must be a JSON object")
+    for dotted, check, expected in REQUIRED:
+        try:
+            value = _get(manifest, dotted)
+        except KeyError:
+            raise BundleError(f"{where}: required field '{dotted}' is missing (it must be {expected})") from None
+        if not check(value):
+            raise BundleError(f"{where}: field '{dotted}' is {value!r}; it must be {expected}")
+    unknown = sorted(set(manifest["abnormal_classes"]) - set(manifest["class_names"]))
+    if unknown:
+        raise BundleError(f"{where}: abnormal_classes {unknown} are not in class_names {manifest['class_names']}")
+    if manifest["loss_mask"]["kind"] == "disc" and not (0 < manifest["loss_mask"].get("radius", 0) <= 0.5):
+        raise BundleError(f"{where}: field 'loss_mask.radius' must be in (0, 0.5] (fraction of the input size)")
+    for key, entry in manifest["files"].items():
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            raise BundleError(f"{where}: files['{key}'] must be {{'sha256': <64 hex digits>}}")
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A validated, hash-checked model bundle."""
+
+    path: Path
+    manifest: dict
+    sha256: str
+    schedule: NoiseSchedule
+    calibration: dict | None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelBundle":
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise BundleError(f"{path} is not a model bundle: {MANIFEST} not found")
+        raw = mpath.read_bytes()
+        try:
+            manifest = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{mpath}: not valid JSON ({e})") from None
+        validate_manifest(manifest, str(mpath))
+        referenced = [manifest["networks"]["denoiser"]["file"]]
+        referenced += [net["file"] for name, net in manifest["networks"].items() if name != "denoiser"]
+        if manifest.get("calibration"):
+            referenced.append(manifest["calibration"])
+        for name in referenced:
+            if name not in manifest["files"]:
+                raise BundleError(f"{mpath}: '{name}' is used by the manifest but has no entry in 'files'")
+        for name, entry in manifest["files"].items():
+            fpath = path / name
+            if not fpath.is_file():
+                raise BundleError(f"{path}: file '{name}' listed in the manifest is missing")
+            actual = sha256_file(fpath)
+            if actual != entry["sha256"]:
+                raise BundleError(
+                    f"{fpath}: sha256 {actual[:12]}… does not match the manifest ({entry['sha256'][:12]}…); "
+                    "the file was changed or corrupted — restore it or rebuild the bundle"
+                )
+        schedule = NoiseSchedule.from_config(manifest["noise_schedule"])
+        calibration = None
+        if manifest.get("calibration"):
+            calibration = json.loads((path / manifest["calibration"]).read_text())
+        return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def abnormal_classes(self) -> list[str]:
+        return list(self.manifest["abnormal_classes"])
+
+    @property
+    def input_size(self) -> int:
+        return int(self.manifest["input"]["size"])
+
+    @property
+    def um_per_px(self) -> float:
+        """Micrometres per model pixel: the scale every image is resampled to."""
+        return float(self.manifest["input"]["um_per_px"])
+
+    @property
+    def denoiser_path(self) -> Path:
+        return self.path / self.manifest["networks"]["denoiser"]["file"]
+
+    def network_path(self, name: str) -> Path | None:
+        net = self.manifest["networks"].get(name)
+        return self.path / net["file"] if net else None
+
+    def loss_mask(self) -> np.ndarray:
+        """The ``[H, W]`` float32 weight map the classifier's denoising error is averaged over."""
+        size, spec = self.input_size, self.manifest["loss_mask"]
+        if spec["kind"] == "none":
+            return np.ones((size, size), np.float32)
+        yy, xx = np.mgrid[:size, :size]
+        c = (size - 1) / 2.0
+        return (((yy - c) ** 2 + (xx - c) ** 2) <= (spec["radius"] * size) ** 2).astype(np.float32)
+
+    def normalise(self, rgb01: np.ndarray) -> np.ndarray:
+        """Map ``[..., 3]`` RGB in [0, 1] to the model's value range, per the manifest."""
+        norm = self.manifest["input"]["normalisation"]
+        return ((rgb01 - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)).astype(np.float32)
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """Recompute every listed file's sha256, validate, and write ``manifest.json``."""
+    for name in manifest["files"]:
+        manifest["files"][name] = {"sha256": sha256_file(path / name)}
+    validate_manifest(manifest, str(path / MANIFEST))
+    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,92 @@
+"""Cells as the estimators see them: field tiles at model scale plus a table of cell centres.
+
+A single-cell crop is one tile with one cell at its centre; a smear field is one tile with many.
+Reading and resampling (I/O and scale) happen here, at the edge; the estimators receive arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cytoedge.kernels.cell_batch import cell_table
+from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.errors import InputImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+@dataclass
+class CellBatch:
+    """RGB uint8 tiles at the model's pixel scale and one row per cell (kernels' CELL_FIELDS)."""
+
+    tiles: list[np.ndarray]
+    cells: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.cells.shape[0])
+
+    def subset(self, index: np.ndarray) -> "CellBatch":
+        return CellBatch(self.tiles, self.cells[index])
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as RGB uint8 ``[H, W, 3]``; InputImageError names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputImageError(f"{path}: no such file")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    if data.size == 0:
+        raise InputImageError(f"{path}: file is empty")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise InputImageError(f"{path}: not a readable image (corrupt, truncated, or an unsupported format)")
+    if img.dtype != np.uint8:
+        if img.dtype == np.uint16:
+            img = (img / 257).round().astype(np.uint8)
+        else:
+            raise InputImageError(f"{path}: pixel type {img.dtype} is not supported (expected 8- or 16-bit)")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    elif img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    else:
+        raise InputImageError(f"{path}: {img.shape[2]} channels; expected grey, RGB or RGBA")
+    return img
+
+
+def to_model_scale(rgb: np.ndarray, um_per_px: float, bundle: ModelBundle) -> np.ndarray:
+    """Resample an RGB image so one pixel is ``bundle.um_per_px`` (area averaging when shrinking)."""
+    factor = um_per_px / bundle.um_per_px
+    if abs(factor - 1.0) < 1e-6:
+        return rgb
+    h, w = rgb.shape[:2]
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    interp = cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR
+    return cv2.resize(rgb, size, interpolation=interp)
+
+
+def default_crop_um_per_px(bundle: ModelBundle) -> float:
+    """Scale assumed for single-cell crops when none is given: the training crops' scale."""
+    return bundle.um_per_px / float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
+
+
+def crops_to_batch(images: list[np.ndarray], bundle: ModelBundle, um_per_px: float | None = None) -> CellBatch:
+    """Single-cell crops (cell centred) → one tile per crop at model scale, one cell per tile."""
+    scale = um_per_px or default_crop_um_per_px(bundle)
+    tiles, min_side = [], bundle.input_size // 2
+    for k, rgb in enumerate(images):
+        h, w = rgb.shape[:2]
+        s = min(h, w)
+        square = rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        tile = to_model_scale(square, scale, bundle)
+        if min(tile.shape[:2]) < min_side:
+            raise InputImageError(f"image {k}: {w}×{h} px at {scale} µm/px is too small for the model's "
+                                  f"{bundle.input_size}-px field of view")
+        tiles.append(tile)
+    centres = np.array([[(t.shape[1] - 1) / 2.0, (t.shape[0] - 1) / 2.0] for t in tiles]).reshape(-1, 2)
+    return CellBatch(tiles, cell_table(np.arange(len(tiles)), centres[:, 0], centres[:, 1]))

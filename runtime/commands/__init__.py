@@ -1,0 +1,1 @@
+"""Sub-commands of the cytoedge CLI (see runtime/cli.py)."""

@@ -1,0 +1,66 @@
+"""``cytoedge classify IMAGE|DIR...``: classify single-cell crops (the cell at the image centre)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cytoedge.runtime.commands.common import (add_model_arguments, expand_image_paths, load_bundle_and_backend,
+                                              progress_bar)
+
+log = logging.getLogger(__name__)
+
+CHUNK = 64
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classify", help="classify single-cell images", description=__doc__)
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE|DIR", help="cell crops, or folders of them")
+    add_model_arguments(p)
+    p.add_argument("--um-per-px", type=float, default=None,
+                   help="scale of the crops (default: the bundle's training-crop scale)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cytoedge.runtime.cells import crops_to_batch, read_rgb
+    from cytoedge.runtime.classify_cells import classify_batch
+    from cytoedge.runtime.errors import CytoedgeError
+
+    bundle, backend, estimator = load_bundle_and_backend(args)
+    paths, failures = expand_image_paths(args.inputs)
+    results: list[dict] = []
+    with progress_bar(len(paths), "cells", disable=len(paths) < 8 or args.json) as bar:
+        for start in range(0, len(paths), CHUNK):
+            chunk, images = [], []
+            for path in paths[start:start + CHUNK]:
+                try:
+                    images.append(read_rgb(path))
+                    chunk.append(path)
+                except CytoedgeError as e:
+                    failures.append({"image": str(path), "error": str(e)})
+                    bar.update(1)
+            if not images:
+                continue
+            try:
+                batch = crops_to_batch(images, bundle, args.um_per_px)
+            except CytoedgeError as e:
+                failures.extend({"image": str(p), "error": str(e)} for p in chunk)
+                bar.update(len(chunk))
+                continue
+            for path, record in zip(chunk, classify_batch(batch, bundle, backend, estimator)):
+                results.append({"image": str(path), **record})
+            bar.update(len(chunk))
+    for failure in failures:
+        print(f"cytoedge classify: {failure['error']}", file=sys.stderr)
+    if args.json:
+        doc = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name,
+               "estimator": estimator, "results": results, "errors": failures}
+        print(json.dumps(doc, indent=2))
+    else:
+        for r in results:
+            print(f"{r['image']}\t{r['class']}\t{r['confidence_label']}\tnfe={r['nfe']}")
+    return 1 if failures else 0

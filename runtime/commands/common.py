@@ -1,0 +1,46 @@
+"""Arguments and helpers several commands share: model/backend selection, input expansion, progress."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cytoedge.runtime.cells import IMAGE_SUFFIXES
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="model bundle folder (default: the bundled model)")
+    p.add_argument("--backend", default="auto", help="auto | onnxruntime-cpu | onnxruntime-cuda | torch")
+    p.add_argument("--estimator", choices=("fast", "reference"), default="fast",
+                   help="fast: calibrated fixed-timestep estimator; reference: CytoDiffusion's protocol")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+
+
+def load_bundle_and_backend(args: argparse.Namespace):
+    from cytoedge.models import default_bundle_path
+    from cytoedge.runtime.backends.select import create_backend
+    from cytoedge.runtime.bundle import ModelBundle
+
+    bundle = ModelBundle.load(args.model or default_bundle_path())
+    return bundle, create_backend(bundle, args.backend, threads=args.threads), args.estimator
+
+
+def expand_image_paths(inputs: list[Path]) -> tuple[list[Path], list[dict]]:
+    """Files as given, folders expanded (recursively, sorted); missing inputs become error records."""
+    paths, failures = [], []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                failures.append({"image": str(item), "error": f"{item}: folder holds no images {IMAGE_SUFFIXES}"})
+            paths.extend(found)
+        elif item.exists():
+            paths.append(item)
+        else:
+            failures.append({"image": str(item), "error": f"{item}: no such file or folder"})
+    return paths, failures
+
+
+def progress_bar(total: int, unit: str, disable: bool = False):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, disable=disable, dynamic_ncols=True)

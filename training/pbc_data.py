@@ -1,0 +1,117 @@
+"""PBC single-cell crops for training: loading, caching and augmentation.
+
+The cache holds every crop once, centre-cropped to a square and downscaled so that the model's
+field of view plus rotation margin fits; augmentation then cuts the model input with one affine
+warp (rotation, flip, scale jitter, sub-pixel shift) and jitters the stain colours, because
+stains and scanners vary between labs while a cell's class does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+@dataclass
+class CellSet:
+    """Square uint8 RGB crops ``[N, S, S, 3]`` with integer labels and their source files."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    files: list[str]
+
+
+def list_labelled_files(root: Path, class_names: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Files of a ``root/<class>/<image>`` folder, sorted; class ids follow ``class_names`` order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist (expected {root}/<class>/<image>.jpg)")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir())
+    class_names = list(class_names) if class_names is not None else found
+    missing = [c for c in class_names if c not in found]
+    if missing:
+        raise FileNotFoundError(f"data folder {root} has no class folder(s) {missing}")
+    files, labels = [], []
+    for k, name in enumerate(class_names):
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append(f)
+                labels.append(k)
+    return files, np.asarray(labels, dtype=np.int64), class_names
+
+
+def load_square_rgb(path: Path, size: int) -> np.ndarray:
+    """Centre-crop an image to a square and resize it to ``size`` (area interpolation), RGB uint8."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot read image {path}")
+    h, w = bgr.shape[:2]
+    s = min(h, w)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    square = bgr[y0:y0 + s, x0:x0 + s]
+    return cv2.cvtColor(cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB)
+
+
+def load_cell_set(root: Path, cache_dir: Path, cache_size: int, class_names: list[str] | None = None) -> CellSet:
+    """Load (and cache as .npz) every crop of a labelled folder at ``cache_size`` pixels square."""
+    files, labels, class_names = list_labelled_files(root, class_names)
+    key = hashlib.sha256(("\n".join(map(str, files)) + f"|{cache_size}").encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"{Path(root).name}_{cache_size}_{key}.npz"
+    if cache.exists():
+        with np.load(cache) as z:
+            images = z["images"]
+        log.info("loaded %d cached crops from %s", len(images), cache)
+    else:
+        images = np.stack([load_square_rgb(f, cache_size) for f in files])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, images=images)
+        log.info("cached %d crops to %s", len(images), cache)
+    return CellSet(images, labels, class_names, [str(f) for f in files])
+
+
+def augment_batch(
+    images: np.ndarray, out_size: int, zoom: float, rng: np.random.Generator,
+    scale_jitter: float = 0.08, shift_px: float = 1.0, colour_jitter: float = 0.08,
+) -> np.ndarray:
+    """Random rotation/flip/scale/shift and stain jitter; returns float32 RGB in [0, 1], ``[B,S,S,3]``.
+
+    ``zoom`` is cache pixels per output pixel at scale 1.
+    """
+    n, size = images.shape[0], images.shape[1]
+    out = np.empty((n, out_size, out_size, 3), dtype=np.float32)
+    c_in, c_out = (size - 1) / 2.0, (out_size - 1) / 2.0
+    for i in range(n):
+        theta = rng.uniform(0, 2 * np.pi)
+        s = zoom * (1.0 + rng.uniform(-scale_jitter, scale_jitter))
+        flip = -1.0 if rng.random() < 0.5 else 1.0
+        rot = s * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+        rot = rot @ np.diag([flip, 1.0])
+        shift = rng.uniform(-shift_px, shift_px, 2) * zoom
+        # Maps output pixel p to source pixel c_in + rot (p - c_out) + shift.
+        m = np.hstack([rot, (np.array([c_in, c_in]) + shift - rot @ np.array([c_out, c_out]))[:, None]])
+        out[i] = cv2.warpAffine(images[i], m, (out_size, out_size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                                borderMode=cv2.BORDER_REFLECT_101).astype(np.float32) / 255.0
+    return jitter_stain(out, rng, colour_jitter)
+
+
+def jitter_stain(x: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """Per-image brightness, contrast, saturation and per-channel gain changes (x in [0, 1])."""
+    n = x.shape[0]
+    gain = 1.0 + rng.uniform(-amount, amount, (n, 1, 1, 3)) * 0.5
+    bright = rng.uniform(-amount, amount, (n, 1, 1, 1))
+    contrast = 1.0 + rng.uniform(-amount, amount, (n, 1, 1, 1))
+    sat = 1.0 + rng.uniform(-2 * amount, 2 * amount, (n, 1, 1, 1))
+    grey = x.mean(axis=3, keepdims=True)
+    x = grey + (x - grey) * sat
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * contrast + mean + bright
+    return np.clip(x * gain, 0.0, 1.0).astype(np.float32)
