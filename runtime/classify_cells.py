@@ -1,8 +1,16 @@
-"""Where a cell's class is decided: run the chosen estimator and turn its numbers into records."""
+"""Where a cell's class is decided: run the chosen estimator, apply calibration, build records.
+
+``fast`` (default): the calibrated probe race (runtime/estimator.py), then probabilities, conformal
+set and flags (calibration/decisions.py). ``reference``: CytoDiffusion's protocol
+(runtime/reference_estimator.py), uncalibrated scores only.
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
+from cytoedge.calibration.decisions import CellDecisions, anomaly_scores, decide
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
@@ -11,13 +19,58 @@ from cytoedge.runtime.errors import CytoedgeError
 ESTIMATORS = ("fast", "reference")
 
 
+@dataclass
+class FastOutcome:
+    decisions: CellDecisions
+    nfe: np.ndarray
+
+
+def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) -> FastOutcome:
+    """Calibrated probabilities, uncertainty, anomaly score and flags for every cell (arrays)."""
+    from cytoedge.runtime.estimator import estimate
+
+    race = estimate(batch, bundle, backend)
+    cal = bundle.calibration
+    norm = cal["anomaly_normalisation"]
+    p = race.probabilities(cal["temperature"])
+    anomaly = anomaly_scores(race.leader_errors, np.asarray(norm["mean"]), np.asarray(norm["std"]))
+    abnormal_mask = np.array([c in bundle.abnormal_classes for c in bundle.class_names])
+    return FastOutcome(decide(p, anomaly, abnormal_mask, cal), race.nfe)
+
+
 def classify_batch(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast") -> list[dict]:
-    """One JSON-ready record per cell: class, per-class scores, NFE (and, when calibrated, probabilities)."""
+    """One JSON-ready record per cell."""
     if estimator not in ESTIMATORS:
         raise CytoedgeError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     if estimator == "reference":
         return _reference_records(batch, bundle, backend)
-    raise CytoedgeError("the fast estimator is not available yet; use --estimator reference")
+    return fast_records(score_cells_fast(batch, bundle, backend), bundle.class_names)
+
+
+def confidence_label(d: CellDecisions, i: int) -> str:
+    """A short word for the table view: what a reader should do with this cell."""
+    if d.anomalous[i]:
+        return "anomalous"
+    if d.uncertain[i]:
+        return "uncertain"
+    return "confident"
+
+
+def fast_records(outcome: FastOutcome, names: list[str]) -> list[dict]:
+    d = outcome.decisions
+    return [{
+        "class": names[int(d.class_id[i])],
+        "probabilities": {n: round(float(v), 6) for n, v in zip(names, d.probabilities[i])},
+        "prediction_set": [n for n, s in zip(names, d.prediction_sets[i]) if s],
+        "uncertainty": {"entropy": round(float(d.entropy[i]), 6), "margin": round(float(d.margin[i]), 6)},
+        "anomaly_score": round(float(d.anomaly_score[i]), 4),
+        "abnormal_probability": round(float(d.abnormal_probability[i]), 6),
+        "flags": {"abnormal": bool(d.abnormal[i]), "uncertain": bool(d.uncertain[i]),
+                  "anomalous": bool(d.anomalous[i])},
+        "confidence_label": confidence_label(d, i),
+        "nfe": int(outcome.nfe[i]),
+        "estimator": "fast",
+    } for i in range(len(d.class_id))]
 
 
 def _reference_records(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) -> list[dict]:
@@ -25,15 +78,12 @@ def _reference_records(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
 
     res = classify_reference(batch, bundle, backend)
     names = bundle.class_names
-    records = []
-    for i in range(len(batch)):
-        records.append({
-            "class": names[int(res.class_id[i])],
-            "scores": {n: round(float(e), 6) for n, e in zip(names, res.mean_error[i])},
-            "score_kind": "mean masked denoising error (lower = better fit)",
-            "survived": [n for n, s in zip(names, res.survived[i]) if s],
-            "confidence_label": "uncalibrated",
-            "nfe": int(res.nfe[i]),
-            "estimator": "reference",
-        })
-    return records
+    return [{
+        "class": names[int(res.class_id[i])],
+        "scores": {n: round(float(e), 6) for n, e in zip(names, res.mean_error[i])},
+        "score_kind": "mean masked denoising error (lower = better fit)",
+        "survived": [n for n, s in zip(names, res.survived[i]) if s],
+        "confidence_label": "uncalibrated",
+        "nfe": int(res.nfe[i]),
+        "estimator": "reference",
+    } for i in range(len(batch))]

@@ -13,6 +13,8 @@ import sys
 
 COMMANDS = [
     "cytoedge.runtime.commands.classify",
+    "cytoedge.runtime.commands.calibrate",
+    "cytoedge.runtime.commands.evaluate",
 ]
 
 

@@ -15,10 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from cytoedge.runtime.labelled_data import list_labelled_files
+
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-
 
 @dataclass
 class CellSet:
@@ -28,25 +27,6 @@ class CellSet:
     labels: np.ndarray
     class_names: list[str]
     files: list[str]
-
-
-def list_labelled_files(root: Path, class_names: list[str] | None = None) -> tuple[list[Path], np.ndarray, list[str]]:
-    """Files of a ``root/<class>/<image>`` folder, sorted; class ids follow ``class_names`` order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist (expected {root}/<class>/<image>.jpg)")
-    found = sorted(p.name for p in root.iterdir() if p.is_dir())
-    class_names = list(class_names) if class_names is not None else found
-    missing = [c for c in class_names if c not in found]
-    if missing:
-        raise FileNotFoundError(f"data folder {root} has no class folder(s) {missing}")
-    files, labels = [], []
-    for k, name in enumerate(class_names):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(f)
-                labels.append(k)
-    return files, np.asarray(labels, dtype=np.int64), class_names
 
 
 def load_square_rgb(path: Path, size: int) -> np.ndarray:

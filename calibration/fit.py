@@ -1,0 +1,193 @@
+"""Fit the fast estimator's calibration from labelled cells' probe errors (pure numpy + scipy).
+
+Input: ``E [N, K, P]`` — the masked denoising error of every class under every candidate probe —
+and labels. The labelled cells are split in two (A, B) so that thresholds are not tuned on the data
+that shaped the scores:
+
+* on A: greedy probe selection with weights fitted by maximum likelihood (the score
+  ``−Σ_k w_k e_ck`` as a multinomial logit), elimination margins (how far behind the eventual
+  winner may be after k probes, quantile ``elimination_quantile``), temperature of the race's
+  extrapolated gaps, anomaly normalisation (per-probe mean/std of the true class's error);
+* on B: conformal threshold (LAC, split conformal, coverage ``coverage``), abstention threshold
+  (lowest top-class probability keeping selective accuracy ≥ ``selective_accuracy``), anomaly
+  threshold (quantile ``anomaly_quantile`` of known cells), and the abnormal operating point
+  (highest threshold on P(abnormal) whose review flag reaches ``abnormal_sensitivity``).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import optimize
+
+from cytoedge.calibration.decisions import anomaly_scores, decide
+from cytoedge.runtime.errors import CalibrationError
+from cytoedge.runtime.estimator import RaceSettings, run_race
+
+DEFAULT_SETTINGS = {
+    "max_probes": 6,
+    "min_nll_gain": 0.002,
+    "elimination_quantile": 0.995,
+    "coverage": 0.95,
+    "selective_accuracy": 0.97,
+    "max_abstention": 0.25,
+    "anomaly_quantile": 0.99,
+    "abnormal_sensitivity": 0.95,
+    "split_a_fraction": 0.6,
+    "seed": 0,
+}
+
+
+def _nll_and_grad(w: np.ndarray, feats: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """Multinomial NLL of logits ``−feats @ w`` (feats ``[N,K,M]``) and its gradient in w."""
+    z = -feats @ w
+    z -= z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    rows = np.arange(len(y))
+    nll = -np.log(np.clip(p[rows, y], 1e-300, None)).mean()
+    grad = (feats[rows, y] - np.einsum("nk,nkm->nm", p, feats)).mean(0)
+    return float(nll), grad
+
+
+def fit_weights(feats: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Non-negative probe weights maximising the likelihood of the labels."""
+    m = feats.shape[2]
+    res = optimize.minimize(_nll_and_grad, np.ones(m), args=(feats, y), jac=True, method="L-BFGS-B",
+                            bounds=[(1e-6, None)] * m)
+    return res.x, float(res.fun)
+
+
+def select_probes(E: np.ndarray, y: np.ndarray, max_probes: int, min_gain: float) -> tuple[list[int], np.ndarray]:
+    """Greedy forward selection: add the candidate probe that lowers the NLL most, refit weights."""
+    centred = E - E.mean(1, keepdims=True)
+    scale = centred.reshape(-1, E.shape[2]).std(0) + 1e-12
+    feats = centred / scale  # per-probe standardised, so weights are comparable
+    chosen: list[int] = []
+    best_nll, best_w = np.log(E.shape[1]), np.zeros(0)
+    while len(chosen) < max_probes:
+        trials = []
+        for cand in range(E.shape[2]):
+            if cand in chosen:
+                continue
+            w, nll = fit_weights(feats[:, :, chosen + [cand]], y)
+            trials.append((nll, cand, w))
+        nll, cand, w = min(trials, key=lambda t: t[0])
+        if chosen and best_nll - nll < min_gain:
+            break
+        chosen.append(cand)
+        best_nll, best_w = nll, w
+    weights = best_w / scale[chosen]
+    # Order probes by their weight: the most informative first, so elimination starts early.
+    order = np.argsort(-best_w, kind="stable")
+    return [chosen[i] for i in order], weights[order]
+
+
+def elimination_margins(Ew: np.ndarray, quantile: float) -> np.ndarray:
+    """Per probe k: the ``quantile`` of how far the eventual winner trails the leader after k probes."""
+    cum = np.cumsum(Ew, axis=2)  # [N, K, M] running weighted scores
+    winner = cum[:, :, -1].argmin(1)
+    rows = np.arange(Ew.shape[0])
+    deficit = cum[rows, winner, :] - cum.min(1)  # [N, M]
+    return np.quantile(deficit, quantile, axis=0)
+
+
+def offline_race(Ew: np.ndarray, settings: RaceSettings):
+    """The race on precomputed errors (``Ew`` already *un*-weighted errors of the chosen probes)."""
+    return run_race(Ew.shape[0], Ew.shape[1], settings, lambda cells, classes, k: Ew[cells, classes, k])
+
+
+def fit_temperature(gaps: np.ndarray, y: np.ndarray) -> float:
+    def nll(log_t: float) -> float:
+        z = -gaps / np.exp(log_t)
+        z -= z.max(1, keepdims=True)
+        return float(-(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(1))).mean())
+
+    return float(np.exp(optimize.minimize_scalar(nll, bounds=(-8, 8), method="bounded").x))
+
+
+def conformal_threshold(p: np.ndarray, y: np.ndarray, coverage: float) -> float:
+    """Split-conformal LAC threshold on 1 − p_true (Sadinle et al. 2019)."""
+    scores = 1.0 - p[np.arange(len(y)), y]
+    n = len(scores)
+    level = min(1.0, np.ceil((n + 1) * coverage) / n)
+    return float(np.quantile(scores, level, method="higher"))
+
+
+def abstention_threshold(p: np.ndarray, y: np.ndarray, target: float, max_abstain: float) -> float:
+    """Lowest top-class probability to keep a cell so that accuracy among kept cells ≥ target."""
+    conf, correct = p.max(1), p.argmax(1) == y
+    for tau in np.unique(np.concatenate([[0.0], conf])):
+        kept = conf >= tau
+        if (~kept).mean() > max_abstain:
+            return float(tau)
+        if kept.any() and correct[kept].mean() >= target:
+            return float(tau)
+    return float(conf.max())
+
+
+def abnormal_threshold(p: np.ndarray, anomaly: np.ndarray, y: np.ndarray, abnormal_mask: np.ndarray,
+                       partial_cal: dict, sensitivity: float) -> float:
+    """Highest threshold on P(abnormal) whose review flag (abnormal ∪ uncertain ∪ anomalous) reaches the target."""
+    truth = abnormal_mask[y]
+    if not truth.any():
+        raise CalibrationError("the calibration data holds no cells of an abnormal class")
+    for tau in np.linspace(0.99, 0.01, 99):
+        d = decide(p, anomaly, abnormal_mask, {**partial_cal, "abnormal_threshold": tau})
+        review = d.abnormal | d.uncertain | d.anomalous
+        if review[truth].mean() >= sensitivity:
+            return float(tau)
+    return 0.01
+
+
+def split_ab(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of cell indices into A and B."""
+    rng = np.random.default_rng(seed)
+    a = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        a.extend(idx[: int(round(fraction * len(idx)))])
+    mask = np.zeros(len(y), bool)
+    mask[a] = True
+    return np.flatnonzero(mask), np.flatnonzero(~mask)
+
+
+def fit_calibration(E: np.ndarray, y: np.ndarray, class_names: list[str], abnormal_classes: list[str],
+                    settings: dict | None = None) -> dict:
+    """Everything the fast estimator and the flags need, as a JSON-ready dict (without provenance)."""
+    s = {**DEFAULT_SETTINGS, **(settings or {})}
+    k = len(class_names)
+    if E.ndim != 3 or E.shape[:2] != (len(y), k):
+        raise CalibrationError(f"error matrix has shape {E.shape}; expected [{len(y)}, {k}, probes]")
+    missing = [class_names[c] for c in range(k) if not (y == c).any()]
+    if missing:
+        raise CalibrationError(f"no labelled cells of class(es) {missing}; calibration needs every class")
+    a, b = split_ab(y, s["split_a_fraction"], s["seed"])
+    chosen, weights = select_probes(E[a], y[a], s["max_probes"], s["min_nll_gain"])
+    Ew = E[:, :, chosen]
+    margins = elimination_margins(Ew[a] * weights, s["elimination_quantile"])
+    race_a = offline_race(Ew[a], RaceSettings(weights, margins, 1.0))
+    temperature = fit_temperature(race_a.gaps, y[a])
+    settings_t = RaceSettings(weights, margins, temperature)
+    wa = Ew[a, :, :] * weights
+    true_w = wa[np.arange(len(a)), y[a]]
+    an_mean, an_std = true_w.mean(0), true_w.std(0) + 1e-12
+    race_b = offline_race(Ew[b], settings_t)
+    p_b = race_b.probabilities(temperature)
+    anomaly_b = anomaly_scores(race_b.leader_errors, an_mean, an_std)
+    abnormal_mask = np.array([c in abnormal_classes for c in class_names])
+    cal = {
+        "temperature": temperature,
+        "conformal_threshold": conformal_threshold(p_b, y[b], s["coverage"]),
+        "abstention_threshold": abstention_threshold(p_b, y[b], s["selective_accuracy"], s["max_abstention"]),
+        "anomaly_threshold": float(np.quantile(anomaly_b, s["anomaly_quantile"])),
+    }
+    cal["abnormal_threshold"] = abnormal_threshold(p_b, anomaly_b, y[b], abnormal_mask, cal,
+                                                   s["abnormal_sensitivity"])
+    return {
+        "chosen_candidates": [int(c) for c in chosen],
+        "probe_weights": weights.tolist(),
+        "elimination_margins": margins.tolist(),
+        "anomaly_normalisation": {"mean": an_mean.tolist(), "std": an_std.tolist()},
+        **cal,
+        "settings": s,
+        "fit_cells": {"A": int(len(a)), "B": int(len(b))},
+    }

@@ -1,0 +1,120 @@
+"""``cytoedge evaluate --data DIR``: accuracy, calibration and flag quality on labelled cells.
+
+By default it reports on the held-out half of DIR (the half ``cytoedge calibrate`` does not fit on).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend, progress_bar
+
+CHUNK = 64
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="measure accuracy and calibration on labelled cells", description=__doc__)
+    p.add_argument("--data", type=Path, required=True, help="labelled folder DIR/<class>/<image>")
+    add_model_arguments(p)
+    p.add_argument("--half", choices=("fit", "held-out", "all"), default="held-out")
+    p.add_argument("--per-class", type=int, default=None, help="at most this many cells per class")
+    p.add_argument("--um-per-px", type=float, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
+    p.set_defaults(func=run)
+
+
+def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: float, class_names: list[str],
+                    abnormal_classes: list[str], decisions=None) -> dict:
+    """Every metric the issue asks for, from labels and the estimator's outputs (pure)."""
+    from cytoedge.calibration import metrics as m
+
+    k = len(class_names)
+    out = {
+        "cells": int(len(y)),
+        "accuracy": float((pred == y).mean()),
+        "balanced_accuracy": m.balanced_accuracy(y, pred, k),
+        "per_class_recall": dict(zip(class_names, map(float, m.per_class_recall(y, pred, k)))),
+        "confusion_matrix": {"rows_true_cols_pred": class_names, "counts": m.confusion_matrix(y, pred, k).tolist()},
+        "nfe_mean": float(nfe.mean()), "nfe_p95": float(np.percentile(nfe, 95)),
+        "cells_per_second": float(len(y) / seconds) if seconds > 0 else None,
+    }
+    if decisions is None:
+        return out
+    d = decisions
+    abnormal_truth = np.array([class_names[c] in abnormal_classes for c in y])
+    review = d.abnormal | d.uncertain | d.anomalous
+    sens, spec = m.sensitivity_specificity(review, abnormal_truth)
+    sens_pred, spec_pred = m.sensitivity_specificity(d.abnormal, abnormal_truth)
+    out.update({
+        "ece_15": m.expected_calibration_error(d.probabilities, y, 15),
+        "brier": m.brier_score(d.probabilities, y),
+        "nll": m.nll(d.probabilities, y),
+        "reliability": m.reliability_table(d.probabilities, y, 15),
+        "risk_coverage": m.risk_coverage(d.probabilities, y),
+        "conformal_coverage": float(d.prediction_sets[np.arange(len(y)), y].mean()),
+        "conformal_mean_set_size": float(d.prediction_sets.sum(1).mean()),
+        "abstention_rate": float(d.uncertain.mean()),
+        "accuracy_when_not_abstaining": float((pred == y)[~d.uncertain].mean()) if (~d.uncertain).any() else None,
+        "anomalous_rate": float(d.anomalous.mean()),
+        "abnormal_review_flag": {"definition": "abnormal | uncertain | anomalous",
+                                 "sensitivity": sens, "specificity": spec},
+        "abnormal_flag_alone": {"sensitivity": sens_pred, "specificity": spec_pred},
+        "abnormal_probability_auroc": m.auroc(d.abnormal_probability, abnormal_truth),
+    })
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from cytoedge.runtime.cells import crops_to_batch, read_rgb
+    from cytoedge.runtime.classify_cells import score_cells_fast
+    from cytoedge.runtime.labelled_data import list_labelled_files, select_half, stratified_subset
+    from cytoedge.runtime.reference_estimator import classify_reference
+
+    bundle, backend, estimator = load_bundle_and_backend(args)
+    files, labels, _ = list_labelled_files(args.data, bundle.class_names)
+    files, labels = select_half(files, labels, args.half)
+    keep = stratified_subset(labels, args.per_class)
+    files, labels = [files[i] for i in keep], labels[keep]
+    preds, nfes, parts = [], [], []
+    start = time.perf_counter()
+    with progress_bar(len(files), "cells") as bar:
+        for s in range(0, len(files), CHUNK):
+            batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px)
+            if estimator == "fast":
+                outcome = score_cells_fast(batch, bundle, backend)
+                preds.append(outcome.decisions.class_id)
+                nfes.append(outcome.nfe)
+                parts.append(outcome.decisions)
+            else:
+                res = classify_reference(batch, bundle, backend)
+                preds.append(res.class_id)
+                nfes.append(res.nfe)
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    decisions = _concat(parts) if parts else None
+    report = evaluate_arrays(labels, np.concatenate(preds), np.concatenate(nfes), seconds, bundle.class_names,
+                             bundle.abnormal_classes, decisions)
+    report = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name, "estimator": estimator,
+              "data": str(args.data), "half": args.half, "per_class": args.per_class, **report}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    summary = {k: report[k] for k in ("cells", "accuracy", "balanced_accuracy", "nfe_mean", "cells_per_second")}
+    for key in ("ece_15", "conformal_coverage", "conformal_mean_set_size", "abnormal_review_flag"):
+        if key in report:
+            summary[key] = report[key]
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _concat(parts):
+    from dataclasses import fields
+
+    from cytoedge.calibration.decisions import CellDecisions
+
+    return CellDecisions(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(CellDecisions)})

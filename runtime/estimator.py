@@ -1,0 +1,178 @@
+"""The fast likelihood estimator: a fixed, calibrated set of denoising probes with sequential elimination.
+
+A *probe* is (timestep, noise from a seeded bank, view = rotation/flip). Every cell meets the same
+probes in the same order, so a cell's result is reproducible bit for bit. For each probe the
+masked denoising error of every class still in the race is measured (one noise shared by all
+classes), weighted, and added to the class's running score ``S_c``. After probe k a class whose
+gap to the leader exceeds the calibrated margin ``m_k`` is dropped; the race ends when one class
+is left or the probes run out. Gaps are extrapolated to the full probe set,
+``ĝ_c = (S_c − S_lead) · W_M / W_k`` (``W`` = cumulative probe weight at the class's last probe),
+and ``softmax(−ĝ / T)`` gives the class probabilities.
+
+All the numbers (probes, weights, margins, temperature) come from the bundle's calibration.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from cytoedge.kernels import prepare_batch
+from cytoedge.runtime.backends import DenoiserBackend
+from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.cells import CellBatch
+from cytoedge.runtime.errors import BackendError, CalibrationError
+
+# errors(cell_index [n], class_id [n], probe k) -> masked error [n]
+ErrorSource = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Probe:
+    timestep: int
+    noise_index: int
+    angle: float
+    flip: bool
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Probe":
+        return cls(int(d["timestep"]), int(d["noise_index"]), float(d["angle"]), bool(d["flip"]))
+
+    def to_dict(self) -> dict:
+        return {"timestep": self.timestep, "noise_index": self.noise_index, "angle": self.angle, "flip": self.flip}
+
+
+@dataclass(frozen=True)
+class RaceSettings:
+    """What the sequential race needs: probe weights, elimination margins (one per probe), temperature."""
+
+    weights: np.ndarray
+    margins: np.ndarray
+    temperature: float
+
+    def __post_init__(self):
+        if self.weights.ndim != 1 or self.weights.size == 0 or np.any(self.weights <= 0):
+            raise CalibrationError("probe weights must be a non-empty list of positive numbers")
+        if self.margins.shape != self.weights.shape:
+            raise CalibrationError(f"{self.margins.size} elimination margins for {self.weights.size} probes")
+        if not self.temperature > 0:
+            raise CalibrationError(f"temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class RaceResult:
+    """Per cell: extrapolated gaps ``[N,K]`` (0 for the leader), probes run per class, NFE, leader errors."""
+
+    gaps: np.ndarray
+    probes_run: np.ndarray
+    nfe: np.ndarray
+    leader_errors: np.ndarray  # [N, M] weighted errors of the final leader, NaN where not run
+
+    def probabilities(self, temperature: float) -> np.ndarray:
+        logits = -self.gaps / temperature
+        logits -= logits.max(1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(1, keepdims=True)
+
+
+def noise_bank(bundle: ModelBundle, count: int | None = None, seed: int | None = None) -> np.ndarray:
+    """The seeded noise bank ``[P,3,S,S] float32`` the probes draw from (same on every machine: PCG64)."""
+    cal = bundle.calibration or {}
+    count = count if count is not None else int(cal.get("noise_bank_size", 0))
+    seed = seed if seed is not None else int(cal.get("noise_seed", 0))
+    if count <= 0:
+        raise CalibrationError(f"{bundle.path}: no noise bank size in the calibration; run `cytoedge calibrate`")
+    size = bundle.input_size
+    return np.random.default_rng(seed).standard_normal((count, 3, size, size), dtype=np.float32)
+
+
+def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: ErrorSource) -> RaceResult:
+    """Sequential elimination over the probes for ``n_cells`` cells; pure apart from ``errors``."""
+    m = settings.weights.size
+    alive = np.ones((n_cells, n_classes), bool)
+    score = np.zeros((n_cells, n_classes))
+    last = np.zeros((n_cells, n_classes), np.int64)  # probes each class has run
+    weighted = np.full((n_cells, n_classes, m), np.nan)
+    nfe = np.zeros(n_cells, np.int64)
+    cum_w = np.cumsum(settings.weights)
+    for k in range(m):
+        running = alive.sum(1) > 1 if k > 0 else np.ones(n_cells, bool)
+        cell_idx, class_idx = np.nonzero(alive & running[:, None])
+        if cell_idx.size == 0:
+            break
+        e = errors(cell_idx, class_idx, k)
+        if not np.all(np.isfinite(e)):
+            raise BackendError(f"non-finite denoising error at probe {k}")
+        w = settings.weights[k] * e
+        score[cell_idx, class_idx] += w
+        weighted[cell_idx, class_idx, k] = w
+        last[cell_idx, class_idx] = k + 1
+        np.add.at(nfe, cell_idx, 1)
+        lead = np.where(alive, score, np.inf).min(1, keepdims=True)
+        drop = alive & running[:, None] & (score - lead > settings.margins[k])
+        alive &= ~drop
+    gaps = np.zeros((n_cells, n_classes))
+    leader = np.where(alive, score, np.inf).argmin(1)
+    rows = np.arange(n_cells)
+    for c in range(n_classes):
+        k_c = np.maximum(last[:, c], 1)
+        lead_at_k = np.nansum(np.where(np.arange(m)[None, :] < k_c[:, None], weighted[rows, leader], 0.0), axis=1)
+        gaps[:, c] = (score[:, c] - lead_at_k) * cum_w[-1] / cum_w[k_c - 1]
+    gaps[rows, leader] = 0.0
+    return RaceResult(np.maximum(gaps, 0.0), last, nfe, weighted[rows, leader])
+
+
+def masked_errors(eps_hat: np.ndarray, noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean squared error per sample inside the loss mask: ``[B,3,H,W] → [B]``."""
+    return ((eps_hat - noise) ** 2 * mask).sum(axis=(1, 2, 3)) / (mask.sum() * eps_hat.shape[1])
+
+
+class DenoiserErrorSource:
+    """Measures probe errors for (cell, class) pairs with a backend; cuts each cell's views once."""
+
+    def __init__(self, batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, probes: list[Probe],
+                 noise: np.ndarray):
+        self.bundle, self.backend, self.probes, self.noise = bundle, backend, probes, noise
+        self.mask = bundle.loss_mask()[None, None]
+        views = sorted({(p.angle, p.flip) for p in probes})
+        self.view_index = {v: i for i, v in enumerate(views)}
+        n = len(batch)
+        self.x0 = np.empty((len(views), n, 3, bundle.input_size, bundle.input_size), np.float32)
+        for (angle, flip), i in self.view_index.items():
+            cells = batch.cells.copy()
+            cells[:, 3], cells[:, 4] = angle, float(flip)
+            self.x0[i], _ = prepare_batch(batch.tiles, cells, bundle.input_size)
+
+    def __call__(self, cell_idx: np.ndarray, class_idx: np.ndarray, k: int) -> np.ndarray:
+        p = self.probes[k]
+        x0 = self.x0[self.view_index[(p.angle, p.flip)]]
+        noise = self.noise[p.noise_index]
+        uniq, inverse = np.unique(cell_idx, return_inverse=True)
+        xt = self.bundle.schedule.add_noise(x0[uniq], np.broadcast_to(noise, x0[uniq].shape),
+                                            np.full(uniq.size, p.timestep))
+        eps = self.backend.predict_noise(xt[inverse], np.full(cell_idx.size, p.timestep), class_idx)
+        return masked_errors(eps, noise[None], self.mask).astype(np.float64)
+
+
+def probes_from_calibration(bundle: ModelBundle) -> tuple[list[Probe], RaceSettings]:
+    cal = bundle.calibration
+    if not cal:
+        raise CalibrationError(f"{bundle.path} has no calibration; run `cytoedge calibrate --data DIR --model "
+                               f"{bundle.path}` with labelled cells first")
+    try:
+        probes = [Probe.from_dict(p) for p in cal["probes"]]
+        settings = RaceSettings(np.asarray(cal["probe_weights"], np.float64),
+                                np.asarray(cal["elimination_margins"], np.float64), float(cal["temperature"]))
+    except KeyError as missing:
+        raise CalibrationError(f"{bundle.path}: calibration field {missing} is missing; rerun `cytoedge calibrate`") from None
+    return probes, settings
+
+
+def estimate(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) -> RaceResult:
+    """Run the calibrated race on every cell of ``batch``."""
+    if len(batch) == 0:
+        raise ValueError("empty cell batch: nothing to classify")
+    probes, settings = probes_from_calibration(bundle)
+    source = DenoiserErrorSource(batch, bundle, backend, probes, noise_bank(bundle))
+    return run_race(len(batch), len(bundle.class_names), settings, source)
