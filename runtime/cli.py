@@ -15,6 +15,9 @@ COMMANDS = [
     "cytoedge.runtime.commands.classify",
     "cytoedge.runtime.commands.calibrate",
     "cytoedge.runtime.commands.evaluate",
+    "cytoedge.runtime.commands.serve",
+    "cytoedge.runtime.commands.submit",
+    "cytoedge.runtime.commands.watch",
 ]
 
 
@@ -34,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    return int(args.func(args) or 0)
+    from cytoedge.runtime.errors import CytoedgeError
+
+    try:
+        return int(args.func(args) or 0)
+    except CytoedgeError as e:
+        print(f"cytoedge {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

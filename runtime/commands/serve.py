@@ -1,0 +1,62 @@
+"""``cytoedge serve``: the scanner-link daemon (ZeroMQ ROUTER, protocol v1: docs/protocol.md).
+
+Loads the model once and scores jobs sent by the scanner software: slide files under the
+configured roots, or tiles streamed in-band while the slide is scanned. Every cell is journaled
+(SQLite WAL) before it is sent, so nothing is lost across client reconnects or daemon restarts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the scanner-link daemon", description=__doc__)
+    p.add_argument("--config", type=Path, default=None, help="JSON configuration file (flags override it)")
+    p.add_argument("--endpoint", default=None, help="tcp://127.0.0.1:PORT (default 5590) or ipc://PATH")
+    p.add_argument("--roots", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="folders submitted slide paths must lie under")
+    p.add_argument("--journal", type=Path, default=None, help="SQLite journal file (default ./cytoedge-journal.sqlite3)")
+    p.add_argument("--max-jobs", type=int, default=None, help="unfinished jobs before SUBMIT is answered BUSY")
+    p.add_argument("--max-pending-tiles", type=int, default=None, help="unscored in-band tiles before TILE is BUSY")
+    p.add_argument("--window", type=int, default=None, help="default CELL credit per job")
+    p.add_argument("--curve-secret-key", type=Path, default=None, help="server certificate with its secret key")
+    p.add_argument("--curve-allowed-keys", type=Path, default=None, help="folder of allowed client public keys")
+    p.add_argument("--log-format", choices=("text", "json"), default=None, help="json: one JSON object per log line")
+    add_model_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cytoedge.runtime.errors import CytoedgeError
+    from cytoedge.runtime.service.config import JsonLogFormatter, load_config
+    from cytoedge.runtime.service.daemon import Daemon
+    from cytoedge.runtime.service.scorer_binding import SlideScorerFactory
+
+    overrides = {"endpoint": args.endpoint, "roots": args.roots, "journal": args.journal, "max_jobs": args.max_jobs,
+                 "max_pending_tiles": args.max_pending_tiles, "window": args.window,
+                 "curve_secret_key": args.curve_secret_key, "curve_allowed_keys": args.curve_allowed_keys,
+                 "log_format": args.log_format}
+    try:
+        config = load_config(args.config, overrides)
+    except CytoedgeError as e:
+        print(f"cytoedge serve: {e}", file=sys.stderr)
+        return 2
+    root_logger = logging.getLogger()
+    root_logger.setLevel(min(root_logger.level, logging.INFO))
+    if config.log_format == "json":
+        for handler in root_logger.handlers:
+            handler.setFormatter(JsonLogFormatter())
+    bundle, backend, estimator = load_bundle_and_backend(args)
+    daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.stop())
+    daemon.serve()
+    return 0

@@ -1,0 +1,80 @@
+"""``cytoedge submit SLIDE... --endpoint E``: score slides on a running ``cytoedge serve``.
+
+Streams each cell to the terminal as the daemon delivers it; with ``--json`` waits for every slide
+and prints the same result document as ``cytoedge score --json`` (the local run and the service
+agree cell for cell). Paths are sent resolved; they must lie under the daemon's roots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cytoedge.runtime.service.config import DEFAULT_ENDPOINT
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"daemon endpoint (default {DEFAULT_ENDPOINT})")
+    p.add_argument("--server-key", type=Path, default=None, help="CURVE: the server's public certificate")
+    p.add_argument("--client-key", type=Path, default=None, help="CURVE: this client's secret certificate")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds without any answer before giving up")
+
+
+def connect(args: argparse.Namespace):
+    from cytoedge.runtime.service.client import CurveKeys, ScannerLinkClient
+
+    curve = None
+    if args.server_key or args.client_key:
+        if not (args.server_key and args.client_key):
+            raise SystemExit("cytoedge: --server-key and --client-key go together")
+        curve = CurveKeys.from_files(args.server_key, args.client_key)
+    return ScannerLinkClient(args.endpoint, curve=curve, timeout_s=args.timeout)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="score slides on a running daemon", description=__doc__)
+    p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE", help="slide files or field folders")
+    p.add_argument("--um-per-px", type=float, default=None, help="scale of the slides (overrides the files)")
+    p.add_argument("--json", action="store_true", help="print one result document (as `cytoedge score --json`)")
+    add_client_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cytoedge.runtime.errors import CytoedgeError
+    from cytoedge.runtime.slide_scoring import build_slides_document, slide_entry
+
+    try:
+        with connect(args) as client:
+            model = dict(client.hello()["model"])
+            jobs = {client.submit_path(s, args.um_per_px): str(s.resolve()) for s in args.slides}
+            records: dict[str, list[dict]] = {j: [] for j in jobs}
+            summaries: dict[str, dict] = {}
+            for event in client.events(list(jobs)):
+                if event.kind == "cell":
+                    records[event.job_id].append(event.record)
+                    if not args.json:
+                        print(f"{jobs[event.job_id]}\t{event.seq}\t{event.record.get('class')}", flush=True)
+                else:
+                    summaries[event.job_id] = event.header
+                    if not args.json:
+                        print(f"{jobs[event.job_id]}\t{event.header['state']}\tcells={event.header['cells']}\t"
+                              f"digest={event.header['digest']}", flush=True)
+    except CytoedgeError as e:
+        print(f"cytoedge submit: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    entries = []
+    for job_id, source in jobs.items():
+        head = summaries[job_id]
+        error = (head.get("error") or {}).get("message")
+        if error is None and not records[job_id]:
+            error = f"{source}: no white cells found (empty field, wrong scale or not a blood smear)"
+        failed += error is not None
+        entries.append(slide_entry(source, records[job_id], head.get("summary"), error))
+    if args.json:
+        model.pop("name", None)
+        run_info = {"service": args.endpoint, "jobs": {jobs[j]: j for j in jobs}}
+        print(json.dumps(build_slides_document(entries, model, run_info), indent=2))
+    return 1 if failed else 0

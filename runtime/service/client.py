@@ -1,0 +1,296 @@
+"""Reference client of the scanner link (``cytoedge.runtime.service.client``), in the zguide style:
+context → DEALER socket → security (CURVE keys) → connect; poll with timeouts; linger 0.
+
+Delivery is exactly-once from the application's point of view: the server sends every cell at
+least once (journaled, resent after RESUME) and this client drops any sequence number it has
+already handed out, acknowledges what it handed out, and checks the SUMMARY digest over the record
+bytes. An application that must survive its own restart stores ``(job_id, last seq)`` and passes
+it back as ``last_acked``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import zmq
+import zmq.auth
+
+from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.service import protocol as P
+from cytoedge.runtime.service.daemon import apply_socket_options
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100
+ACK_EVERY = 32  # cells handed out between ACKs (the server's window is larger, so it never stalls)
+MAX_REPLY_HEADER = 16 * 1024 * 1024
+
+
+class ServiceError(CytoedgeError):
+    """The server answered ERROR, or did not answer in time (code TIMEOUT)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """Keys a CURVE client needs: the server's public key and the client's own key pair (Z85)."""
+
+    server_public: bytes
+    client_public: bytes
+    client_secret: bytes
+
+    @classmethod
+    def from_files(cls, server_public_file: str | Path, client_secret_file: str | Path) -> "CurveKeys":
+        server_public, _ = zmq.auth.load_certificate(str(server_public_file))
+        client_public, client_secret = zmq.auth.load_certificate(str(client_secret_file))
+        if client_secret is None:
+            raise CytoedgeError(f"{client_secret_file}: holds no secret key (use the .key_secret file)")
+        return cls(server_public, client_public, client_secret)
+
+
+@dataclass
+class JobEvent:
+    """What ``events()`` yields: a cell (seq, record, raw bytes), a progress report or the summary."""
+
+    kind: str  # "cell" | "progress" | "summary"
+    job_id: str
+    header: dict
+    seq: int | None = None
+    record: dict | None = None
+    raw: bytes | None = None
+    digest_ok: bool | None = None  # summary only: None when this client did not see every cell
+
+
+@dataclass
+class _Track:
+    acked: int
+    next_seq: int
+    hasher: "hashlib._Hash | None"
+    done: bool = False
+    duplicates: int = 0
+
+
+class ScannerLinkClient:
+    """One DEALER connection to ``cytoedge serve``. Not thread-safe: use one client per thread."""
+
+    def __init__(self, endpoint: str, curve: CurveKeys | None = None, timeout_s: float = 60.0,
+                 resume_after_s: float = 2.0, heartbeat_ivl_ms: int = 1000, heartbeat_timeout_ms: int = 5000):
+        self.endpoint, self.timeout_s, self.resume_after_s = endpoint, timeout_s, resume_after_s
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        apply_socket_options(self.sock, heartbeat_ivl_ms, heartbeat_timeout_ms)
+        self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if curve is not None:  # client keys and the expected server key, before connect()
+            self.sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server_public)
+            self.sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.client_public)
+            self.sock.setsockopt(zmq.CURVE_SECRETKEY, curve.client_secret)
+        self.sock.connect(endpoint)
+        self._inbox: deque[P.Message] = deque()
+        self.server: dict | None = None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+    def __enter__(self) -> "ScannerLinkClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- plumbing -----------------------------------------------------------------------------
+    def send(self, command: str, header: dict, payload: tuple = ()) -> None:
+        self.sock.send_multipart(P.encode(command, header, payload), copy=len(payload) == 0)
+
+    def _recv(self, timeout_ms: int) -> P.Message | None:
+        if not self.sock.poll(timeout_ms, zmq.POLLIN):
+            return None
+        return P.decode(self.sock.recv_multipart(), "server", MAX_REPLY_HEADER)
+
+    def _request(self, command: str, header: dict, replies: tuple[str, ...], payload: tuple = ()) -> P.Message:
+        """Send one request and wait for its reply; results for other jobs that arrive meanwhile are kept."""
+        self.send(command, header, payload)
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            msg = self._recv(POLL_MS)
+            if msg is None:
+                continue
+            if msg.command == P.ERROR and msg.header.get("command") in (command, None):
+                raise ServiceError(msg.header["code"], msg.header["message"])
+            if msg.command in replies and self._answers(msg, header):
+                return msg
+            self._inbox.append(msg)
+        raise ServiceError("TIMEOUT", f"no reply to {command} from {self.endpoint} within {self.timeout_s} s")
+
+    @staticmethod
+    def _answers(msg: P.Message, request: dict) -> bool:
+        if msg.command == P.ACCEPTED and "tile_index" in request:
+            return msg.header.get("tile_index") == request["tile_index"] and msg.header["job_id"] == request["job_id"]
+        if msg.command == P.PROGRESS and "job_id" in request:
+            return msg.header["job_id"] == request["job_id"]
+        return True
+
+    def _retrying(self, command: str, header: dict, replies: tuple[str, ...], payload: tuple = ()) -> P.Message:
+        """``_request`` that waits and retries while the server answers BUSY (its queue is full)."""
+        deadline, pause = time.monotonic() + self.timeout_s, 0.05
+        while True:
+            try:
+                return self._request(command, header, replies, payload)
+            except ServiceError as e:
+                if e.code != P.BUSY or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    # --- requests -----------------------------------------------------------------------------
+    def hello(self, client_name: str = "cytoedge.runtime.service.client") -> dict:
+        """Negotiate the version; returns the server's HELLO (capabilities, model identity, limits)."""
+        self.server = self._request(P.HELLO, {"versions": list(P.SUPPORTED_VERSIONS), "client": client_name},
+                                    (P.HELLO,)).header
+        return self.server
+
+    def submit_path(self, path: str | Path, um_per_px: float | None = None, request_id: str | None = None,
+                    window: int | None = None) -> str:
+        """Submit a slide file (it must lie under the server's roots); returns the job id."""
+        source: dict = {"kind": "path", "path": str(Path(path).resolve())}
+        if um_per_px is not None:
+            source["um_per_px"] = um_per_px
+        return self._submit(source, request_id, window)
+
+    def open_stream(self, name: str, um_per_px: float, request_id: str | None = None, window: int | None = None) -> str:
+        """Start a job whose tiles are sent in-band with ``send_tile``; returns the job id."""
+        return self._submit({"kind": "stream", "name": name, "um_per_px": um_per_px}, request_id, window)
+
+    def _submit(self, source: dict, request_id: str | None, window: int | None) -> str:
+        header = {"request_id": request_id or uuid.uuid4().hex, "source": source}
+        if window is not None:
+            header["window"] = window
+        return self._retrying(P.SUBMIT, header, (P.ACCEPTED,)).header["job_id"]
+
+    def send_tile(self, job_id: str, tile_index: int, rgb: np.ndarray, origin_xy: tuple[int, int],
+                  um_per_px: float | None = None) -> bool:
+        """Send one RGB uint8 tile and wait until it is journaled; True if the server already had it."""
+        rgb = np.ascontiguousarray(rgb)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise CytoedgeError(f"tile {tile_index}: expected an [H, W, 3] uint8 array, got {rgb.dtype} {rgb.shape}")
+        header = {"job_id": job_id, "tile_index": int(tile_index), "shape": list(rgb.shape), "dtype": "uint8",
+                  "origin_xy": [int(origin_xy[0]), int(origin_xy[1])]}
+        if um_per_px is not None:
+            header["um_per_px"] = float(um_per_px)
+        return self._retrying(P.TILE, header, (P.ACCEPTED,), (memoryview(rgb).cast("B"),)).header["duplicate"]
+
+    def end_of_slide(self, job_id: str, tiles: int) -> dict:
+        return self._request(P.END_OF_SLIDE, {"job_id": job_id, "tiles": int(tiles)}, (P.PROGRESS,)).header
+
+    def cancel(self, job_id: str) -> dict:
+        return self._request(P.CANCEL, {"job_id": job_id}, (P.PROGRESS,)).header
+
+    def status(self, job_id: str | None = None) -> dict:
+        if job_id is None:
+            return self._request(P.STATUS, {}, (P.STATUS,)).header
+        return self._request(P.STATUS, {"job_id": job_id}, (P.PROGRESS,)).header
+
+    # --- results ------------------------------------------------------------------------------
+    def events(self, job_ids: list[str], last_acked: dict[str, int] | None = None, progress: bool = False,
+               attach: bool = False) -> Iterator[JobEvent]:
+        """Cells (each sequence number exactly once, in order), then a summary, for every job in
+        ``job_ids``; progress reports too if asked. RESUMEs after ``resume_after_s`` of silence
+        (reconnect or daemon restart); raises ServiceError(TIMEOUT) after ``timeout_s`` of it.
+        ``attach``: RESUME every job at once (jobs this connection did not submit)."""
+        last_acked = last_acked or {}
+        tracks = {j: _Track(last_acked.get(j, 0), last_acked.get(j, 0) + 1,
+                            hashlib.sha256() if last_acked.get(j, 0) == 0 else None) for j in job_ids}
+        for job_id, track in tracks.items():
+            if track.acked or attach:
+                self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.acked})
+        silent_since = time.monotonic()
+        last_resume = silent_since
+        while not all(t.done for t in tracks.values()):
+            msg = self._inbox.popleft() if self._inbox else self._recv(POLL_MS)
+            now = time.monotonic()
+            if msg is None:
+                self._ack_all(tracks)
+                if now - silent_since > self.timeout_s:
+                    raise ServiceError("TIMEOUT", f"no results from {self.endpoint} for {self.timeout_s} s")
+                if now - last_resume > self.resume_after_s:
+                    for job_id, track in tracks.items():
+                        if not track.done:
+                            self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
+                    last_resume = now
+                continue
+            silent_since = last_resume = now
+            job_id = msg.header.get("job_id")
+            track = tracks.get(job_id)
+            if msg.command == P.ERROR and track is not None:
+                raise ServiceError(msg.header["code"], msg.header["message"])
+            if track is None or track.done:
+                continue
+            if msg.command == P.CELL:
+                event = self._on_cell(msg, job_id, track)
+                if event is not None:
+                    yield event
+                if track.next_seq - 1 - track.acked >= ACK_EVERY:
+                    self._ack(job_id, track)
+            elif msg.command == P.SUMMARY:
+                if msg.header["cells"] != track.next_seq - 1:  # cells still missing: ask again from the gap
+                    self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
+                    continue
+                self._ack(job_id, track)
+                track.done = True
+                ok = None if track.hasher is None else "sha256:" + track.hasher.hexdigest() == msg.header["digest"]
+                if ok is False:
+                    raise ServiceError("DIGEST", f"job {job_id}: the cells received do not match the SUMMARY digest")
+                yield JobEvent("summary", job_id, msg.header, digest_ok=ok)
+            elif msg.command == P.PROGRESS and progress:
+                yield JobEvent("progress", job_id, msg.header)
+
+    def _on_cell(self, msg: P.Message, job_id: str, track: _Track) -> JobEvent | None:
+        seq = msg.header["seq"]
+        if seq < track.next_seq:
+            track.duplicates += 1
+            return None
+        if seq > track.next_seq:  # a gap (messages lost with a dropped connection): ask for the rest
+            self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
+            return None
+        raw = bytes(msg.payload[0])
+        try:
+            record = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ServiceError(P.BAD_JSON, f"job {job_id} cell {seq}: record is not JSON ({e})") from None
+        if track.hasher is not None:
+            track.hasher.update(raw)
+            track.hasher.update(b"\n")
+        track.next_seq += 1
+        return JobEvent("cell", job_id, msg.header, seq, record, raw)
+
+    def _ack(self, job_id: str, track: _Track) -> None:
+        if track.next_seq - 1 > track.acked:
+            track.acked = track.next_seq - 1
+            self.send(P.ACK, {"job_id": job_id, "seq": track.acked})
+
+    def _ack_all(self, tracks: dict[str, _Track]) -> None:
+        for job_id, track in tracks.items():
+            if not track.done:
+                self._ack(job_id, track)
+
+    def wait_result(self, job_id: str) -> tuple[list[dict], dict]:
+        """All cell records of a job, in sequence order, and its SUMMARY header."""
+        records, summary = [], {}
+        for event in self.events([job_id]):
+            if event.kind == "cell":
+                records.append(event.record)
+            else:
+                summary = event.header
+        return records, summary
