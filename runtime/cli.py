@@ -18,6 +18,9 @@ COMMANDS = [
     "cytoedge.runtime.commands.serve",
     "cytoedge.runtime.commands.submit",
     "cytoedge.runtime.commands.watch",
+    "cytoedge.runtime.commands.score",
+    "cytoedge.runtime.commands.synth",
+    "cytoedge.runtime.commands.demo",
 ]
 
 

@@ -27,3 +27,44 @@ def ort_backend(bundle):
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def generated_cells(bundle, ort_backend) -> tuple[np.ndarray, np.ndarray]:
+    """Two cells per class drawn by the bundled model itself (DDIM, few steps): RGB at model scale."""
+    from cytoedge.runtime.sampler import ddim_sample
+
+    labels = np.repeat(np.arange(len(bundle.class_names)), 2)
+    return ddim_sample(bundle, ort_backend, labels, steps=12, seed=7), labels
+
+
+@pytest.fixture(scope="session")
+def generated_batch(generated_cells):
+    """The generated cells as a CellBatch: each on its own reflect-padded tile, centred."""
+    import cv2
+
+    from cytoedge.kernels import cell_table
+    from cytoedge.runtime.cells import CellBatch
+
+    images, _ = generated_cells
+    pad = images.shape[1] // 4
+    tiles = [cv2.copyMakeBorder(im, pad, pad, pad, pad, cv2.BORDER_REFLECT_101) for im in images]
+    centre = (tiles[0].shape[0] - 1) / 2.0
+    return CellBatch(tiles, cell_table(np.arange(len(tiles)), np.full(len(tiles), centre), np.full(len(tiles), centre)))
+
+
+@pytest.fixture(scope="session")
+def crop_files(tmp_path_factory, bundle, generated_cells):
+    """The generated cells written as crop files at the bundle's source scale (like PBC crops)."""
+    import cv2
+
+    images, labels = generated_cells
+    factor = float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
+    folder = tmp_path_factory.mktemp("crops")
+    paths = []
+    for i, (im, y) in enumerate(zip(images, labels)):
+        big = cv2.resize(im, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
+        path = folder / f"cell{i:02d}_{bundle.class_names[y]}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return paths

@@ -1,0 +1,60 @@
+"""Denoiser backends: the ONNX graph computes what the PyTorch network computes; bad batches refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cytoedge.runtime.backends import DenoiserBackend
+from cytoedge.runtime.backends.checks import check_output
+from cytoedge.runtime.errors import BackendError
+
+
+def random_batch(rng, bundle, n):
+    s = bundle.input_size
+    return (rng.standard_normal((n, 3, s, s)).astype(np.float32), rng.integers(0, 1000, n),
+            rng.integers(0, len(bundle.class_names), n))
+
+
+def test_ort_backend_satisfies_the_protocol(ort_backend):
+    assert isinstance(ort_backend, DenoiserBackend)
+    assert ort_backend.name == "onnxruntime-cpu"
+
+
+def test_onnx_matches_pytorch_on_the_bundled_model(bundle, ort_backend, rng):
+    pytest.importorskip("torch", reason="the PyTorch reference needs the torch extra")
+    from cytoedge.runtime.backends.torch_backend import TorchBackend
+
+    x, t, c = random_batch(rng, bundle, 6)
+    got = ort_backend.predict_noise(x, t, c)
+    want = TorchBackend(bundle, threads=1).predict_noise(x, t, c)
+    assert got.shape == want.shape == x.shape
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_prediction_depends_on_class_and_timestep(bundle, ort_backend, rng):
+    x, _, _ = random_batch(rng, bundle, 2)
+    x = np.repeat(x[:1], 2, 0)
+    by_class = ort_backend.predict_noise(x, np.array([300, 300]), np.array([0, 7]))
+    by_time = ort_backend.predict_noise(x, np.array([50, 900]), np.array([3, 3]))
+    assert np.abs(by_class[0] - by_class[1]).mean() > 1e-4
+    assert np.abs(by_time[0] - by_time[1]).mean() > 1e-3
+
+
+@pytest.mark.parametrize("shape, t, c, message", [
+    ((0, 3, 32, 32), [], [], "empty batch"),
+    ((2, 3, 16, 16), [1, 2], [0, 1], "expected"),
+    ((2, 3, 32, 32), [1], [0, 1], "must both be"),
+    ((2, 3, 32, 32), [1, 1000], [0, 1], "timestep values"),
+    ((2, 3, 32, 32), [1, 2], [0, 8], "class_id values"),
+])
+def test_bad_batches_are_refused(ort_backend, bundle, shape, t, c, message):
+    shape = shape[:2] + (bundle.input_size, bundle.input_size) if shape[2] == 32 else shape
+    with pytest.raises(BackendError, match=message):
+        ort_backend.predict_noise(np.zeros(shape, np.float32), np.array(t, np.int64), np.array(c, np.int64))
+
+
+def test_non_finite_output_is_reported():
+    eps = np.zeros((3, 3, 4, 4), np.float32)
+    eps[1, 0, 0, 0] = np.nan
+    with pytest.raises(BackendError, match="NaN/Inf for 1 of 3 samples"):
+        check_output(eps, "test-backend")

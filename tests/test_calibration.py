@@ -1,0 +1,73 @@
+"""Calibration fitting and metrics on synthetic error matrices with a known answer."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cytoedge.calibration import metrics as m
+from cytoedge.calibration.fit import conformal_threshold, fit_calibration, fit_temperature, select_probes
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def synthetic_errors(rng, n=400, k=4, informative=(2,), noise_probes=4, strength=0.4):
+    """Errors where only the ``informative`` probes carry the label (lower error for the true class)."""
+    y = rng.integers(0, k, n)
+    E = rng.normal(1.0, 0.2, (n, k, noise_probes))
+    for p in informative:
+        E[np.arange(n), y, p] -= strength
+    return np.abs(E), y
+
+
+def test_probe_selection_finds_the_informative_probe(rng):
+    E, y = synthetic_errors(rng)
+    chosen, weights = select_probes(E, y, max_probes=3, min_gain=0.002)
+    assert chosen[0] == 2 and weights[0] == max(weights)
+
+
+def test_fitted_calibration_is_complete_and_sane(rng):
+    E, y = synthetic_errors(rng, n=600, informative=(1, 2), strength=0.3)
+    cal = fit_calibration(E, y, CLASSES, ["d"], {"coverage": 0.9})
+    assert len(cal["probe_weights"]) == len(cal["elimination_margins"]) >= 2
+    assert set(cal["chosen_candidates"][:2]) == {1, 2}
+    assert cal["temperature"] > 0 and 0 < cal["conformal_threshold"] <= 1
+    assert 0 <= cal["abstention_threshold"] <= 1 and 0 < cal["abnormal_threshold"] < 1
+    assert np.all(np.asarray(cal["elimination_margins"]) >= 0)
+
+
+def test_fit_refuses_data_missing_a_class(rng):
+    E, y = synthetic_errors(rng, n=100)
+    y[y == 3] = 0
+    with pytest.raises(Exception, match=r"no labelled cells of class\(es\) \['d'\]"):
+        fit_calibration(E, y, CLASSES, ["d"])
+
+
+def test_temperature_recovers_the_generating_one(rng):
+    n, k, t_true = 4000, 4, 2.5
+    gaps = rng.exponential(3.0, (n, k))
+    p = np.exp(-gaps / t_true)
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(k, p=row) for row in p])
+    assert fit_temperature(gaps, y) == pytest.approx(t_true, rel=0.15)
+
+
+def test_conformal_sets_reach_their_coverage_on_exchangeable_data(rng):
+    n, k = 4000, 5
+    logits = rng.normal(0, 2, (n, k))
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    y = np.array([rng.choice(k, p=row) for row in p])
+    q = conformal_threshold(p[:2000], y[:2000], 0.9)
+    covered = (1 - p[2000:])[np.arange(2000), y[2000:]] <= q
+    assert covered.mean() == pytest.approx(0.9, abs=0.03)
+
+
+def test_metrics_against_hand_computed_values():
+    y = np.array([0, 0, 1, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 0, 2])
+    assert m.balanced_accuracy(y, pred, 3) == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+    assert m.confusion_matrix(y, pred, 3).tolist() == [[1, 1, 0], [1, 2, 0], [0, 0, 1]]
+    assert m.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    p = np.array([[0.9, 0.1], [0.6, 0.4]])
+    assert m.brier_score(p, np.array([0, 1])) == pytest.approx((0.01 + 0.01 + 0.36 + 0.36) / 2)
+    assert m.expected_calibration_error(np.array([[0.8, 0.2]] * 10), np.array([0] * 8 + [1] * 2)) == pytest.approx(0.0)
+    assert m.sensitivity_specificity(np.array([1, 0, 1, 0]), np.array([1, 1, 0, 0])) == (0.5, 0.5)

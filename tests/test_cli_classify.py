@@ -1,0 +1,46 @@
+"""`cytoedge classify` end to end on generated crop files."""
+from __future__ import annotations
+
+import json
+
+from cytoedge.runtime.cli import main
+
+
+def test_classify_json_on_generated_crops(crop_files, capsys, bundle):
+    rc = main(["classify", *map(str, crop_files[:4]), "--json", "--threads", "1"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["errors"] == []
+    assert doc["bundle_sha256"] == bundle.sha256 and doc["estimator"] == "fast"
+    assert [r["image"] for r in doc["results"]] == list(map(str, crop_files[:4]))
+    for r in doc["results"]:
+        assert r["class"] in bundle.class_names and r["nfe"] >= len(bundle.class_names)
+
+
+def test_bad_files_are_named_and_the_others_go_on(crop_files, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(crop_files[0].read_bytes()[:60])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    rc = main(["classify", str(crop_files[1]), str(broken), str(text), str(tmp_path / "missing.png"),
+               "--threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert str(crop_files[1]) in captured.out
+    for bad in (broken, text, tmp_path / "missing.png"):
+        assert str(bad) in captured.err
+    assert captured.err.count("cytoedge classify:") == 3
+
+
+def test_reference_estimator_from_the_cli(crop_files, capsys):
+    rc = main(["classify", str(crop_files[0]), "--estimator", "reference", "--json", "--threads", "1"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["results"][0]["estimator"] == "reference"
+    assert doc["results"][0]["nfe"] >= 20 * 1
+
+
+def test_folder_input_and_unknown_backend(crop_files, capsys):
+    rc = main(["classify", str(crop_files[0].parent), "--threads", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0 and len(out.strip().splitlines()) == len(crop_files)
+    assert main(["classify", str(crop_files[0]), "--backend", "tpu"]) == 2
+    assert "unknown backend 'tpu'" in capsys.readouterr().err
