@@ -1,0 +1,139 @@
+"""Detection accuracy on real fields: BCCD white cells (recall/precision at IoU ≥ 0.5) and PBC crops
+(is the centred cell found). Needs ../shared/data; appends nothing unless --write is given.
+
+    python benchmarks/eval_detection.py [--data ../shared/data] [--um-per-px auto|0.072] [--write]
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from cytoedge.runtime.cells import read_rgb
+from cytoedge.runtime.detection import detect_cells
+from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.scale import RED_CELL_DIAMETER_UM, estimate_um_per_px
+
+BCCD_RBC_BOX_PX = 104.0  # median box side of fully visible BCCD red cells (from the annotations)
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def voc_boxes(xml: Path, name: str) -> list[tuple[float, float, float, float]]:
+    out = []
+    for obj in ET.parse(xml).findall("object"):
+        if obj.find("name").text == name:
+            b = obj.find("bndbox")
+            out.append(tuple(float(b.find(k).text) for k in ("xmin", "ymin", "xmax", "ymax")))
+    return out
+
+
+def greedy_match(pred, truth, thr=0.5) -> int:
+    pairs = sorted(((iou(p, t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth)), reverse=True)
+    used_p, used_t, hits = set(), set(), 0
+    for v, i, j in pairs:
+        if v < thr:
+            break
+        if i in used_p or j in used_t:
+            continue
+        used_p.add(i)
+        used_t.add(j)
+        hits += 1
+    return hits
+
+
+def eval_bccd(root: Path, scale_mode: str, limit: int | None) -> dict:
+    xmls = sorted((root / "bccd" / "annotations").glob("*.xml"))[:limit]
+    tp = n_pred = n_true = 0
+    scale_errors = []
+    for xml in xmls:
+        img = root / "bccd" / "images" / (xml.stem + ".jpg")
+        if not img.is_file():
+            continue
+        rgb = read_rgb(img)
+        fixed = RED_CELL_DIAMETER_UM / BCCD_RBC_BOX_PX
+        if scale_mode == "auto":
+            try:
+                um = estimate_um_per_px(rgb, str(img)).um_per_px
+            except CytoedgeError:
+                um = fixed
+            scale_errors.append(um / fixed - 1)
+        else:
+            um = float(scale_mode)
+        det = detect_cells(rgb, um)
+        pred = [d.bbox for d in det.white]
+        truth = voc_boxes(xml, "WBC")
+        tp += greedy_match(pred, truth)
+        n_pred += len(pred)
+        n_true += len(truth)
+    out = {"fields": len(xmls), "wbc_true": n_true, "wbc_pred": n_pred, "tp": tp,
+           "recall": tp / max(n_true, 1), "precision": tp / max(n_pred, 1)}
+    if scale_errors:
+        out["scale_rel_error_median"] = float(np.median(scale_errors))
+    return out
+
+
+def eval_pbc(root: Path, per_class: int) -> dict:
+    from cytoedge.models import default_bundle_path
+    from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.cells import default_crop_um_per_px
+
+    um = default_crop_um_per_px(ModelBundle.load(default_bundle_path()))
+    found = total = 0
+    by_class = {}
+    for cls_dir in sorted((root / "pbc" / "calib").iterdir()):
+        files = sorted(cls_dir.glob("*.jpg"))[:per_class]
+        hits = 0
+        for f in files:
+            rgb = read_rgb(f)
+            det = detect_cells(rgb, um)
+            cx, cy = (rgb.shape[1] - 1) / 2, (rgb.shape[0] - 1) / 2
+            cands = det.platelets if cls_dir.name == "platelet" else det.white
+            hits += any(d.bbox[0] <= cx <= d.bbox[2] and d.bbox[1] <= cy <= d.bbox[3] for d in cands)
+        by_class[cls_dir.name] = hits / max(len(files), 1)
+        found += hits
+        total += len(files)
+    return {"crops": total, "centre_found": found / max(total, 1), "by_class": by_class}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--um-per-px", default="auto", help="'auto' (red-cell estimate) or a number for BCCD")
+    ap.add_argument("--limit", type=int, default=None, help="first N BCCD fields only")
+    ap.add_argument("--pbc-per-class", type=int, default=40)
+    ap.add_argument("--write", action="store_true", help="append the numbers to benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if not (args.data / "bccd").is_dir():
+        print(f"skipped: {args.data}/bccd not found", file=sys.stderr)
+        return 0
+    t0 = time.time()
+    bccd = eval_bccd(args.data, args.um_per_px, args.limit)
+    pbc = eval_pbc(args.data, args.pbc_per_class)
+    line = (f"- detection ({time.strftime('%Y-%m-%d')}, `python benchmarks/eval_detection.py --um-per-px "
+            f"{args.um_per_px}`, {platform.processor() or platform.machine()}): BCCD {bccd['fields']} fields, "
+            f"WBC recall {bccd['recall']:.3f} precision {bccd['precision']:.3f} at IoU ≥ 0.5 "
+            f"({bccd['tp']}/{bccd['wbc_true']} true, {bccd['wbc_pred']} predicted)"
+            + (f", scale estimate median rel. error {bccd['scale_rel_error_median']:+.2f}" if "scale_rel_error_median" in bccd else "")
+            + f"; PBC calib {pbc['crops']} crops, centred cell found {pbc['centre_found']:.3f} "
+            f"({', '.join(f'{k} {v:.2f}' for k, v in pbc['by_class'].items())}); {time.time() - t0:.0f} s")
+    print(line)
+    if args.write:
+        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
+            f.write(line + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

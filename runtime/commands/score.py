@@ -1,0 +1,120 @@
+"""``cytoedge score SLIDE... --out DIR``: score whole smears (fields, folders of fields, DICOM slides).
+
+Writes DIR/results.json (the versioned result document, docs/results-format.md) and, per slide,
+cells.csv, overlay.png, gallery.png, report.html and (DICOM input) annotations.dcm. A slide that
+cannot be read, or has no white cells, gets an error entry; the others go on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend, progress_bar
+
+log = logging.getLogger(__name__)
+
+
+def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--um-per-px", type=float, default=None,
+                   help="pixel size of the input (default: DICOM pixel spacing, else estimated from red cells)")
+    p.add_argument("--no-stain-normalisation", action="store_true", help="use the colours as scanned")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
+    p.add_argument("--tile-px", type=int, default=2048, help="tile core size in source pixels")
+    p.add_argument("--batch-cells", type=int, default=256, help="cells per classification batch")
+    p.add_argument("--json", action="store_true", help="also print the result document to stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("score", help="score whole smears: fields, folders, DICOM slides", description=__doc__)
+    p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE", help="image, folder of fields, or DICOM file")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_scoring_arguments(p)
+    p.set_defaults(func=run)
+
+
+def scoring_options(args: argparse.Namespace):
+    from cytoedge.runtime.slide_scoring import ScoringOptions
+
+    return ScoringOptions(um_per_px=args.um_per_px, stain_normalise=not args.no_stain_normalisation,
+                          heatmaps=not args.no_heatmaps, tile_px=args.tile_px, batch_cells=args.batch_cells)
+
+
+def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=None, backend=None,
+                estimator: str | None = None) -> tuple[dict, list[str]]:
+    """Score each path, write its reports, return (document, error messages)."""
+    from cytoedge.runtime.errors import CytoedgeError
+    from cytoedge.runtime.reports import write_slide_reports
+    from cytoedge.runtime.reports.tables import write_json
+    from cytoedge.runtime.slide_scoring import (SlideScorer, build_slides_document, options_dict, slide_entry)
+    from cytoedge.runtime.sources import DicomSlideSource, open_source
+
+    if bundle is None:
+        bundle, backend, estimator = load_bundle_and_backend(args)
+    options = scoring_options(args)
+    scorer = SlideScorer(bundle, backend, estimator, options)
+    out.mkdir(parents=True, exist_ok=True)
+    entries, errors, timings, outputs = [], [], {}, {}
+    for index, path in enumerate(paths):
+        t0 = time.perf_counter()
+        state = None
+        try:
+            source = open_source(path, options.um_per_px)
+            try:
+                with progress_bar(None, "cells", disable=args.quiet or args.json) as bar:
+                    bar.set_description(path.name)
+                    cells = []
+                    for record in scorer.score_source(source):
+                        cells.append(record)
+                        bar.update(1)
+                state = scorer.state
+                summary = scorer.summary()
+            finally:
+                source.close()
+            if cells:
+                entry = slide_entry(str(path), cells, summary)
+            else:
+                entry = slide_entry(str(path), [], summary, f"{path}: no white cells found (empty field, wrong "
+                                                            "scale, or not a blood smear)")
+        except (CytoedgeError, OSError) as e:
+            entry = slide_entry(str(path), [], None, str(e) if str(path) in str(e) else f"{path}: {e}")
+        if "error" in entry:
+            errors.append(entry["error"])
+            print(f"cytoedge score: {entry['error']}", file=sys.stderr)
+        outputs[str(path)] = write_slide_reports(entry, scorer.audit, state, out, index,
+                                                 state is not None and isinstance(source, DicomSlideSource))
+        entries.append(entry)
+        stage = dict(state.timings) if state is not None else {}
+        stage["total"] = time.perf_counter() - t0
+        timings[str(path)] = {k: round(v, 4) for k, v in stage.items()}
+    run = {"options": options_dict(options), "timings_s": timings, "outputs": outputs,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    document = build_slides_document(entries, scorer.audit, run)
+    write_json(document, out / "results.json")
+    if not args.quiet and not args.json:
+        print_timings(timings, entries)
+    return document, errors
+
+
+def print_timings(timings: dict, entries: list[dict]) -> None:
+    for entry in entries:
+        t = timings[entry["source"]]
+        n = len(entry.get("cells", []))
+        tri = (entry.get("summary") or {}).get("triage", {}).get("level", "error")
+        stages = "  ".join(f"{k} {v:.2f}s" for k, v in t.items())
+        rate = f"{n / t['total']:.1f} cells/s" if t.get("total") else ""
+        print(f"{entry['source']}: {n} cells, triage {tri}; {stages}  ({rate})", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    document, errors = score_paths(list(args.slides), args.out, args)
+    if args.json:
+        print(json.dumps(document, indent=1))
+    else:
+        print(f"results: {args.out / 'results.json'}")
+    return 1 if errors else 0

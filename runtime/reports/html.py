@@ -1,0 +1,87 @@
+"""A self-contained HTML report of one slide (images inlined as base64 PNG, no external files)."""
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+TRIAGE_COLOURS = {"routine": "#2a7", "review": "#d90", "urgent": "#c22"}
+
+
+def _img(rgb: np.ndarray | None, alt: str, width: str = "100%") -> str:
+    if rgb is None:
+        return ""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        return ""
+    return (f'<img alt="{html.escape(alt)}" style="max-width:{width}" '
+            f'src="data:image/png;base64,{base64.b64encode(buf.tobytes()).decode()}">')
+
+
+def _table(rows: list[list], head: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def density_rgb(grid: list[list[int]], side: int = 320) -> np.ndarray:
+    g = np.asarray(grid, np.float32)
+    v = (g / g.max() * 255).astype(np.uint8) if g.size and g.max() > 0 else np.zeros_like(g, np.uint8)
+    heat = cv2.applyColorMap(v, cv2.COLORMAP_INFERNO)[..., ::-1]
+    h, w = g.shape
+    f = side / max(h, w)
+    return cv2.resize(heat, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_NEAREST)
+
+
+def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, gallery_rgb: np.ndarray | None) -> str:
+    s = entry.get("summary") or {}
+    tri = s.get("triage", {"level": "error", "reasons": [entry.get("error", "")]})
+    colour = TRIAGE_COLOURS.get(tri["level"], "#555")
+    counts = s.get("counts", {})
+    diff = s.get("differential", {})
+    by_class = s.get("by_class", {})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>cytoedge — {html.escape(entry['source'])}</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}.tri{color:#fff;padding:4px 10px;"
+        "border-radius:4px;display:inline-block}</style></head><body>",
+        f"<h1>{html.escape(entry['source'])}</h1>",
+        f"<p><span class='tri' style='background:{colour}'>{html.escape(tri['level'].upper())}</span></p><ul>",
+        *[f"<li>{html.escape(r)}</li>" for r in tri["reasons"]], "</ul>",
+    ]
+    if entry.get("error"):
+        parts.append(f"<p><b>Error:</b> {html.escape(entry['error'])}</p>")
+    if s:
+        scale = s.get("scale") or {}
+        parts += [
+            "<h2>Counts</h2>",
+            _table([[k, v] for k, v in counts.items()] + [["scale µm/px", f"{scale.get('um_per_px')} ({scale.get('source')})"],
+                                                          ["area mm²", s.get("area_mm2")]], ["", ""]),
+            "<h2>Differential</h2>",
+            _table([[c, by_class.get(c, 0), f"{v:.1%}"] for c, v in diff.items()], ["class", "cells", "share"]),
+        ]
+        abn = s.get("abnormal_cells", [])
+        if abn:
+            parts += ["<h2>Abnormal cells</h2>",
+                      _table([[a["id"], a["class"], a["probability"], a["centre"], a.get("field", "")] for a in abn],
+                             ["id", "class", "p", "centre (px)", "field"])]
+        dm = s.get("density_map")
+        if dm:
+            parts += [f"<h2>Abnormal-cell density ({dm['bin_um']:.0f} µm bins)</h2>",
+                      _img(density_rgb(dm["abnormal"]), "abnormal density", "320px")]
+    parts += ["<h2>Overlay</h2><p>red: abnormal, orange: anomalous, yellow: uncertain, green: other</p>",
+              _img(overlay_rgb, "overlay"),
+              "<h2>Flagged cells</h2><p>left: the model's view; right: where the predicted class explains the "
+              "pixels better (red) or the runner-up does (blue)</p>", _img(gallery_rgb, "gallery") or "<p>none</p>",
+              "<h2>Audit</h2>", _table([[k, v] for k, v in audit.items()], ["", ""]),
+              "<p><small>Research software: a decision aid, not a diagnosis.</small></p></body></html>"]
+    return "\n".join(parts)
+
+
+def write_html(text: str, path: Path) -> Path:
+    path.write_text(text)
+    return path

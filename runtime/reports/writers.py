@@ -1,0 +1,50 @@
+"""Write every per-slide output into one folder per slide and return what was written."""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.reports.html import render_html, write_html
+from cytoedge.runtime.reports.images import gallery, overlay, write_png
+from cytoedge.runtime.reports.tables import write_csv
+
+log = logging.getLogger(__name__)
+
+
+def slide_folder_name(source: str, index: int) -> str:
+    """A safe, unique folder name: index and the source's file name."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).name or "slide").strip("._") or "slide"
+    return f"{index:03d}_{stem}"
+
+
+def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: int, dicom_source: bool) -> dict:
+    """CSV, overlay, gallery, HTML (and DICOM annotations for DICOM input) for one document entry.
+
+    ``state`` is the scorer's SlideState (thumbnail, crops, heatmaps) or None for a slide that failed.
+    """
+    folder = out_dir / slide_folder_name(entry["source"], index)
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = entry.get("cells", [])
+    written: dict[str, str] = {}
+    written["csv"] = str(write_csv(entry["source"], cells, folder / "cells.csv"))
+    overlay_rgb = gallery_rgb = None
+    if state is not None and state.thumbnail is not None:
+        overlay_rgb = overlay(state.thumbnail, state.thumb_scale, cells)
+        written["overlay"] = str(write_png(overlay_rgb, folder / "overlay.png"))
+        flagged = [c for c in cells if c["id"] in state.crops]
+        gallery_rgb = gallery(flagged, state.crops, state.heatmaps)
+        if gallery_rgb is not None:
+            written["gallery"] = str(write_png(gallery_rgb, folder / "gallery.png"))
+    written["html"] = str(write_html(render_html(entry, audit, overlay_rgb, gallery_rgb), folder / "report.html"))
+    if dicom_source and cells:
+        from cytoedge.runtime.reports.dicom_annotations import write_annotations
+
+        try:
+            written["dicom_annotations"] = str(write_annotations(Path(entry["source"]), cells, audit,
+                                                                 folder / "annotations.dcm"))
+        except (CytoedgeError, ValueError, TypeError, AttributeError) as e:
+            log.warning("%s: DICOM annotations not written (%s)", entry["source"], e)
+            written["dicom_annotations_error"] = str(e)
+    return written

@@ -1,0 +1,368 @@
+"""Whole-slide scoring: source → scale → detection → stain normalisation → batched classification.
+
+:class:`SlideScorer` is the stable API the CLI and the ZeroMQ service call:
+
+- ``score_source(source)`` streams cell records as their batches finish (a fresh slide each call);
+- ``score_tile(rgb, origin_xy, um_per_px)`` scores one tile sent in-band and adds it to the slide;
+- ``summary()`` returns the slide summary (counts, differential, flags, triage, density map);
+- :func:`build_result_document` wraps records and summaries in the versioned JSON document
+  (docs/results-format.md, docs/schemas/result-document.schema.json).
+
+Tiles are processed one at a time; at most ``batch_cells`` cells (and the model-scale tiles they
+come from) are held before they are classified, so memory is bounded by the tile and the batch.
+Cells are numbered in raster order of the tiles, so the same slide always gives the same records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from cytoedge.kernels import cell_table
+from cytoedge.runtime.backends import DenoiserBackend
+from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.cells import CellBatch, to_model_scale
+from cytoedge.runtime.classify_cells import classify_batch
+from cytoedge.runtime.detection import Detection, DetectionSettings, detect_cells
+from cytoedge.runtime.errors import InputImageError
+from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
+from cytoedge.runtime.scale import ScaleEstimate, resolve_scale
+from cytoedge.runtime.sources import SlideSource, Tile
+from cytoedge.runtime.stain import LabStats, lab_stats, reference_stats, reinhard
+from cytoedge.runtime.summary import TriagePolicy, summarise_slide
+
+log = logging.getLogger(__name__)
+
+RESULT_FORMAT = "cytoedge-result"
+RESULT_FORMAT_VERSION = 1
+ClassifyFn = Callable[[CellBatch, ModelBundle, DenoiserBackend, str], list[dict]]
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How a slide is read and scored. Sizes in µm are converted with the slide's scale."""
+
+    um_per_px: float | None = None  # overrides the file's scale and the estimate
+    stain_normalise: bool = True
+    tile_px: int = 2048  # source pixels per tile core (DICOM: rounded to whole frames)
+    overlap_um: float = 32.0  # ≥ the largest white cell, so a border cell is whole in some tile
+    batch_cells: int = 256
+    heatmaps: bool = True
+    max_heatmaps: int = 64  # per slide; flagged cells beyond this get none
+    gallery_px: int = 96  # side of the kept crop of each flagged cell (for the gallery)
+    thumbnail_px: int = 2048  # longest side of the slide thumbnail the overlay is drawn on
+    density_bin_um: float = 200.0
+    detection: DetectionSettings = field(default_factory=DetectionSettings)
+
+
+@dataclass
+class SlideState:
+    """Everything one slide accumulates while it is scored (records are small dicts)."""
+
+    name: str
+    width: int = 0
+    height: int = 0
+    scale: ScaleEstimate | None = None
+    stain: LabStats | None = None
+    records: list[dict] = field(default_factory=list)
+    platelets: int = 0
+    red_cells: int = 0
+    tiles: int = 0
+    area_px: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    thumbnail: np.ndarray | None = None
+    thumb_scale: float = 1.0
+    crops: dict[int, np.ndarray] = field(default_factory=dict)
+    heatmaps: dict[int, np.ndarray] = field(default_factory=dict)
+    failures: list[dict] = field(default_factory=list)
+
+    def tick(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - since
+        return now
+
+
+@dataclass
+class _Pending:
+    tiles: list[np.ndarray] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+
+def _settings_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class SlideScorer:
+    """Scores slides with one bundle, backend and estimator (see the module docstring)."""
+
+    def __init__(self, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast",
+                 options: ScoringOptions = ScoringOptions(), classify: ClassifyFn = classify_batch):
+        from cytoedge.runtime import __version__
+
+        self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
+        self._classify = classify
+        self._reference = reference_stats(bundle) if options.stain_normalise else None
+        self._plan = heatmap_plan(bundle) if options.heatmaps else None
+        self._policy = TriagePolicy.from_bundle(bundle)
+        norm = bundle.manifest["input"]["normalisation"]
+        from cytoedge.kernels import ColourTransform
+
+        self._colour = ColourTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+        self.audit = {
+            "cytoedge_version": __version__,
+            "model": bundle.name,
+            "bundle_sha256": bundle.sha256,
+            "backend": backend.name,
+            "estimator": estimator,
+            "estimator_settings_sha256": _settings_digest(
+                {"estimator": estimator, "calibration": bundle.calibration}),
+        }
+        self.state = SlideState("(tiles)")
+
+    # ---- public API -------------------------------------------------------------------------
+    def reset(self, name: str = "(tiles)") -> None:
+        """Start a new slide (``score_source`` does this itself)."""
+        self.state = SlideState(name)
+
+    def score_source(self, source: SlideSource) -> Iterator[dict]:
+        """Stream the cell records of one slide; InputImageError if it cannot be read at all."""
+        self.reset(source.name)
+        st = self.state
+        st.width, st.height = source.width, source.height
+        t = time.perf_counter()
+        st.scale = self._resolve_scale(source)
+        t = st.tick("scale", t)
+        overlap = int(math.ceil(self.options.overlap_um / st.scale.um_per_px))
+        pending = _Pending()
+        for tile in source.tiles(self.options.tile_px, overlap):
+            st.width, st.height = max(st.width, source.width), max(st.height, source.height)
+            t = st.tick("read", t)
+            self._add_tile(tile, st.scale.um_per_px, pending)
+            if len(pending) >= self.options.batch_cells:
+                yield from self._flush(pending)
+            t = time.perf_counter()
+        yield from self._flush(pending)
+        st.failures.extend(getattr(source, "failures", []))
+
+    def score_tile(self, rgb_tile: np.ndarray, origin_xy: tuple[int, int], um_per_px: float) -> list[dict]:
+        """Score one RGB uint8 tile whose top-left is ``origin_xy`` in slide pixels (it owns all its cells)."""
+        if rgb_tile.ndim != 3 or rgb_tile.shape[2] != 3 or rgb_tile.dtype != np.uint8:
+            raise InputImageError(f"tile at {origin_xy}: expected RGB uint8 [H, W, 3], got {rgb_tile.dtype} "
+                                  f"{rgb_tile.shape}")
+        if not um_per_px or um_per_px <= 0:
+            raise InputImageError(f"tile at {origin_xy}: um_per_px must be positive, got {um_per_px}")
+        st = self.state
+        if st.scale is None:
+            st.scale = ScaleEstimate(float(um_per_px), "user")
+        x0, y0 = int(origin_xy[0]), int(origin_xy[1])
+        h, w = rgb_tile.shape[:2]
+        st.width, st.height = max(st.width, x0 + w), max(st.height, y0 + h)
+        pending = _Pending()
+        self._add_tile(Tile(rgb_tile, x0, y0, (x0, y0, x0 + w, y0 + h), st.name), float(um_per_px), pending)
+        return list(self._flush(pending))
+
+    def summary(self) -> dict:
+        """Summary of the slide scored last (or of the tiles sent since the last reset)."""
+        return summarise_slide(self.state, self.bundle, self._policy, self.options.density_bin_um)
+
+    # ---- internals --------------------------------------------------------------------------
+    def _resolve_scale(self, source: SlideSource) -> ScaleEstimate:
+        user, known = self.options.um_per_px, getattr(source, "um_per_px", None)
+        if user or known:
+            return resolve_scale(None, user, known, source.name)
+        for tile in source.tiles(self.options.tile_px, 0):
+            return resolve_scale(tile.rgb, None, None, source.name)
+        raise InputImageError(f"{source.name}: no pixels to read")
+
+    def _add_tile(self, tile: Tile, um_per_px: float, pending: _Pending) -> None:
+        st, opt = self.state, self.options
+        t = time.perf_counter()
+        cx0, cy0, cx1, cy1 = tile.core
+        st.tiles += 1
+        st.area_px += (cx1 - cx0) * (cy1 - cy0)
+        core_local = (cx0 - tile.x0, cy0 - tile.y0, cx1 - tile.x0, cy1 - tile.y0)
+        det = detect_cells(tile.rgb, um_per_px, opt.detection, count_region=core_local)
+        white = [d for d in det.white if tile.owns(np.float64(d.cx + tile.x0), np.float64(d.cy + tile.y0))]
+        st.platelets += sum(bool(tile.owns(np.float64(d.cx + tile.x0), np.float64(d.cy + tile.y0)))
+                            for d in det.platelets)
+        st.red_cells += det.red_cell_count
+        t = st.tick("detect", t)
+        self._update_thumbnail(tile)
+        if not white:
+            return
+        rgb = tile.rgb
+        if self._reference is not None:
+            if st.stain is None:
+                st.stain = lab_stats(rgb)
+            if st.stain is not None:
+                rgb = reinhard(rgb, st.stain, self._reference)
+        t = st.tick("stain", t)
+        model_tile = to_model_scale(rgb, um_per_px, self.bundle)
+        f = model_tile.shape[1] / rgb.shape[1]
+        index = len(pending.tiles)
+        pending.tiles.append(model_tile)
+        for d in white:
+            pending.rows.append(cell_table(index, (d.cx + 0.5) * f - 0.5, (d.cy + 0.5) * f - 0.5)[0])
+            pending.meta.append(self._cell_meta(d, tile))
+        st.tick("resample", t)
+
+    def _cell_meta(self, d: Detection, tile: Tile) -> dict:
+        x0, y0, x1, y1 = d.bbox
+        return {
+            "bbox": [round(x0 + tile.x0, 1), round(y0 + tile.y0, 1), round(x1 + tile.x0, 1), round(y1 + tile.y0, 1)],
+            "centre": [round(d.cx + tile.x0, 1), round(d.cy + tile.y0, 1)],
+            "field": tile.field,
+            "nucleus_area_um2": round(d.nucleus_area_um2, 2),
+        }
+
+    def _flush(self, pending: _Pending) -> Iterator[dict]:
+        if not len(pending):
+            return
+        st = self.state
+        batch = CellBatch(pending.tiles, np.stack(pending.rows))
+        t = time.perf_counter()
+        results = self._classify(batch, self.bundle, self.backend, self.estimator)
+        t = st.tick("classify", t)
+        names = self.bundle.class_names
+        out = []
+        for i, (meta, res) in enumerate(zip(pending.meta, results)):
+            record = {"id": len(st.records), **meta, **_normalise_result(res, self.bundle), "audit": self.audit}
+            st.records.append(record)
+            out.append((i, record))
+        self._explain(batch, out, names)
+        st.tick("heatmap", t)
+        pending.tiles, pending.rows, pending.meta = [], [], []
+        yield from (r for _, r in out)
+
+    def _explain(self, batch: CellBatch, out: list[tuple[int, dict]], names: list[str]) -> None:
+        """Heatmaps and gallery crops for flagged cells (up to the per-slide limits)."""
+        st, opt = self.state, self.options
+        flagged = [(i, r) for i, r in out if any(r["flags"].get(k) for k in ("abnormal", "uncertain", "anomalous"))]
+        room = max(0, opt.max_heatmaps - len(st.crops))
+        flagged = flagged[:room]
+        if not flagged:
+            return
+        idx = np.array([i for i, _ in flagged])
+        sub = batch.subset(idx)
+        for (i, r), row in zip(flagged, sub.cells):
+            st.crops[r["id"]] = _crop(batch.tiles[int(row[0])], row[1], row[2], self.bundle.input_size, opt.gallery_px)
+        if self._plan is None:
+            return
+        pred = np.array([names.index(r["class"]) for _, r in flagged])
+        runner = np.array([names.index(r["runner_up"]) for _, r in flagged])
+        maps = counterfactual_heatmaps(sub, pred, runner, self.bundle, self.backend, self._plan, self._colour)
+        for (_, r), m in zip(flagged, maps):
+            st.heatmaps[r["id"]] = m
+            r["heatmap"] = {"runner_up": r["runner_up"], "timesteps": self._plan.timesteps.tolist(),
+                            "plan": self._plan.source, "mean_gain": round(float(m.mean()), 6),
+                            "nfe": int(2 * len(self._plan.timesteps))}
+
+    def _update_thumbnail(self, tile: Tile) -> None:
+        st, opt = self.state, self.options
+        if not st.width or not st.height:
+            return
+        if st.thumbnail is None:
+            st.thumb_scale = min(1.0, opt.thumbnail_px / max(st.width, st.height))
+            st.thumbnail = np.full((max(1, round(st.height * st.thumb_scale)), max(1, round(st.width * st.thumb_scale)), 3),
+                                   255, np.uint8)
+        s = st.thumb_scale
+        cx0, cy0, cx1, cy1 = tile.core
+        tx0, ty0 = int(cx0 * s), int(cy0 * s)
+        tx1 = min(max(tx0 + 1, int(round(cx1 * s))), st.thumbnail.shape[1])
+        ty1 = min(max(ty0 + 1, int(round(cy1 * s))), st.thumbnail.shape[0])
+        if tx1 <= tx0 or ty1 <= ty0:
+            return
+        core = tile.rgb[cy0 - tile.y0:cy1 - tile.y0, cx0 - tile.x0:cx1 - tile.x0]
+        st.thumbnail[ty0:ty1, tx0:tx1] = cv2.resize(core, (tx1 - tx0, ty1 - ty0), interpolation=cv2.INTER_AREA)
+
+
+def _crop(tile: np.ndarray, cx: float, cy: float, size: int, out_px: int) -> np.ndarray:
+    """The model's field of view around a cell, enlarged for the gallery."""
+    h = size / 2
+    m = np.float32([[1, 0, cx - h + 0.5], [0, 1, cy - h + 0.5]])
+    crop = cv2.warpAffine(tile, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))
+    return cv2.resize(crop, (out_px, out_px), interpolation=cv2.INTER_CUBIC)
+
+
+def _normalise_result(res: dict, bundle: ModelBundle) -> dict:
+    """The estimator's record in the document's shape; keys an estimator does not give are derived
+    (and say so) rather than invented: see docs/results-format.md."""
+    names = bundle.class_names
+    cls = res["class"]
+    probs = res.get("probabilities")
+    if probs:
+        ranked = sorted(probs, key=lambda c: -probs[c])
+    else:
+        scores = res.get("scores", {})
+        ranked = sorted(scores, key=lambda c: scores[c]) if scores else [cls]
+    runner_up = next((c for c in ranked if c != cls), next(c for c in names if c != cls))
+    flags = dict(res.get("flags") or {})
+    flags.setdefault("abnormal", cls in bundle.abnormal_classes)
+    flags.setdefault("uncertain", len(res.get("survived", [cls])) > 1 if "survived" in res else False)
+    flags.setdefault("anomalous", False)
+    out = {
+        "class": cls,
+        "runner_up": runner_up,
+        "probabilities": {c: round(float(p), 6) for c, p in probs.items()} if probs else None,
+        "flags": {k: bool(v) for k, v in flags.items()},
+        "anomaly_score": res.get("anomaly_score"),
+        "uncertainty": res.get("uncertainty"),
+        "prediction_set": res.get("prediction_set") or res.get("survived") or [cls],
+        "nfe": int(res.get("nfe", 0)),
+        "estimator": res.get("estimator"),
+    }
+    extra = {k: v for k, v in res.items() if k not in out and k not in ("survived",)}
+    if extra:
+        out["estimator_detail"] = extra
+    return out
+
+
+def slide_entry(source: str, records: list[dict], summary: dict | None, error: str | None = None) -> dict:
+    """One slide of the document: its cells and summary, or its error (with the summary if any)."""
+    if error is not None:
+        entry = {"source": source, "status": "error", "error": error}
+        if summary is not None:
+            entry["summary"] = summary
+        return entry
+    return {"source": source, "status": "ok", "summary": summary, "cells": records}
+
+
+def build_result_document(records: list[dict], summary: dict, meta: dict) -> dict:
+    """The versioned document for one slide. ``meta``: the scorer's ``audit`` plus "source" and,
+    optionally, "error" and "run" (timings, time: the only part that differs between two runs)."""
+    entry = slide_entry(meta.get("source", summary.get("source", "")), records, summary, meta.get("error"))
+    audit = {k: v for k, v in meta.items() if k not in ("source", "error", "run")}
+    return build_slides_document([entry], audit, meta.get("run", {}))
+
+
+def build_slides_document(slides: list[dict], audit: dict, run: dict) -> dict:
+    """The versioned document for several slides (entries from :func:`slide_entry`)."""
+    return {"format": RESULT_FORMAT, "format_version": RESULT_FORMAT_VERSION, **audit, "run": run,
+            "slides": [{**s, "audit": audit} for s in slides]}
+
+
+def score_slide(scorer: SlideScorer, source: SlideSource) -> dict:
+    """Score one source to the end as a document entry (a slide with no white cells is an error)."""
+    cells = list(scorer.score_source(source))
+    summary = scorer.summary()
+    if not cells:
+        return slide_entry(source.name, [], summary,
+                           f"{source.name}: no white cells found (empty field, wrong scale or not a blood smear)")
+    return slide_entry(source.name, cells, summary)
+
+
+def options_dict(options: ScoringOptions) -> dict:
+    """The options as JSON-ready data (recorded in the document's "run")."""
+    return asdict(options)

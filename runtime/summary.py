@@ -1,0 +1,152 @@
+"""Slide summary: counts, differential, flagged cells, triage with reasons, abnormality density map.
+
+Triage follows how a lab reads a smear: a routine slide has enough white cells for a
+differential, no abnormal or anomalous cell, few uncertain calls and a differential inside the
+reference ranges; anything else goes to *review* with the reasons; enough abnormal cells
+(immature granulocytes, erythroblasts, … the bundle's ``abnormal_classes``) make it *urgent*.
+The thresholds are a :class:`TriagePolicy`; a bundle may override them under
+``calibration["triage"]``. The defaults are the usual adult reference ranges and a 100-cell
+differential; a site must validate its own.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.errors import CalibrationError
+
+if TYPE_CHECKING:
+    from cytoedge.runtime.slide_scoring import SlideState
+
+MAX_DENSITY_BINS = 64  # per side; the bin grows on big slides
+
+
+def _default_ranges() -> dict[str, list[float]]:
+    return {"neutrophil": [0.40, 0.75], "lymphocyte": [0.20, 0.45], "monocyte": [0.02, 0.10],
+            "eosinophil": [0.0, 0.06], "basophil": [0.0, 0.02]}
+
+
+@dataclass(frozen=True)
+class TriagePolicy:
+    min_white_cells: int = 100
+    urgent_min_abnormal: int = 5
+    urgent_abnormal_fraction: float = 0.05
+    review_uncertain_fraction: float = 0.2
+    review_min_anomalous: int = 1
+    differential_ranges: dict[str, list[float]] = field(default_factory=_default_ranges)
+    not_in_differential: tuple[str, ...] = ("platelet",)
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle) -> "TriagePolicy":
+        overrides = (bundle.calibration or {}).get("triage") or {}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise CalibrationError(f"{bundle.path}: calibration triage keys {unknown} unknown (known: {sorted(known)})")
+        if "not_in_differential" in overrides:
+            overrides = {**overrides, "not_in_differential": tuple(overrides["not_in_differential"])}
+        return cls(**overrides)
+
+
+def triage(flagged_classes: dict[str, int], n_cells: int, n_white: int, n_abnormal: int, n_uncertain: int,
+           n_anomalous: int, differential: dict[str, float], policy: TriagePolicy) -> dict:
+    """Level (routine / review / urgent) and the reasons, in words a haematologist reads.
+
+    ``n_cells``: all scored cells; ``n_white``: those in the differential; ``flagged_classes``:
+    predicted classes of the cells flagged abnormal.
+    """
+    reasons, level = [], "routine"
+    frac_abn = n_abnormal / n_cells if n_cells else 0.0
+    if n_abnormal >= policy.urgent_min_abnormal and frac_abn >= policy.urgent_abnormal_fraction:
+        level = "urgent"
+        reasons.append(f"{n_abnormal} abnormal cells ({frac_abn:.1%} of cells; predicted "
+                       + ", ".join(f"{c} {k}" for c, k in sorted(flagged_classes.items())) + ")")
+    elif n_abnormal:
+        level = "review"
+        reasons.append(f"{n_abnormal} abnormal cell{'s' if n_abnormal > 1 else ''} ({frac_abn:.1%} of cells)")
+    if n_anomalous >= policy.review_min_anomalous:
+        level = "review" if level == "routine" else level
+        reasons.append(f"{n_anomalous} cell{'s' if n_anomalous > 1 else ''} unlike any trained class (anomalous)")
+    if n_cells and n_uncertain / n_cells >= policy.review_uncertain_fraction:
+        level = "review" if level == "routine" else level
+        reasons.append(f"{n_uncertain} uncertain calls ({n_uncertain / n_cells:.0%} of cells)")
+    if n_white < policy.min_white_cells:
+        level = "review" if level == "routine" else level
+        reasons.append(f"only {n_white} white cells counted (a differential needs {policy.min_white_cells})")
+    else:
+        for cls, (lo, hi) in policy.differential_ranges.items():
+            v = differential.get(cls)
+            if v is not None and not (lo <= v <= hi):
+                level = "review" if level == "routine" else level
+                reasons.append(f"{cls} {v:.1%} outside {lo:.0%}–{hi:.0%}")
+    if not reasons:
+        reasons.append(f"{n_white} white cells, differential within reference ranges, nothing flagged")
+    return {"level": level, "reasons": reasons}
+
+
+def density_map(records: list[dict], width: int, height: int, um_per_px: float, bin_um: float) -> dict:
+    """White and abnormal cell counts on a grid over the slide (bin side in µm and in source px)."""
+    bin_px = max(bin_um / um_per_px, max(width, height, 1) / MAX_DENSITY_BINS, 1.0)
+    cols, rows = max(1, math.ceil(width / bin_px)), max(1, math.ceil(height / bin_px))
+    white = np.zeros((rows, cols), np.int64)
+    abnormal = np.zeros((rows, cols), np.int64)
+    for r in records:
+        x, y = r["centre"]
+        i, j = min(int(y // bin_px), rows - 1), min(int(x // bin_px), cols - 1)
+        white[i, j] += 1
+        abnormal[i, j] += bool(r["flags"].get("abnormal"))
+    return {"bin_px": round(bin_px, 3), "bin_um": round(bin_px * um_per_px, 3), "rows": rows, "cols": cols,
+            "white": white.tolist(), "abnormal": abnormal.tolist()}
+
+
+def _cell_ref(r: dict) -> dict:
+    p = (r.get("probabilities") or {}).get(r["class"])
+    return {"id": r["id"], "class": r["class"], "centre": r["centre"], "bbox": r["bbox"], "field": r.get("field", ""),
+            "probability": p}
+
+
+def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePolicy, bin_um: float) -> dict:
+    """The slide summary (pure over the slide state's records and counts)."""
+    records = state.records
+    names = bundle.class_names
+    counts = {c: 0 for c in names}
+    for r in records:
+        counts[r["class"]] = counts.get(r["class"], 0) + 1
+    in_diff = [c for c in names if c not in policy.not_in_differential]
+    n_diff = sum(counts[c] for c in in_diff)
+    differential = {c: round(counts[c] / n_diff, 4) for c in in_diff} if n_diff else {}
+    abnormal = [r for r in records if r["flags"].get("abnormal")]
+    uncertain = [r for r in records if r["flags"].get("uncertain")]
+    anomalous = [r for r in records if r["flags"].get("anomalous")]
+    um = state.scale.um_per_px if state.scale else None
+    flagged_classes: dict[str, int] = {}
+    for r in abnormal:
+        flagged_classes[r["class"]] = flagged_classes.get(r["class"], 0) + 1
+    level = triage(flagged_classes, len(records), n_diff, len(abnormal), len(uncertain), len(anomalous),
+                   differential, policy)
+    out = {
+        "source": state.name,
+        "width_px": state.width,
+        "height_px": state.height,
+        "scale": ({"um_per_px": round(um, 6), "source": state.scale.source,
+                   "red_cell_diameter_px": round(state.scale.median_diameter_px, 2)} if state.scale else None),
+        "stain": ({"method": "reinhard", "fitted": state.stain.to_dict()} if state.stain else None),
+        "tiles": state.tiles,
+        "area_mm2": round(state.area_px * (um or 0) ** 2 * 1e-6, 6),
+        "counts": {"white_cells": len(records), "platelets": state.platelets, "red_cells_estimated": state.red_cells},
+        "by_class": counts,
+        "differential": differential,
+        "abnormal_cells": [_cell_ref(r) for r in abnormal],
+        "uncertain_cells": [_cell_ref(r) for r in uncertain],
+        "anomalous_cells": [_cell_ref(r) for r in anomalous],
+        "triage": level,
+        "density_map": density_map(records, state.width, state.height, um or 1.0, bin_um) if um else None,
+        "nfe_total": int(sum(r.get("nfe", 0) for r in records)),
+    }
+    if state.failures:
+        out["failures"] = state.failures
+    return out
