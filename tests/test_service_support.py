@@ -91,10 +91,12 @@ def main(argv: list[str]) -> int:
     import logging
     import signal
 
-    from cytoedge.runtime.service.config import load_config
+    from cytoedge.runtime.service.config import JsonLogFormatter, load_config
     from cytoedge.runtime.service.daemon import Daemon
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     config = load_config(Path(argv[0]), {})
     daemon = Daemon(config, PixelStatsScorer(float(argv[1])))
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
