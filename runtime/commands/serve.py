@@ -31,10 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-allowed-keys", type=Path, default=None, help="folder of allowed client public keys")
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="json: one JSON object per log line")
     add_model_arguments(p)
-    p.set_defaults(func=run)
+    p.add_argument("--no-stain-normalisation", action="store_true", help="use the colours as scanned")
+    p.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
+    p.add_argument("--tile-px", type=int, default=2048, help="tile core size in source pixels")
+    p.add_argument("--batch-cells", type=int, default=256, help="cells per classification batch")
+    p.set_defaults(func=run, um_per_px=None)  # a job's scale comes with its SUBMIT
 
 
 def run(args: argparse.Namespace) -> int:
+    from cytoedge.runtime.commands.score import scoring_options
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.service.config import JsonLogFormatter, load_config
     from cytoedge.runtime.service.daemon import Daemon
@@ -55,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         for handler in root_logger.handlers:
             handler.setFormatter(JsonLogFormatter())
     bundle, backend, estimator = load_bundle_and_backend(args)
-    daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator))
+    daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator, scoring_options(args)))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     daemon.serve()

@@ -36,6 +36,8 @@ FLUSH_EVERY = 32  # cells per journal commit while a slide is being scored
 FLUSH_AFTER_S = 0.05  # ... or sooner, so results reach the client while the slide is scanned
 PROGRESS_EVERY_S = 0.5
 PURGE_EVERY_S = 3600.0
+# what a scorer (numpy, OpenCV, a backend, JSON encoding of its records) raises on a fault
+SCORER_FAULTS = (OSError, ValueError, TypeError, KeyError, IndexError, ArithmeticError, MemoryError, RuntimeError)
 
 
 class NondeterministicScorer(CytoedgeError):
@@ -438,8 +440,11 @@ class _Worker:
                 run = self._stream_run(job)
                 self._flush(run)
                 self._finish(job.job_id, J.SCORED, summary=run.scorer.summary())
-        except (CytoedgeError, OSError, ValueError) as e:
+        except CytoedgeError as e:  # a bad input, said so by the scorer
             log.warning("job failed", extra={"event": "failed", "job_id": job.job_id, "detail": str(e)})
+            self._finish(job.job_id, J.FAILED, error={"code": type(e).__name__, "message": str(e)})
+        except SCORER_FAULTS as e:  # a fault while scoring fails this job, never the daemon
+            log.exception("job failed", extra={"event": "failed", "job_id": job.job_id})
             self._finish(job.job_id, J.FAILED, error={"code": type(e).__name__, "message": str(e)})
         return True
 

@@ -1,10 +1,12 @@
 """The production job scorer: the daemon's ScorerFactory backed by slide_scoring.SlideScorer.
 
 The model bundle and backend are loaded once (by the caller) and shared by every job; each job
-gets its own SlideScorer, because a scorer accumulates one slide's state for its summary.
+gets its own SlideScorer (a scorer accumulates one slide's state for its summary), with the same
+ScoringOptions as ``cytoedge score`` so the service and a local run agree cell for cell.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -17,23 +19,33 @@ from cytoedge.runtime.sources import open_source
 
 
 class SlideJob:
-    """One job's SlideScorer behind the daemon's JobScorer protocol."""
+    """One job's SlideScorer behind the daemon's JobScorer protocol (made on first use)."""
 
-    def __init__(self, scorer: SlideScorer):
-        self.scorer = scorer
+    def __init__(self, factory: "SlideScorerFactory"):
+        self.factory = factory
+        self.scorer: SlideScorer | None = None
+
+    def _scorer(self, options: ScoringOptions) -> SlideScorer:
+        if self.scorer is None:
+            f = self.factory
+            self.scorer = SlideScorer(f.bundle, f.backend, f.estimator, options)
+        return self.scorer
 
     def score_path(self, path: Path, um_per_px: float | None) -> Iterator[dict]:
-        source = open_source(path, um_per_px)
+        """As ``cytoedge score --um-per-px``: the job's scale overrides the file's and the estimate."""
+        options = replace(self.factory.options, um_per_px=um_per_px) if um_per_px else self.factory.options
+        scorer = self._scorer(options)
+        source = open_source(path, options.um_per_px)
         try:
-            yield from self.scorer.score_source(source)
+            yield from scorer.score_source(source)
         finally:
             source.close()
 
     def score_tile(self, rgb: np.ndarray, origin_xy: tuple[int, int], um_per_px: float) -> list[dict]:
-        return self.scorer.score_tile(rgb, origin_xy, um_per_px)
+        return self._scorer(self.factory.options).score_tile(rgb, origin_xy, um_per_px)
 
     def summary(self) -> dict:
-        return self.scorer.summary()
+        return self._scorer(self.factory.options).summary()
 
 
 class SlideScorerFactory:
@@ -49,7 +61,7 @@ class SlideScorerFactory:
         return {"name": self.bundle.name, **audit}
 
     def new_job(self) -> SlideJob:
-        return SlideJob(SlideScorer(self.bundle, self.backend, self.estimator, self.options))
+        return SlideJob(self)
 
     def close(self) -> None:
         self.backend.close()
