@@ -78,6 +78,14 @@ class NetworkSpec:
                              f"{[p.to_dict() for p in self.profiles]}")
         return min(fitting, key=lambda i: self.profiles[i].max)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "NetworkSpec":
+        def tensors(items):
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in items)
+
+        return cls(d["name"], tensors(d["inputs"]), tensors(d["outputs"]),
+                   tuple(BatchProfile(p["min"], p["opt"], p["max"]) for p in d["profiles"]))
+
     def to_dict(self) -> dict:
         return {"name": self.name,
                 "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in self.inputs],

@@ -21,6 +21,10 @@ COMMANDS = [
     "cytoedge.runtime.commands.score",
     "cytoedge.runtime.commands.synth",
     "cytoedge.runtime.commands.demo",
+    "cytoedge.runtime.commands.export",
+    "cytoedge.runtime.commands.build_engine",
+    "cytoedge.runtime.commands.doctor",
+    "cytoedge.runtime.commands.bench",
 ]
 
 

@@ -1,7 +1,15 @@
-"""Pick a denoiser backend by name, or the fastest one that works here ("auto")."""
+"""Pick a denoiser backend by name, or the fastest one that works here ("auto").
+
+auto = TensorRT (a cached engine for this bundle, GPU and TensorRT) > ONNX Runtime CUDA > ONNX Runtime
+CPU; each backend passed over is logged with the reason. ``backend_availability`` gives the same
+reasons to ``cytoedge doctor``.
+"""
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
@@ -9,12 +17,88 @@ from cytoedge.runtime.errors import BackendError
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("auto", "onnxruntime-cpu", "onnxruntime-cuda", "torch")
+BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch")
+
+
+@dataclass(frozen=True)
+class Availability:
+    name: str
+    available: bool
+    reason: str
+    engine: Path | None = None
+
+
+def onnxruntime_conflict() -> str | None:
+    """Both onnxruntime and onnxruntime-gpu installed: they overwrite each other's files; say how to fix it."""
+    installed = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            installed.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    if len(installed) < 2:
+        return None
+    return (f"both {installed[0]} and {installed[1]} are installed; they share the 'onnxruntime' module and the "
+            "last one installed wins. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
+            "(GPU machine) or pip install onnxruntime (CPU only)")
+
+
+def tensorrt_availability(bundle: ModelBundle | None, cache_dir: Path | None = None) -> Availability:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        return Availability("tensorrt", False, f"tensorrt is not installed ({e}); pip install 'cytoedge[gpu]'")
+    try:
+        import pycuda.driver  # noqa: F401
+    except ImportError as e:
+        return Availability("tensorrt", False, f"pycuda is not installed ({e}); pip install 'cytoedge[gpu]'")
+    from cytoedge.export.tensorrt_engine import (current_platform, default_cache_dir, find_cached_engine,
+                                                 tensorrt_source)
+
+    try:
+        platform = current_platform()
+    except BackendError as e:
+        return Availability("tensorrt", False, str(e))
+    where = f"TensorRT {platform.tensorrt_version} on {platform.gpu_name} (sm {platform.compute_capability})"
+    if bundle is None:
+        return Availability("tensorrt", True, where)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    engine = find_cached_engine(cache_dir, tensorrt_source(bundle), platform)
+    if engine is None:
+        return Availability("tensorrt", False, f"{where}, but no engine for this bundle in {cache_dir}; "
+                                               f"run `cytoedge build-engine --model {bundle.path}`")
+    return Availability("tensorrt", True, f"{where}, engine {engine.name}", engine)
+
+
+def onnxruntime_cuda_availability() -> Availability:
+    import onnxruntime as ort
+
+    conflict = onnxruntime_conflict()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        reason = "this ONNX Runtime has no CUDAExecutionProvider (install onnxruntime-gpu in place of onnxruntime)"
+        return Availability("onnxruntime-cuda", False, f"{reason}; {conflict}" if conflict else reason)
+    return Availability("onnxruntime-cuda", True, f"ONNX Runtime {ort.__version__} lists CUDAExecutionProvider"
+                        + (f" (warning: {conflict})" if conflict else ""))
+
+
+def backend_availability(bundle: ModelBundle | None = None, cache_dir: Path | None = None) -> list[Availability]:
+    """Every backend, whether it can run here, and why (or why not)."""
+    import onnxruntime as ort
+
+    out = [tensorrt_availability(bundle, cache_dir), onnxruntime_cuda_availability(),
+           Availability("onnxruntime-cpu", True, f"ONNX Runtime {ort.__version__}")]
+    try:
+        import torch
+
+        out.append(Availability("torch", True, f"PyTorch {torch.__version__} (reference, eager CPU)"))
+    except ImportError as e:
+        out.append(Availability("torch", False, f"torch is not installed ({e}); pip install 'cytoedge[torch]'"))
+    return out
 
 
 def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None = None,
-                   max_batch: int = 256) -> DenoiserBackend:
-    """Create the named backend; "auto" tries ONNX Runtime CUDA, then falls back to CPU with a log line."""
+                   max_batch: int = 256, engine: Path | None = None, cuda_graphs: bool = False) -> DenoiserBackend:
+    """Create the named backend; "auto" takes the first that works of TensorRT, ORT CUDA, ORT CPU."""
     if name not in BACKEND_NAMES:
         raise BackendError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES}")
     from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -23,16 +107,24 @@ def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None 
         from cytoedge.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, max_batch=max_batch, threads=threads)
-    if name in ("auto", "onnxruntime-cuda"):
-        import onnxruntime as ort
+    if name in ("auto", "tensorrt"):
+        trt = Availability("tensorrt", True, f"engine {engine} given", Path(engine)) if engine \
+            else tensorrt_availability(bundle)
+        if trt.available:
+            from cytoedge.runtime.backends.tensorrt_backend import TensorRTBackend
 
-        if "CUDAExecutionProvider" in ort.get_available_providers():
+            return TensorRTBackend(bundle, trt.engine, cuda_graphs=cuda_graphs)
+        if name == "tensorrt":
+            raise BackendError(f"tensorrt backend requested but unavailable: {trt.reason}")
+        log.info("auto backend: not TensorRT: %s", trt.reason)
+    if name in ("auto", "onnxruntime-cuda"):
+        cuda = onnxruntime_cuda_availability()
+        if cuda.available:
             backend = OnnxRuntimeBackend(bundle, ["CUDAExecutionProvider", "CPUExecutionProvider"], threads, max_batch)
-            if backend.name == "onnxruntime-cuda":
-                return backend
-            log.warning("CUDA provider listed but the session fell back to the CPU (missing CUDA libraries?)")
+            if backend.name != "onnxruntime-cuda":
+                log.warning("CUDA provider listed but the session fell back to the CPU (missing CUDA libraries?)")
             return backend
         if name == "onnxruntime-cuda":
-            raise BackendError("onnxruntime-cuda requested, but this ONNX Runtime has no CUDAExecutionProvider "
-                               "(install onnxruntime-gpu in place of onnxruntime; see README)")
+            raise BackendError(f"onnxruntime-cuda requested but unavailable: {cuda.reason}")
+        log.info("auto backend: not ONNX Runtime CUDA: %s", cuda.reason)
     return OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], threads, max_batch)

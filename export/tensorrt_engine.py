@@ -1,0 +1,235 @@
+"""ONNX → TensorRT (10+) FP16 engine, with a sidecar that pins the engine to its GPU and TensorRT.
+
+A TensorRT engine only runs on the GPU model (compute capability) and TensorRT version it was
+built with, and only computes the network it was built from. Each engine is stored next to a JSON
+sidecar (ONNX sha256, TensorRT version, GPU name, compute capability, precision, profiles); loading
+compares the sidecar with this machine and refuses any mismatch with a message naming both sides.
+Engines are cached under a file name derived from those keys, so a changed key means a new engine.
+
+Written against the TensorRT 10 Python API (``Builder``, ``OnnxParser.parse_from_file``,
+``IBuilderConfig.builder_optimization_level``, ``create_timing_cache``/``set_timing_cache``,
+``build_serialized_network``); tensorrt does not install on the development machine, so only the
+key/sidecar logic is exercised there.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cytoedge.export.engine_spec import NetworkSpec
+from cytoedge.runtime.bundle import sha256_file
+from cytoedge.runtime.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".json"
+ENGINE_SUFFIX = ".engine"
+DEFAULT_OPTIMISATION_LEVEL = 3  # TensorRT's default; 5 searches longest
+CACHE_ENV = "CYTOEDGE_ENGINE_CACHE"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "cytoedge" / "engines"))
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What an engine is bound to on the machine that runs it."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine depends on; equal keys mean the cached engine can be reused."""
+
+    network: str
+    onnx_sha256: str
+    precision: str
+    platform: Platform
+    profiles: tuple[tuple[int, int, int], ...]
+
+    def to_dict(self) -> dict:
+        return {"network": self.network, "onnx_sha256": self.onnx_sha256, "precision": self.precision,
+                "tensorrt_version": self.platform.tensorrt_version, "gpu_name": self.platform.gpu_name,
+                "compute_capability": self.platform.compute_capability,
+                "profiles": [list(p) for p in self.profiles]}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def engine_key(spec: NetworkSpec, onnx_path: Path, precision: str, platform: Platform) -> EngineKey:
+    return EngineKey(spec.name, sha256_file(Path(onnx_path)), precision, platform,
+                     tuple((p.min, p.opt, p.max) for p in spec.profiles))
+
+
+def engine_paths(cache_dir: Path, key: EngineKey) -> tuple[Path, Path]:
+    """(engine file, sidecar file) for ``key`` in ``cache_dir``."""
+    stem = f"{key.network}-{key.precision}-{key.digest()}"
+    return Path(cache_dir) / (stem + ENGINE_SUFFIX), Path(cache_dir) / (stem + SIDECAR_SUFFIX)
+
+
+# sidecar field → what a mismatch means, in the words the refusal uses
+_CHECKED_FIELDS = (("onnx_sha256", "ONNX graph"), ("tensorrt_version", "TensorRT version"),
+                   ("gpu_name", "GPU"), ("compute_capability", "compute capability"), ("precision", "precision"),
+                   ("profiles", "optimisation profiles"))
+
+
+def check_sidecar(sidecar: dict, expected: EngineKey, engine_path: Path) -> None:
+    """Raise BackendError naming every field where the engine's sidecar differs from this machine."""
+    want = expected.to_dict()
+    wrong = [f"{label}: engine has {sidecar.get(field)!r}, this machine needs {want[field]!r}"
+             for field, label in _CHECKED_FIELDS if sidecar.get(field) != want[field]]
+    if wrong:
+        raise BackendError(f"{engine_path}: TensorRT engine does not match this machine ({'; '.join(wrong)}); "
+                           "rebuild it here with `cytoedge build-engine`")
+
+
+def read_sidecar(engine_path: Path) -> dict:
+    side = Path(engine_path).with_suffix(SIDECAR_SUFFIX)
+    if not side.is_file():
+        raise BackendError(f"{engine_path}: sidecar {side.name} is missing; an engine without one cannot be checked "
+                           "against this GPU and TensorRT — rebuild it with `cytoedge build-engine`")
+    try:
+        return json.loads(side.read_text())
+    except json.JSONDecodeError as e:
+        raise BackendError(f"{side}: not valid JSON ({e})") from None
+
+
+def write_sidecar(engine_path: Path, key: EngineKey, extra: dict) -> Path:
+    side = Path(engine_path).with_suffix(SIDECAR_SUFFIX)
+    side.write_text(json.dumps({**key.to_dict(), **extra, "engine_sha256": sha256_file(engine_path),
+                                "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")},
+                               indent=2) + "\n")
+    return side
+
+
+def current_platform() -> Platform:
+    """TensorRT version and GPU 0's name and compute capability (needs tensorrt and pycuda)."""
+    try:
+        import pycuda.driver as cuda
+        import tensorrt as trt
+    except ImportError as e:
+        raise BackendError(f"TensorRT engines need the 'gpu' extra (tensorrt, pycuda): {e}") from e
+    from cytoedge.runtime.backends.tensorrt_backend import cuda_call
+
+    cuda_call("cuInit", cuda.init)
+    if cuda_call("cuDeviceGetCount", cuda.Device.count) == 0:
+        raise BackendError("no CUDA device found")
+    dev = cuda_call("cuDeviceGet", cuda.Device, 0)
+    major, minor = dev.compute_capability()
+    return Platform(trt.__version__, dev.name(), f"{major}.{minor}")
+
+
+def build_engine(onnx_path: Path, spec: NetworkSpec, cache_dir: Path | None = None,
+                 optimisation_level: int = DEFAULT_OPTIMISATION_LEVEL, timing_cache: Path | None = None,
+                 workspace_mib: int = 4096, strongly_typed: bool | None = None, force: bool = False) -> Path:
+    """Build (or reuse from the cache) the FP16 engine of ``onnx_path``; returns the engine file.
+
+    An ONNX graph already converted to FP16 (``export.fp16``) is built *strongly typed*: TensorRT keeps
+    exactly its FP16/FP32 split. An FP32 graph is built with the FP16 flag, normalisation, softmax and
+    reduction layers pinned to FP32.
+    """
+    import tensorrt as trt
+
+    if not 0 <= optimisation_level <= 5:
+        raise BackendError(f"builder optimisation level must be 0..5, got {optimisation_level}")
+    onnx_path = Path(onnx_path)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = engine_key(spec, onnx_path, "fp16", current_platform())
+    engine_path, _ = engine_paths(cache_dir, key)
+    if engine_path.is_file() and not force:
+        check_sidecar(read_sidecar(engine_path), key, engine_path)
+        log.info("reusing cached engine %s", engine_path)
+        return engine_path
+    if strongly_typed is None:
+        strongly_typed = _has_fp16_tensors(onnx_path)
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT could not parse {onnx_path}: {errors}")
+    config = builder.create_builder_config()
+    config.builder_optimization_level = optimisation_level
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    if not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        _pin_fp32_layers(network, trt)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for p in spec.profiles:
+        profile = builder.create_optimization_profile()
+        for t in spec.inputs:
+            profile.set_shape(t.name, t.concrete(p.min), t.concrete(p.opt), t.concrete(p.max))
+        config.add_optimization_profile(profile)
+    log.info("building %s engine from %s (level %d, %d profiles, strongly typed: %s)", spec.name, onnx_path.name,
+             optimisation_level, len(spec.profiles), strongly_typed)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError(f"TensorRT failed to build an engine from {onnx_path} (see the TensorRT log above)")
+    engine_path.write_bytes(bytes(serialized))
+    if timing_cache:
+        Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_sidecar(engine_path, key, {"builder_optimization_level": optimisation_level,
+                                     "strongly_typed": strongly_typed, "onnx_file": onnx_path.name,
+                                     "spec": spec.to_dict()})
+    log.info("wrote %s", engine_path)
+    return engine_path
+
+
+def _pin_fp32_layers(network, trt) -> None:
+    """Keep normalisation, softmax and reductions in FP32 inside an otherwise FP16 engine."""
+    fp32_types = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if layer.type in fp32_types:
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                layer.set_output_type(j, trt.float32)
+
+
+def _has_fp16_tensors(onnx_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+
+
+def tensorrt_source(bundle) -> Path:
+    """The ONNX graph engines are built from: the bundle's FP16 denoiser where exported, else the FP32 one."""
+    return bundle.network_path("denoiser_fp16") or bundle.denoiser_path
+
+
+def find_cached_engine(cache_dir: Path, onnx_path: Path, platform: Platform) -> Path | None:
+    """A cached engine built from ``onnx_path`` for this platform, or None (newest first)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        return None
+    digest = sha256_file(Path(onnx_path))
+    want = {"onnx_sha256": digest, "tensorrt_version": platform.tensorrt_version, "gpu_name": platform.gpu_name,
+            "compute_capability": platform.compute_capability}
+    for side in sorted(cache_dir.glob("*" + SIDECAR_SUFFIX), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError:
+            log.warning("ignoring unreadable sidecar %s", side)
+            continue
+        engine = side.with_suffix(ENGINE_SUFFIX)
+        if all(meta.get(k) == v for k, v in want.items()) and engine.is_file():
+            return engine
+    return None
