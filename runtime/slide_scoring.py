@@ -99,8 +99,17 @@ class _Pending:
         return len(self.meta)
 
 
-def _settings_digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+def estimator_settings(bundle: ModelBundle, estimator: str) -> dict:
+    """What decides a cell's numbers besides the network: the calibration (fast) or the protocol (reference)."""
+    if estimator == "reference":
+        from cytoedge.runtime.reference_estimator import ReferenceSettings
+
+        return {"name": "reference", **asdict(ReferenceSettings())}
+    cal = bundle.calibration or {}
+    return {"name": estimator,
+            "calibration_sha256": hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest(),
+            "calibration_date": (cal.get("provenance") or {}).get("date"),
+            "probes": len(cal.get("probes", [])), "temperature": cal.get("temperature")}
 
 
 class SlideScorer:
@@ -125,8 +134,7 @@ class SlideScorer:
             "bundle_sha256": bundle.sha256,
             "backend": backend.name,
             "estimator": estimator,
-            "estimator_settings_sha256": _settings_digest(
-                {"estimator": estimator, "calibration": bundle.calibration}),
+            "estimator_settings": estimator_settings(bundle, estimator),
         }
         self.state = SlideState("(tiles)")
 

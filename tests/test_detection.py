@@ -1,0 +1,103 @@
+"""Detection, scale estimate and stain normalisation on drawn fields with known cells (and, where
+../shared/data is present, on BCCD fields)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cytoedge.runtime.detection import detect_cells
+from cytoedge.runtime.errors import InputImageError
+from cytoedge.runtime.scale import estimate_um_per_px, resolve_scale
+from cytoedge.runtime.stain import LabStats, lab_stats, reinhard
+from cytoedge.runtime.synthetic_smear import PLASMA_RGB, _draw_red_cell
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def drawn_field(um_per_px: float, rng, whites=((60, 60), (160, 90), (90, 160)), lobed=(False, True, False),
+                n_red=40, platelets=((30, 150), (170, 30))):
+    """A field in µm coordinates: white cells (lilac cytoplasm + purple nucleus, some with 3 lobes),
+    red cells, platelets. Returns rgb and the white centres in px."""
+    size = int(200 / um_per_px)
+    rgb = np.empty((size, size, 3), np.uint8)
+    rgb[:] = PLASMA_RGB
+    px = 1 / um_per_px
+    centres = np.array(whites, float) * px
+    placed = 0
+    while placed < n_red:
+        x, y = rng.uniform(0, size, 2)
+        if np.min(np.hypot(centres[:, 0] - x, centres[:, 1] - y)) > 11 * px:
+            _draw_red_cell(rgb, x, y, 3.75 * px, rng)
+            placed += 1
+    for (cx, cy), lobes in zip(centres, lobed):
+        cv2.circle(rgb, (int(cx), int(cy)), int(6 * px), (205, 180, 215), -1, cv2.LINE_AA)
+        if lobes:
+            for a in (0, 2.1, 4.2):
+                cv2.circle(rgb, (int(cx + 2.3 * px * np.cos(a)), int(cy + 2.3 * px * np.sin(a))), int(1.6 * px),
+                           (95, 60, 150), -1, cv2.LINE_AA)
+        else:
+            cv2.circle(rgb, (int(cx), int(cy)), int(3.6 * px), (95, 60, 150), -1, cv2.LINE_AA)
+    for x, y in platelets:
+        cv2.circle(rgb, (int(x * px), int(y * px)), max(1, int(1.1 * px)), (130, 90, 170), -1, cv2.LINE_AA)
+    return rgb, centres
+
+
+@pytest.mark.parametrize("um_per_px", [0.1, 0.25, 0.5])
+def test_white_cells_and_platelets_found_at_any_scale(rng, um_per_px):
+    rgb, centres = drawn_field(um_per_px, rng)
+    det = detect_cells(rgb, um_per_px)
+    assert len(det.white) == 3
+    found = np.array([[d.cx, d.cy] for d in det.white])
+    for c in centres:
+        assert np.min(np.hypot(*(found - c).T)) * um_per_px < 1.0  # centre within 1 µm
+    for d in det.white:  # the box covers the cell (12 µm across) and not much more
+        w_um = (d.bbox[2] - d.bbox[0]) * um_per_px
+        assert 9 <= w_um <= 16
+    assert len(det.platelets) == 2
+    assert 25 <= det.red_cell_count <= 55
+
+
+def test_field_of_red_cells_only_has_no_white_cells(rng):
+    rgb, _ = drawn_field(0.25, rng, whites=((100, 100),), lobed=(False,), platelets=())
+    rgb[int(88 / 0.25):int(112 / 0.25), int(88 / 0.25):int(112 / 0.25)] = PLASMA_RGB
+    assert detect_cells(rgb, 0.25).white == []
+
+
+@pytest.mark.parametrize("um_per_px", [0.12, 0.25])
+def test_scale_estimated_from_red_cells(rng, um_per_px):
+    rgb, _ = drawn_field(um_per_px, rng, n_red=60)
+    est = estimate_um_per_px(rgb)
+    assert est.um_per_px == pytest.approx(um_per_px, rel=0.2)
+    assert resolve_scale(rgb, 0.3, 0.4, "x").um_per_px == 0.3
+    assert resolve_scale(rgb, None, 0.4, "x").source == "dicom"
+
+
+def test_scale_refused_on_an_empty_field():
+    with pytest.raises(InputImageError, match="blank.png.*--um-per-px"):
+        estimate_um_per_px(np.full((300, 300, 3), 240, np.uint8), "blank.png")
+
+
+def test_reinhard_moves_the_field_to_the_reference_statistics(rng):
+    rgb, _ = drawn_field(0.25, rng)
+    shifted = np.clip(rgb.astype(int) * [0.85, 1.0, 1.1] + [0, 10, -5], 0, 255).astype(np.uint8)
+    target = lab_stats(rgb)
+    out = reinhard(shifted, lab_stats(shifted), target)
+    got = lab_stats(out)
+    np.testing.assert_allclose(got.mean, target.mean, atol=2.0)
+    np.testing.assert_allclose(got.std, target.std, rtol=0.1)
+    glass = np.full((4, 4, 3), 255, np.uint8)
+    np.testing.assert_array_equal(reinhard(glass, LabStats((128.0,) * 3, (10.0,) * 3), target), glass)
+
+
+@pytest.mark.skipif(not (SHARED / "bccd").is_dir(), reason="../shared/data/bccd not present")
+def test_bccd_white_cells_recall_on_a_sample():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from eval_detection import eval_bccd
+
+    res = eval_bccd(SHARED, "0.0721", 40)
+    assert res["recall"] >= 0.9 and res["precision"] >= 0.9

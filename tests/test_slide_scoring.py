@@ -1,0 +1,132 @@
+"""Whole-slide scoring end to end on a generated smear: tiles count each cell once, the same slide
+gives the same records, in-band tiles, summary and triage, heatmaps, the result document and the CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import jsonschema
+import numpy as np
+import pytest
+
+from cytoedge.runtime.cells import crops_to_batch
+from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
+from cytoedge.runtime.slide_scoring import (ScoringOptions, SlideScorer, build_result_document, score_slide)
+from cytoedge.runtime.sources import open_source
+from cytoedge.runtime.summary import TriagePolicy, triage
+from cytoedge.runtime.synthetic_smear import SmearSpec, frames_of, generate_smear, write_wsi_dicom
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "schemas" / "result-document.schema.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smear(bundle, ort_backend):
+    return generate_smear(bundle, ort_backend, SmearSpec(n_white=4, ddim_steps=8, seed=3))
+
+
+@pytest.fixture(scope="module")
+def smear_png(smear, tmp_path_factory):
+    path = tmp_path_factory.mktemp("smear") / "smear.png"
+    cv2.imwrite(str(path), cv2.cvtColor(smear.rgb, cv2.COLOR_RGB2BGR))
+    return path
+
+
+def _centres(records):
+    return np.array([r["centre"] for r in records]).reshape(-1, 2)
+
+
+def test_tiled_dicom_finds_each_cell_once_like_the_whole_field(bundle, ort_backend, smear, smear_png, tmp_path):
+    whole = list(SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False))
+                 .score_source(open_source(smear_png, 0.2)))
+    h, w = smear.rgb.shape[:2]
+    dcm = write_wsi_dicom(tmp_path / "s.dcm", frames_of(smear.rgb, 128), (w, h), 128, 0.2, organisation="TILED_FULL")
+    scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(tile_px=128, heatmaps=False, batch_cells=2))
+    tiled = list(scorer.score_source(open_source(dcm)))
+    assert scorer.state.tiles > 4  # the cells (16 µm = 80 px) straddle the 128-px tile cores
+    assert len(whole) >= 3 and len(tiled) == len(whole)
+    a, b = _centres(whole), _centres(tiled)
+    assert max(np.min(np.hypot(*(b - p).T)) for p in a) < 3.0
+    assert [r["id"] for r in tiled] == list(range(len(tiled)))
+    truth = np.array([t["centre"] for t in smear.truth])
+    assert sum(np.min(np.hypot(*(b - t).T)) < 15 for t in truth) >= 3
+
+
+def test_same_slide_twice_gives_identical_records(bundle, ort_backend, smear_png):
+    opts = ScoringOptions(um_per_px=0.2)
+    one = SlideScorer(bundle, ort_backend, "fast", opts)
+    first = score_slide(one, open_source(smear_png, 0.2))
+    second = score_slide(SlideScorer(bundle, ort_backend, "fast", opts), open_source(smear_png, 0.2))
+    assert json.dumps(first, sort_keys=True) == json.dumps(second, sort_keys=True)
+    assert first["status"] == "ok" and all(r["nfe"] > 0 for r in first["cells"])
+
+
+def test_score_tile_reports_in_slide_coordinates(bundle, ort_backend, smear, smear_png):
+    scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False))
+    ref = list(scorer.score_source(open_source(smear_png, 0.2)))
+    scorer.reset("in-band")
+    got = scorer.score_tile(smear.rgb, (1000, 500), 0.2)
+    assert [r["class"] for r in got] == [r["class"] for r in ref]
+    np.testing.assert_allclose(_centres(got) - _centres(ref), np.tile([1000, 500], (len(got), 1)), atol=0.11)
+    assert scorer.summary()["counts"]["white_cells"] == len(got)
+
+
+def test_summary_document_and_heatmaps(bundle, ort_backend, smear_png):
+    scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2))
+    entry = score_slide(scorer, open_source(smear_png, 0.2))
+    s, cells = entry["summary"], entry["cells"]
+    assert sum(s["by_class"].values()) == len(cells) == s["counts"]["white_cells"]
+    assert np.sum(s["density_map"]["white"]) == len(cells)
+    assert {c["id"] for c in s["abnormal_cells"]} == {c["id"] for c in cells if c["flags"]["abnormal"]}
+    assert s["triage"]["level"] in ("review", "urgent")  # 4 cells cannot make a differential
+    assert any("white cells counted" in r for r in s["triage"]["reasons"])
+    flagged = [c for c in cells if any(c["flags"].values())]
+    assert all("heatmap" in c and c["id"] in scorer.state.heatmaps for c in flagged)
+    doc = build_result_document(cells, s, {**scorer.audit, "source": str(smear_png)})
+    jsonschema.validate(doc, SCHEMA)
+    assert all(c["audit"]["bundle_sha256"] == bundle.sha256 for c in doc["slides"][0]["cells"])
+
+
+def test_heatmap_is_zero_for_the_same_class_and_antisymmetric(bundle, ort_backend, rng):
+    rgb = rng.integers(0, 255, (2, 96, 96, 3), dtype=np.uint8)
+    batch = crops_to_batch(list(rgb), bundle)
+    plan = heatmap_plan(bundle)
+    a, b = np.array([0, 3]), np.array([4, 6])
+    same = counterfactual_heatmaps(batch, a, a, bundle, ort_backend, plan)
+    assert same.shape == (2, bundle.input_size, bundle.input_size) and np.all(same == 0)
+    ab = counterfactual_heatmaps(batch, a, b, bundle, ort_backend, plan)
+    ba = counterfactual_heatmaps(batch, b, a, bundle, ort_backend, plan)
+    np.testing.assert_allclose(ab, -ba, atol=1e-5)
+    assert np.abs(ab).max() > 0
+
+
+def test_triage_levels_and_reasons():
+    policy = TriagePolicy()
+    normal = {"neutrophil": 0.6, "lymphocyte": 0.3, "monocyte": 0.06, "eosinophil": 0.03, "basophil": 0.01}
+    assert triage({}, 200, 200, 0, 5, 0, normal, policy)["level"] == "routine"
+    few = triage({}, 40, 40, 0, 0, 0, normal, policy)
+    assert few["level"] == "review" and "40 white cells" in few["reasons"][0]
+    urgent = triage({"ig": 12}, 200, 200, 12, 0, 0, normal, policy)
+    assert urgent["level"] == "urgent" and "ig 12" in urgent["reasons"][0]
+    skewed = triage({}, 200, 200, 0, 0, 0, {**normal, "lymphocyte": 0.6}, policy)
+    assert skewed["level"] == "review" and any("lymphocyte 60.0%" in r for r in skewed["reasons"])
+
+
+def test_cli_scores_good_slides_and_reports_bad_ones(smear_png, tmp_path, capsys):
+    from cytoedge.runtime.cli import main
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(smear_png.read_bytes()[:300])
+    empty = tmp_path / "empty.png"
+    cv2.imwrite(str(empty), np.full((400, 400, 3), 235, np.uint8))
+    code = main(["score", str(bad), str(smear_png), str(empty), "--out", str(tmp_path / "out"), "--um-per-px", "0.2",
+                 "--json", "--threads", "1", "--no-heatmaps"])
+    assert code == 1
+    doc = json.loads(capsys.readouterr().out)
+    jsonschema.validate(doc, SCHEMA)
+    status = {Path(s["source"]).name: s for s in doc["slides"]}
+    assert status["broken.png"]["status"] == "error" and "broken.png" in status["broken.png"]["error"]
+    assert status["empty.png"]["status"] == "error" and "no white cells" in status["empty.png"]["error"]
+    assert status["smear.png"]["status"] == "ok" and status["smear.png"]["cells"]
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["slides"][1]["cells"]
+    assert "timings_s" in doc["run"]
