@@ -114,7 +114,8 @@ class ScannerLinkClient:
     def send(self, command: str, header: dict, payload: tuple = ()) -> None:
         self.sock.send_multipart(P.encode(command, header, payload), copy=len(payload) == 0)
 
-    def _recv(self, timeout_ms: int) -> P.Message | None:
+    def recv(self, timeout_ms: int) -> P.Message | None:
+        """One decoded message from the server, or None after ``timeout_ms``."""
         if not self.sock.poll(timeout_ms, zmq.POLLIN):
             return None
         return P.decode(self.sock.recv_multipart(), "server", MAX_REPLY_HEADER)
@@ -124,7 +125,7 @@ class ScannerLinkClient:
         self.send(command, header, payload)
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
-            msg = self._recv(POLL_MS)
+            msg = self.recv(POLL_MS)
             if msg is None:
                 continue
             if msg.command == P.ERROR and msg.header.get("command") in (command, None):
@@ -218,7 +219,7 @@ class ScannerLinkClient:
         silent_since = time.monotonic()
         last_resume = silent_since
         while not all(t.done for t in tracks.values()):
-            msg = self._inbox.popleft() if self._inbox else self._recv(POLL_MS)
+            msg = self._inbox.popleft() if self._inbox else self.recv(POLL_MS)
             now = time.monotonic()
             if msg is None:
                 self._ack_all(tracks)

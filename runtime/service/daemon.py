@@ -10,12 +10,14 @@ thread over an inproc PAIR socket. Only the socket thread touches the ROUTER soc
 from __future__ import annotations
 
 import logging
+import queue
 import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import zmq
@@ -32,8 +34,7 @@ from cytoedge.runtime.service.scoring import JobScorer, ScorerFactory
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
-FLUSH_EVERY = 32  # cells per journal commit while a slide is being scored
-FLUSH_AFTER_S = 0.05  # ... or sooner, so results reach the client while the slide is scanned
+COMMIT_MAX = 1024  # most cells per journal commit (one fsync); fewer whenever the scorer pauses
 PROGRESS_EVERY_S = 0.5
 PURGE_EVERY_S = 3600.0
 # what a scorer (numpy, OpenCV, a backend, JSON encoding of its records) raises on a fault
@@ -406,6 +407,81 @@ def _notify(wake: zmq.Socket, job_id: str) -> None:
         log.debug("wake-up queue full; the socket thread's idle sweep will deliver %s", job_id)
 
 
+class _RecordFeed:
+    """Runs a slide's record iterator in its own thread, so the worker commits whatever is ready the
+    moment the scorer pauses: one fsync per burst of results, and no finished record held back
+    while the next batch is being computed."""
+
+    _END = object()
+
+    def __init__(self, records: Iterator[dict]):
+        self._queue: queue.Queue = queue.Queue(maxsize=4 * COMMIT_MAX)
+        self._closed = threading.Event()
+        self._error: BaseException | None = None
+        self._completed = self._ended = False
+        self._thread = threading.Thread(target=self._produce, args=(records,), name="cytoedge-slide", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, records: Iterator[dict]) -> None:
+        try:
+            for record in records:
+                if not self._put(record):
+                    return
+            self._completed = True
+        except (CytoedgeError, *SCORER_FAULTS) as e:  # handed to the worker, which fails the job
+            self._error = e
+        finally:
+            self._put(self._END)
+
+    def take(self, limit: int, stop: threading.Event) -> list[dict] | None:
+        """The next records (waits for at least one, takes at most ``limit``); None after the last one,
+        [] when ``stop`` is set. Re-raises what the scorer raised."""
+        if self._ended:
+            return self._end()
+        batch: list[dict] = []
+        while not batch:
+            if stop.is_set():
+                return []
+            try:
+                item = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if item is self._END:
+                self._ended = True
+                return self._end()
+            batch.append(item)
+        while len(batch) < limit:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is self._END:
+                self._ended = True
+                break
+            batch.append(item)
+        return batch
+
+    def _end(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._completed:
+            raise CytoedgeError("the slide scorer stopped without finishing or saying why")
+        return None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(timeout=60)
+
+
 class _JobRun:
     """A job being scored in this process: its scorer and how many records it has produced. Records
     up to ``known`` were journaled by an earlier run and are checked, not journaled again."""
@@ -413,7 +489,6 @@ class _JobRun:
     def __init__(self, job: J.Job, scorer: JobScorer):
         self.job_id, self.scorer, self.emitted, self.known = job.job_id, scorer, 0, job.cells
         self.pending: list[bytes] = []
-        self.last_flush = time.monotonic()
 
 
 class _Worker:
@@ -459,15 +534,12 @@ class _Worker:
                                                  "the journaled one; the scorer is not deterministic")
             else:
                 run.pending.append(encoded)
-        if len(run.pending) >= FLUSH_EVERY or time.monotonic() - run.last_flush > FLUSH_AFTER_S:
-            self._flush(run)
 
     def _flush(self, run: _JobRun) -> None:
         if run.pending:
             self.journal.append_cells(run.job_id, run.emitted - len(run.pending) + 1, run.pending)
             run.pending = []
             self.notify(run.job_id)
-        run.last_flush = time.monotonic()
 
     def _finish(self, job_id: str, state: str, summary: dict | None = None, error: dict | None = None) -> None:
         run = self.streams.pop(job_id, None)
@@ -482,12 +554,15 @@ class _Worker:
         self.journal.set_scoring(job.job_id)
         self.notify(job.job_id)
         run = _JobRun(job, self.factory.new_job())
-        path = Path(job.source["path"])
-        for record in run.scorer.score_path(path, job.source.get("um_per_px")):
-            self._emit(run, [record])
-            if run.pending == [] and (stop.is_set() or self.journal.cancel_requested(job.job_id)):
-                return  # cancel: handled as its own work item; stop: resumed from the journal on restart
-        self._flush(run)
+        feed = _RecordFeed(run.scorer.score_path(Path(job.source["path"]), job.source.get("um_per_px")))
+        try:
+            while (records := feed.take(COMMIT_MAX, stop)) is not None:
+                self._emit(run, records)
+                self._flush(run)
+                if stop.is_set() or self.journal.cancel_requested(job.job_id):
+                    return  # cancel: handled as its own work item; stop: resumed from the journal on restart
+        finally:
+            feed.close()
         self._finish(job.job_id, J.SCORED, summary=run.scorer.summary())
 
     def _stream_run(self, job: J.Job) -> _JobRun:
@@ -497,6 +572,7 @@ class _Worker:
             run = self.streams[job.job_id] = _JobRun(job, self.factory.new_job())
             for ordinal in self.journal.scored_tiles(job.job_id):
                 self._emit(run, self._tile_records(run, job, ordinal))
+            self._flush(run)
         return run
 
     def _tile_records(self, run: _JobRun, job: J.Job, ordinal: int) -> list[dict]:
