@@ -1,0 +1,60 @@
+"""FP32 ONNX → INT8 (QDQ) ONNX for CPUs with VNNI: the convolutions, which are ~80 % of the CPU time.
+
+Static quantisation: activation ranges are calibrated on noised inputs the estimator actually
+sends (x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε for real cells x_0 and timesteps over the whole schedule);
+weights are quantised per output channel. The first and last convolutions stay FP32 (image in,
+noise out). Whether the INT8 graph may be used is decided by decision agreement with FP32
+(``benchmarks/bench_backends.py``), never by speed alone.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from cytoedge.runtime.bundle import ModelBundle
+
+log = logging.getLogger(__name__)
+
+
+def calibration_feeds(bundle: ModelBundle, x0: np.ndarray, batches: int = 8, batch: int = 32,
+                      seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Seeded (x_t, timestep, class_id) batches built from clean model inputs ``x0 [N,3,S,S]``."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for _ in range(batches):
+        pick = rng.integers(0, len(x0), batch)
+        t = rng.integers(0, bundle.schedule.num_train_timesteps, batch).astype(np.int64)
+        noise = rng.standard_normal(x0[pick].shape).astype(np.float32)
+        feeds.append({"x_t": bundle.schedule.add_noise(x0[pick], noise, t).astype(np.float32), "timestep": t,
+                      "class_id": rng.integers(0, len(bundle.class_names), batch).astype(np.int64)})
+    return feeds
+
+
+def boundary_convs(onnx_path: Path) -> list[str]:
+    """Names of the first and last Conv nodes (kept in FP32)."""
+    import onnx
+
+    convs = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.op_type == "Conv"]
+    return [convs[0], convs[-1]] if convs else []
+
+
+def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
+    """Write the INT8 QDQ copy of ``src`` to ``dst`` (convolutions only, per-channel weights)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(str(src), str(dst), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    op_types_to_quantize=["Conv"], nodes_to_exclude=boundary_convs(src),
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    log.info("INT8 graph %s (calibrated on %d batches)", dst, len(feeds))
+    return dst
