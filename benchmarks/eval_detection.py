@@ -1,12 +1,15 @@
 """Detection accuracy on real fields: BCCD white cells (recall/precision at IoU ≥ 0.5) and PBC crops
 (is the centred cell found). Needs ../shared/data; appends nothing unless --write is given.
 
-    python benchmarks/eval_detection.py [--data ../shared/data] [--um-per-px auto|0.072] [--write]
+    python benchmarks/eval_detection.py [--data ../shared/data] [--um-per-px auto|0.0721] [--stain] [--write]
+
+``--write`` replaces the "Whole-smear scoring: detection" section of RESULTS.md (one block per
+--um-per-px mode, so the auto-scale and fixed-scale runs are both kept).
 """
 from __future__ import annotations
 
 import argparse
-import platform
+import json
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -107,6 +110,49 @@ def eval_pbc(root: Path, per_class: int) -> dict:
     return {"crops": total, "centre_found": found / max(total, 1), "by_class": by_class}
 
 
+def eval_stain(root: Path, um_per_px: float, limit: int | None, threads: int) -> dict:
+    """Agreement of the predicted type of each field's white cell with bccd/wbc_subtypes.csv,
+    scored with and without Reinhard normalisation (fields with one labelled type and one WBC found)."""
+    import csv
+
+    from cytoedge.models import default_bundle_path
+    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer
+    from cytoedge.runtime.sources import open_source
+
+    labels = {}
+    with open(root / "bccd" / "wbc_subtypes.csv") as f:
+        for row in csv.DictReader(f):
+            kinds = [k.strip().lower() for k in row["wbc_type"].split(",") if k.strip()]
+            if len(kinds) == 1:
+                labels[row["image"]] = kinds[0]
+    names = sorted(labels)[:limit]
+    bundle = ModelBundle.load(default_bundle_path())
+    backend = OnnxRuntimeBackend(bundle, threads=threads)
+    out = {}
+    for mode in ("as_scanned", "slide", "cell"):
+        opts = ScoringOptions(um_per_px=um_per_px, stain_normalise=mode != "as_scanned",
+                              stain_context="slide" if mode == "as_scanned" else mode, heatmaps=False)
+        scorer = SlideScorer(bundle, backend, "fast", opts)
+        agree = total = 0
+        confusion: dict[str, dict[str, int]] = {}
+        for name in names:
+            path = root / "bccd" / "images" / f"{name}.jpg"
+            if not path.is_file():
+                continue
+            cells = list(scorer.score_source(open_source(path, um_per_px)))
+            if len(cells) != 1:
+                continue
+            pred, true = cells[0]["class"], labels[name]
+            confusion.setdefault(true, {}).setdefault(pred, 0)
+            confusion[true][pred] += 1
+            agree += pred == true
+            total += 1
+        out[mode] = {"fields": total, "agreement": agree / max(total, 1), "confusion": confusion}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -114,6 +160,9 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="first N BCCD fields only")
     ap.add_argument("--pbc-per-class", type=int, default=40)
     ap.add_argument("--write", action="store_true", help="append the numbers to benchmarks/RESULTS.md")
+    ap.add_argument("--stain", action="store_true",
+                    help="also classify BCCD white cells (fast estimator) with and without stain normalisation")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if not (args.data / "bccd").is_dir():
         print(f"skipped: {args.data}/bccd not found", file=sys.stderr)
@@ -121,17 +170,29 @@ def main() -> int:
     t0 = time.time()
     bccd = eval_bccd(args.data, args.um_per_px, args.limit)
     pbc = eval_pbc(args.data, args.pbc_per_class)
-    line = (f"- detection ({time.strftime('%Y-%m-%d')}, `python benchmarks/eval_detection.py --um-per-px "
-            f"{args.um_per_px}`, {platform.processor() or platform.machine()}): BCCD {bccd['fields']} fields, "
+    line = (f"- detection, scale {args.um_per_px}: BCCD {bccd['fields']} fields, "
             f"WBC recall {bccd['recall']:.3f} precision {bccd['precision']:.3f} at IoU ≥ 0.5 "
             f"({bccd['tp']}/{bccd['wbc_true']} true, {bccd['wbc_pred']} predicted)"
             + (f", scale estimate median rel. error {bccd['scale_rel_error_median']:+.2f}" if "scale_rel_error_median" in bccd else "")
             + f"; PBC calib {pbc['crops']} crops, centred cell found {pbc['centre_found']:.3f} "
             f"({', '.join(f'{k} {v:.2f}' for k, v in pbc['by_class'].items())}); {time.time() - t0:.0f} s")
+    if args.stain:
+        um = float(args.um_per_px) if args.um_per_px != "auto" else RED_CELL_DIAMETER_UM / BCCD_RBC_BOX_PX
+        st = eval_stain(args.data, um, args.limit, args.threads)
+        line += "\n" + (f"- stain check (`--stain`, {um:.4f} µm/px, fast estimator): WBC type agreement with "
+                         f"wbc_subtypes.csv on {st['cell']['fields']} single-WBC fields: as scanned "
+                         f"{st['as_scanned']['agreement']:.3f}, Reinhard per slide {st['slide']['agreement']:.3f}, "
+                         f"Reinhard per cell (default) {st['cell']['agreement']:.3f}; predictions (per cell) per "
+                         f"true type: {json.dumps(st['cell']['confusion'])}")
     print(line)
     if args.write:
-        with open(Path(__file__).with_name("RESULTS.md"), "a") as f:
-            f.write(line + "\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from results_md import write_section
+
+        mode = "auto" if args.um_per_px == "auto" else "fixed"
+        write_section(f"whole-smear-detection-{mode}", f"Whole-smear scoring: detection ({mode} scale)",
+                      "BCCD scale from its annotations: median red-cell box 104 px = 7.5 µm → 0.0721 µm/px; "
+                      "'auto' estimates it per field from red cells.\n\n" + line)
     return 0
 
 

@@ -31,7 +31,7 @@ from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch, to_model_scale
 from cytoedge.runtime.classify_cells import classify_batch
 from cytoedge.runtime.detection import Detection, DetectionSettings, detect_cells
-from cytoedge.runtime.errors import InputImageError
+from cytoedge.runtime.errors import CytoedgeError, InputImageError
 from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
 from cytoedge.runtime.scale import ScaleEstimate, resolve_scale
 from cytoedge.runtime.sources import SlideSource, Tile
@@ -51,6 +51,8 @@ class ScoringOptions:
 
     um_per_px: float | None = None  # overrides the file's scale and the estimate
     stain_normalise: bool = True
+    stain_context: str = "cell"  # "cell": fitted on a PBC-sized field around each cell; "slide": once per slide
+    stain_field_um: float = 36.0  # side of the per-cell field (a PBC crop: 360 px at ~0.1 µm/px)
     tile_px: int = 2048  # source pixels per tile core (DICOM: rounded to whole frames)
     overlap_um: float = 32.0  # ≥ the largest white cell, so a border cell is whole in some tile
     batch_cells: int = 256
@@ -71,6 +73,7 @@ class SlideState:
     height: int = 0
     scale: ScaleEstimate | None = None
     stain: LabStats | None = None
+    stain_context: str | None = None  # None: not normalised
     records: list[dict] = field(default_factory=list)
     platelets: int = 0
     red_cells: int = 0
@@ -119,6 +122,8 @@ class SlideScorer:
                  options: ScoringOptions = ScoringOptions(), classify: ClassifyFn = classify_batch):
         from cytoedge.runtime import __version__
 
+        if options.stain_context not in ("cell", "slide"):
+            raise CytoedgeError(f"stain_context {options.stain_context!r}: choose 'cell' or 'slide'")
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self._classify = classify
         self._reference = reference_stats(bundle) if options.stain_normalise else None
@@ -136,12 +141,12 @@ class SlideScorer:
             "estimator": estimator,
             "estimator_settings": estimator_settings(bundle, estimator),
         }
-        self.state = SlideState("(tiles)")
+        self.reset()
 
     # ---- public API -------------------------------------------------------------------------
     def reset(self, name: str = "(tiles)") -> None:
         """Start a new slide (``score_source`` does this itself)."""
-        self.state = SlideState(name)
+        self.state = SlideState(name, stain_context=self.options.stain_context if self._reference else None)
 
     def score_source(self, source: SlideSource) -> Iterator[dict]:
         """Stream the cell records of one slide; InputImageError if it cannot be read at all."""
@@ -209,8 +214,12 @@ class SlideScorer:
         self._update_thumbnail(tile)
         if not white:
             return
+        if st.stain_context == "cell":
+            self._add_cells_normalised_each(tile, white, um_per_px, pending)
+            st.tick("stain", t)
+            return
         rgb = tile.rgb
-        if self._reference is not None:
+        if st.stain_context == "slide":
             if st.stain is None:
                 st.stain = lab_stats(rgb)
             if st.stain is not None:
@@ -224,6 +233,27 @@ class SlideScorer:
             pending.rows.append(cell_table(index, (d.cx + 0.5) * f - 0.5, (d.cy + 0.5) * f - 0.5)[0])
             pending.meta.append(self._cell_meta(d, tile))
         st.tick("resample", t)
+
+    def _add_cells_normalised_each(self, tile: Tile, white: list[Detection], um_per_px: float,
+                                   pending: _Pending) -> None:
+        """Per-cell Reinhard: the reference statistics come from PBC crops (one white cell centred in
+        a ~36 µm field), so each cell is matched on a field of that size around it; it becomes its
+        own small tile. Independent of tiling, as the overlap exceeds half the field."""
+        half = self.options.stain_field_um / 2 / um_per_px
+        h, w = tile.rgb.shape[:2]
+        for d in white:
+            x0, y0 = int(max(round(d.cx - half), 0)), int(max(round(d.cy - half), 0))
+            x1, y1 = int(min(round(d.cx + half) + 1, w)), int(min(round(d.cy + half) + 1, h))
+            field = tile.rgb[y0:y1, x0:x1]
+            stats = lab_stats(field)
+            if stats is not None:
+                field = reinhard(field, stats, self._reference)
+            model_tile = to_model_scale(field, um_per_px, self.bundle)
+            f = model_tile.shape[1] / field.shape[1]
+            pending.rows.append(cell_table(len(pending.tiles), (d.cx - x0 + 0.5) * f - 0.5,
+                                           (d.cy - y0 + 0.5) * f - 0.5)[0])
+            pending.tiles.append(model_tile)
+            pending.meta.append(self._cell_meta(d, tile))
 
     def _cell_meta(self, d: Detection, tile: Tile) -> dict:
         x0, y0, x1, y1 = d.bbox
