@@ -47,7 +47,11 @@ def main() -> None:
         p50, p99 = np.percentile(ms, 50), np.percentile(ms, 99)
         rows.append(f"| {b} | {p50:.2f} | {p99:.2f} | {p50 / b:.2f} | {1000 * b / p50:.0f} |")
         print(rows[-1])
-    body = (f"Model `{bundle.name}` ({bundle.input_size}×{bundle.input_size} px, bundle {bundle.sha256[:12]}), "
+    prov = bundle.manifest["provenance"]
+    training = (f"Training of this model: {prov['steps']} steps of batch {prov['batch_size']} "
+                f"({prov['train_minutes']} min wall clock on this 2-core CPU, shared with other work), "
+                f"`{prov['trainer']}`; weights: {prov['weights']}.\n")
+    body = (training + f"Model `{bundle.name}` ({bundle.input_size}×{bundle.input_size} px, bundle {bundle.sha256[:12]}), "
             f"ONNX Runtime CPU, {args.threads} intra-op threads, {args.repeats} timed calls after 3 warm-up calls.\n"
             "Target (issue 2): ≤ 5 ms per sample at batch 64.\n\n" + "\n".join(rows))
     write_section("denoiser-cost", "Denoiser cost on ONNX Runtime CPU", body)

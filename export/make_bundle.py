@@ -43,16 +43,18 @@ def stain_reference(images_rgb: np.ndarray) -> dict:
 
 
 def build_manifest(cfg: dict, state: dict, train_images: np.ndarray, name: str) -> dict:
-    from cytoedge.training.train_denoiser import PBC_CLASSES
+    from cytoedge.training.train_denoiser import trained_classes
 
-    unet = cfg["unet"]
+    classes = trained_classes(cfg)
+    unet = {**cfg["unet"], "num_classes": len(classes)}
     source_px_per_model_px = 180.0 / cfg["cache_size"] * cfg["zoom"]
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
         "description": "Class-conditional pixel-space DDPM denoiser for peripheral-blood white cells (PBC, 8 classes)",
-        "class_names": PBC_CLASSES,
-        "abnormal_classes": ABNORMAL_IN_PERIPHERAL_BLOOD,
+        "class_names": classes,
+        "abnormal_classes": [c for c in ABNORMAL_IN_PERIPHERAL_BLOOD if c in classes],
+        "excluded_classes": cfg.get("exclude_classes", []),
         "input": {
             "size": unet["image_size"], "channels": 3, "channel_order": "RGB", "layout": "NCHW",
             "um_per_px": round(PBC_SOURCE_UM_PER_PX * source_px_per_model_px, 4),
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from cytoedge.training.pbc_data import load_cell_set
-    from cytoedge.training.train_denoiser import PBC_CLASSES
+    from cytoedge.training.train_denoiser import trained_classes
     from cytoedge.training.unet import ClassConditionalUNet, UNetConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,13 +105,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.out} already holds a bundle; pass --overwrite to replace it")
     cfg = json.loads((args.run / "config.json").read_text())
     state = torch.load(args.run / "ckpt.pt", weights_only=False)
-    model = ClassConditionalUNet(UNetConfig.from_dict(cfg["unet"]))
+    model = ClassConditionalUNet(UNetConfig.from_dict({**cfg["unet"], "num_classes": len(trained_classes(cfg))}))
     model.load_state_dict(state["ema"])
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_denoiser_onnx(model, args.out / "denoiser.onnx", model.config.image_size)
     err = max_abs_error_vs_torch(model, onnx_path, model.config.image_size)
     log.info("exported %s: max |ORT - torch| = %.2e", onnx_path, err)
-    data = load_cell_set(Path(cfg.get("data", "../shared/data/pbc/train")), args.cache, cfg["cache_size"], PBC_CLASSES)
+    data = load_cell_set(Path(cfg.get("data", "../shared/data/pbc/train")), args.cache, cfg["cache_size"], trained_classes(cfg))
     manifest = build_manifest(cfg, state, data.images[::10], args.name)
     manifest["provenance"]["export_max_abs_error_vs_torch"] = err
     old = args.out / "manifest.json"

@@ -49,7 +49,17 @@ DEFAULTS = {
     "disc_t_range": [50, 700],
     "class_balance_power": 0.5,
     "seed": 0,
+    # Classes held out of training (the unseen-type anomaly experiment trains without one).
+    "exclude_classes": [],
 }
+
+
+def trained_classes(cfg: dict) -> list[str]:
+    """The classes a run is trained on, in PBC order, without the excluded ones."""
+    unknown = sorted(set(cfg.get("exclude_classes", [])) - set(PBC_CLASSES))
+    if unknown:
+        raise ValueError(f"exclude_classes {unknown} are not PBC classes {PBC_CLASSES}")
+    return [c for c in PBC_CLASSES if c not in cfg.get("exclude_classes", [])]
 
 
 def disc_mask(size: int, radius: float) -> np.ndarray:
@@ -64,11 +74,12 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.data = load_cell_set(data_root, cache_dir, cfg["cache_size"], PBC_CLASSES)
-        counts = np.bincount(self.data.labels, minlength=len(PBC_CLASSES)).astype(np.float64)
+        self.classes = trained_classes(cfg)
+        self.data = load_cell_set(data_root, cache_dir, cfg["cache_size"], self.classes)
+        counts = np.bincount(self.data.labels, minlength=len(self.classes)).astype(np.float64)
         w = counts[self.data.labels] ** (-cfg["class_balance_power"])
         self.sample_p = w / w.sum()
-        self.unet_cfg = UNetConfig.from_dict(cfg["unet"])
+        self.unet_cfg = UNetConfig.from_dict({**cfg["unet"], "num_classes": len(self.classes)})
         self.model = ClassConditionalUNet(self.unet_cfg)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(100.0)))
@@ -126,7 +137,7 @@ class Trainer:
         stats = {"mse": mse.item()}
         total = mse
         if cfg["disc_weight"] > 0 and cfg["disc_batch"] > 0:
-            k = len(PBC_CLASSES)
+            k = len(self.classes)
             xd, yd = self.batch(cfg["disc_batch"])
             td = torch.randint(cfg["disc_t_range"][0], cfg["disc_t_range"][1], (len(yd),))
             nd = torch.randn_like(xd)
@@ -187,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--config", type=Path, help="JSON overriding DEFAULTS (only for a new run)")
+    p.add_argument("--exclude-class", action="append", default=[], help="train without this class (new run only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = dict(DEFAULTS)
         if args.config:
             cfg.update(json.loads(args.config.read_text()))
+        cfg["exclude_classes"] = sorted(set(cfg.get("exclude_classes", [])) | set(args.exclude_class))
         args.run.mkdir(parents=True, exist_ok=True)
         cfg["data"] = str(args.data)
         cfg_path.write_text(json.dumps(cfg, indent=2))
