@@ -120,3 +120,18 @@ def test_image_fields_and_folders(tmp_path, rng):
     assert len(folder.failures) == 1 and "c.jpg" in folder.failures[0]["error"]
     with pytest.raises(InputImageError, match="no such file"):
         open_source(tmp_path / "missing.png")
+
+
+def test_vl_microscopic_image_with_pixel_spacing(tmp_path, rng):
+    rgb = _slide(rng, 120, 90)
+    path = write_wsi_dicom(tmp_path / "w.dcm", [(0, 0, rgb)], (120, 90), 128, 0.5, organisation="TILED_FULL")
+    ds = pydicom.dcmread(path)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.2"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 90, 120, 1
+    ds.PixelData = rgb.tobytes()
+    del ds.SharedFunctionalGroupsSequence
+    ds.PixelSpacing = [0.0004, 0.0004]
+    ds.save_as(tmp_path / "vl.dcm", enforce_file_format=True)
+    src = open_source(tmp_path / "vl.dcm")
+    assert (src.width, src.height) == (120, 90) and src.um_per_px == pytest.approx(0.4)
+    np.testing.assert_array_equal(src.read_region(0, 0, 120, 90)[0], rgb)

@@ -54,3 +54,16 @@ def test_synth_command_writes_cells_and_smear(tmp_path):
                  "--threads", "1"]) == 0
     truth = json.loads((tmp_path / "s" / "truth.json").read_text())
     assert len(truth["white_cells"]) == 2 and (tmp_path / "s" / "smear.dcm").is_file()
+
+
+def test_demo_command_scores_its_own_smear(tmp_path, capsys):
+    from cytoedge.runtime.cli import main
+
+    code = main(["demo", "-n", "3", "--steps", "4", "--out", str(tmp_path), "--threads", "1", "--quiet",
+                 "--no-heatmaps"])
+    out = capsys.readouterr().out
+    assert code == 0 and "triage:" in out and "ground truth:" in out
+    match = json.loads((tmp_path / "demo_truth_match.json").read_text())
+    assert match["truth"] == 3 and match["detected"] >= 2
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["slides"][0]["status"] == "ok"
