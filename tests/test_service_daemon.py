@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -331,3 +332,27 @@ def test_ipc_endpoint_and_cancel(tmp_path):
         assert summary.kind == "summary" and summary.header["state"] == "cancelled"
         assert 1 <= len(cells) < len(block_records(rgb, (0, 0)))
         assert summary.header["cells"] == len(cells) and summary.digest_ok is True
+
+
+def test_results_arrive_while_tiles_are_still_being_sent(tmp_path):
+    _, rgb = write_slide(tmp_path / "slides", "a.png", 9, shape=(64, 64 * 8))
+    tiles = [(rgb[:, 64 * k:64 * (k + 1)], (64 * k, 0)) for k in range(8)]
+    with running_daemon(tmp_path) as daemon, ScannerLinkClient(daemon.endpoint, timeout_s=10) as client:
+        job = client.open_stream("live", um_per_px=0.25)
+        other = client.open_stream("other", um_per_px=0.25)
+        client.send_tile(other, 0, tiles[0][0], tiles[0][1])
+        live: list = []
+        for k, (tile, origin) in enumerate(tiles):
+            client.send_tile(job, k, tile, origin)
+            deadline = time.monotonic() + 5
+            while len(live) < 16 * (k + 1) and time.monotonic() < deadline:  # this tile's cells, before the next tile
+                live += [e for e in client.ready([job]) if e.kind == "cell"]
+            assert len(live) == 16 * (k + 1)
+        client.end_of_slide(job, len(tiles))
+        client.end_of_slide(other, 1)
+        rest = list(client.events([job, other]))
+    assert [e.seq for e in live] == list(range(1, 129))
+    assert [e.record for e in live] == [r for tile, origin in tiles for r in block_records(tile, origin)]
+    other_cells = [e.record for e in rest if e.kind == "cell" and e.job_id == other]
+    assert other_cells == block_records(tiles[0][0], tiles[0][1])  # kept while the other job was read
+    assert sorted(e.job_id for e in rest if e.kind == "summary") == sorted([job, other])

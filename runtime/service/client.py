@@ -98,6 +98,8 @@ class ScannerLinkClient:
             self.sock.setsockopt(zmq.CURVE_SECRETKEY, curve.client_secret)
         self.sock.connect(endpoint)
         self._inbox: deque[P.Message] = deque()
+        self._tracks: dict[str, _Track] = {}
+        self._parked: list[P.Message] = []
         self.server: dict | None = None
 
     def close(self) -> None:
@@ -204,18 +206,42 @@ class ScannerLinkClient:
         return self._request(P.STATUS, {"job_id": job_id}, (P.PROGRESS,)).header
 
     # --- results ------------------------------------------------------------------------------
+    def _tracks_for(self, job_ids: list[str], last_acked: dict[str, int]) -> dict[str, _Track]:
+        """Delivery state per job, kept on the client so ``ready()`` and ``events()`` can be mixed;
+        a ``last_acked`` entry (the application's stored progress) starts a job's state afresh."""
+        self._inbox.extend(self._parked)
+        self._parked.clear()
+        for job_id in job_ids:
+            if job_id in last_acked or job_id not in self._tracks:
+                acked = last_acked.get(job_id, 0)
+                self._tracks[job_id] = _Track(acked, acked + 1, hashlib.sha256() if acked == 0 else None)
+        return {j: self._tracks[j] for j in job_ids}
+
+    def ready(self, job_ids: list[str], progress: bool = False) -> list[JobEvent]:
+        """Whatever has arrived for ``job_ids`` by now, without waiting (for a scanner that sends
+        tiles and picks up results in the same loop); acknowledges what it returns."""
+        tracks = self._tracks_for(job_ids, {})
+        events = []
+        while True:
+            msg = self._inbox.popleft() if self._inbox else self.recv(0)
+            if msg is None:
+                break
+            event = self._handle(msg, tracks, progress)
+            if event is not None:
+                events.append(event)
+        self._ack_all(tracks)
+        return events
+
     def events(self, job_ids: list[str], last_acked: dict[str, int] | None = None, progress: bool = False,
                attach: bool = False) -> Iterator[JobEvent]:
         """Cells (each sequence number exactly once, in order), then a summary, for every job in
         ``job_ids``; progress reports too if asked. RESUMEs after ``resume_after_s`` of silence
         (reconnect or daemon restart); raises ServiceError(TIMEOUT) after ``timeout_s`` of it.
         ``attach``: RESUME every job at once (jobs this connection did not submit)."""
-        last_acked = last_acked or {}
-        tracks = {j: _Track(last_acked.get(j, 0), last_acked.get(j, 0) + 1,
-                            hashlib.sha256() if last_acked.get(j, 0) == 0 else None) for j in job_ids}
+        tracks = self._tracks_for(job_ids, last_acked or {})
         for job_id, track in tracks.items():
-            if track.acked or attach:
-                self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.acked})
+            if (track.acked or attach) and not track.done:
+                self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
         silent_since = time.monotonic()
         last_resume = silent_since
         while not all(t.done for t in tracks.values()):
@@ -232,30 +258,40 @@ class ScannerLinkClient:
                     last_resume = now
                 continue
             silent_since = last_resume = now
-            job_id = msg.header.get("job_id")
-            track = tracks.get(job_id)
-            if msg.command == P.ERROR and track is not None:
-                raise ServiceError(msg.header["code"], msg.header["message"])
-            if track is None or track.done:
-                continue
-            if msg.command == P.CELL:
-                event = self._on_cell(msg, job_id, track)
-                if event is not None:
-                    yield event
-                if track.next_seq - 1 - track.acked >= ACK_EVERY:
-                    self._ack(job_id, track)
-            elif msg.command == P.SUMMARY:
-                if msg.header["cells"] != track.next_seq - 1:  # cells still missing: ask again from the gap
-                    self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
-                    continue
+            event = self._handle(msg, tracks, progress)
+            if event is not None:
+                yield event
+
+    def _handle(self, msg: P.Message, tracks: dict[str, _Track], progress: bool) -> JobEvent | None:
+        """Apply one message to the delivery state; the event to hand to the application, if any."""
+        job_id = msg.header.get("job_id")
+        track = tracks.get(job_id)
+        if track is None:
+            if job_id is not None and msg.command in (P.CELL, P.SUMMARY, P.PROGRESS):
+                self._parked.append(msg)  # another job's, not asked for in this call: kept for the next
+            return None
+        if msg.command == P.ERROR:
+            raise ServiceError(msg.header["code"], msg.header["message"])
+        if track.done:
+            return None
+        if msg.command == P.CELL:
+            event = self._on_cell(msg, job_id, track)
+            if track.next_seq - 1 - track.acked >= ACK_EVERY:
                 self._ack(job_id, track)
-                track.done = True
-                ok = None if track.hasher is None else "sha256:" + track.hasher.hexdigest() == msg.header["digest"]
-                if ok is False:
-                    raise ServiceError("DIGEST", f"job {job_id}: the cells received do not match the SUMMARY digest")
-                yield JobEvent("summary", job_id, msg.header, digest_ok=ok)
-            elif msg.command == P.PROGRESS and progress:
-                yield JobEvent("progress", job_id, msg.header)
+            return event
+        if msg.command == P.SUMMARY:
+            if msg.header["cells"] != track.next_seq - 1:  # cells still missing: ask again from the gap
+                self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
+                return None
+            self._ack(job_id, track)
+            track.done = True
+            ok = None if track.hasher is None else "sha256:" + track.hasher.hexdigest() == msg.header["digest"]
+            if ok is False:
+                raise ServiceError("DIGEST", f"job {job_id}: the cells received do not match the SUMMARY digest")
+            return JobEvent("summary", job_id, msg.header, digest_ok=ok)
+        if msg.command == P.PROGRESS and progress:
+            return JobEvent("progress", job_id, msg.header)
+        return None
 
     def _on_cell(self, msg: P.Message, job_id: str, track: _Track) -> JobEvent | None:
         seq = msg.header["seq"]
