@@ -356,3 +356,17 @@ def test_results_arrive_while_tiles_are_still_being_sent(tmp_path):
     other_cells = [e.record for e in rest if e.kind == "cell" and e.job_id == other]
     assert other_cells == block_records(tiles[0][0], tiles[0][1])  # kept while the other job was read
     assert sorted(e.job_id for e in rest if e.kind == "summary") == sorted([job, other])
+
+
+def test_unusable_journal_or_endpoint_is_a_clear_error(tmp_path):
+    from cytoedge.runtime.errors import CytoedgeError
+    from cytoedge.runtime.service.journal import Journal
+
+    not_a_db = tmp_path / "journal.sqlite3"
+    not_a_db.write_bytes(b"this is not SQLite" * 100)
+    with pytest.raises(CytoedgeError, match="journal.sqlite3: cannot open it"):
+        Journal(not_a_db)
+    with running_daemon(tmp_path / "a") as daemon:
+        config = ServiceConfig(endpoint=daemon.endpoint, journal=tmp_path / "b.sqlite3").check()
+        with pytest.raises(CytoedgeError, match="cannot listen on"):
+            Daemon(config, PixelStatsScorer()).serve()

@@ -103,7 +103,10 @@ class Daemon:
             router.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
             if cfg.curve_enabled:
                 auth = self._start_curve(ctx, router)
-            router.bind(cfg.endpoint)
+            try:
+                router.bind(cfg.endpoint)
+            except zmq.ZMQError as e:
+                raise CytoedgeError(f"cannot listen on {cfg.endpoint}: {e}") from None
             self.endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
             wake = ctx.socket(zmq.PAIR)
             wake.setsockopt(zmq.LINGER, 0)
@@ -393,7 +396,12 @@ class Daemon:
         try:
             while not self._stop.is_set():
                 self._work.clear()
-                if not worker.step(self._stop):
+                try:
+                    did_work = worker.step(self._stop)
+                except sqlite3.Error:  # e.g. disk full or locked: keep the worker alive, try again shortly
+                    log.exception("journal error in the scoring worker")
+                    did_work = False
+                if not did_work:
                     self._work.wait(timeout=0.5)
         finally:
             wake.close(linger=0)

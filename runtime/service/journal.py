@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from cytoedge.runtime.errors import CytoedgeError
+
 # states a job passes through; the last four are final for scoring
 RECEIVING, QUEUED, SCORING = "receiving", "queued", "scoring"
 SCORED, DELIVERED, CANCELLED, FAILED = "scored", "delivered", "cancelled", "failed"
@@ -89,12 +91,15 @@ class Journal:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise CytoedgeError(f"journal {self.path}: cannot open it as an SQLite database ({e})") from None
 
     def close(self) -> None:
         self.db.close()
