@@ -25,7 +25,6 @@ import zmq.auth
 
 from cytoedge.runtime.errors import CytoedgeError
 from cytoedge.runtime.service import protocol as P
-from cytoedge.runtime.service.daemon import apply_socket_options
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class ScannerLinkClient:
         self.endpoint, self.timeout_s, self.resume_after_s = endpoint, timeout_s, resume_after_s
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        apply_socket_options(self.sock, heartbeat_ivl_ms, heartbeat_timeout_ms)
+        P.apply_socket_options(self.sock, heartbeat_ivl_ms, heartbeat_timeout_ms)
         self.sock.setsockopt(zmq.RECONNECT_IVL, 100)
         self.sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         if curve is not None:  # client keys and the expected server key, before connect()

@@ -55,14 +55,6 @@ class Attachment:
     last_progress: float = 0.0
 
 
-def apply_socket_options(sock: zmq.Socket, heartbeat_ivl_ms: int, heartbeat_timeout_ms: int) -> None:
-    """Options both sides set before connecting: no lingering on close, ZMTP heartbeats for dead peers."""
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ivl_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
-    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_timeout_ms)
-
-
 class Daemon:
     """Serve ``config.endpoint`` until ``stop()``; ``ready`` is set once bound (``endpoint`` is then the real one)."""
 
@@ -98,7 +90,7 @@ class Daemon:
         worker = threading.Thread(target=self._worker_main, args=(ctx,), name="cytoedge-scoring", daemon=True)
         try:
             router = ctx.socket(zmq.ROUTER)
-            apply_socket_options(router, cfg.heartbeat_ivl_ms, cfg.heartbeat_timeout_ms)
+            P.apply_socket_options(router, cfg.heartbeat_ivl_ms, cfg.heartbeat_timeout_ms)
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished peer raises EHOSTUNREACH instead of a silent drop
             router.setsockopt(zmq.MAXMSGSIZE, cfg.max_message_bytes)
             if cfg.curve_enabled:

@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Iterable
 
 import numpy as np
+import zmq
 from jsonschema import Draft202012Validator
 
 from cytoedge.runtime.errors import CytoedgeError
@@ -72,6 +73,14 @@ class ProtocolError(CytoedgeError):
         super().__init__(message)
         self.code = code
         self.command = command
+
+
+def apply_socket_options(sock: zmq.Socket, heartbeat_ivl_ms: int, heartbeat_timeout_ms: int) -> None:
+    """Options both sides set before connecting: no lingering on close, ZMTP heartbeats for dead peers."""
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, heartbeat_timeout_ms)
 
 
 @dataclass
