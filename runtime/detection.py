@@ -85,13 +85,16 @@ def detect_cells(rgb: np.ndarray, um_per_px: float, settings: DetectionSettings 
     um2 = px_um * px_um
     nuclei = nucleus_mask(work, settings)
     groups = cv2.dilate(nuclei, _disc(settings.merge_um / 2 / px_um))
-    n, labels = cv2.connectedComponents(groups, connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(groups, connectivity=8)
     white, platelets = [], []
     h, w = nuclei.shape
     for k in range(1, n):
-        ys, xs = np.nonzero((labels == k) & (nuclei > 0))
+        bx, by, bw, bh, _ = stats[k]
+        inside = (labels[by:by + bh, bx:bx + bw] == k) & (nuclei[by:by + bh, bx:bx + bw] > 0)
+        ys, xs = np.nonzero(inside)
         if xs.size == 0:
             continue
+        xs, ys = xs + bx, ys + by
         area = xs.size * um2
         cx, cy = float(xs.mean()), float(ys.mean())
         if area >= settings.white_min_nucleus_um2:
@@ -106,8 +109,8 @@ def detect_cells(rgb: np.ndarray, um_per_px: float, settings: DetectionSettings 
             if max(x1 - x0, y1 - y0) * px_um > settings.white_max_diameter_um:
                 continue
             box = (max(x0, 0) * sx, max(y0, 0) * sy, min(x1, w) * sx, min(y1, h) * sy)
-            comp = ((labels == k) & (nuclei > 0)).astype(np.uint8)
-            contours, _ = cv2.findContours(comp, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+            contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
+                                           offset=(int(bx), int(by)))
             outline = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float32) * (sx, sy)
             white.append(Detection("white", (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5, box, area, outline))
         elif settings.platelet_area_um2[0] <= area <= settings.platelet_area_um2[1]:

@@ -70,7 +70,7 @@ def estimate_um_per_px(rgb: np.ndarray, name: str = "field") -> ScaleEstimate:
     if not (MIN_COVER <= cover <= 1 - MIN_COVER) or diameter <= 0:
         raise InputImageError(f"{name}: pixel scale unknown and no red cells to estimate it from "
                               f"({cover:.0%} of the field is cells); pass --um-per-px")
-    return ScaleEstimate(RED_CELL_DIAMETER_UM / diameter, "red-cell-granulometry", diameter)
+    return ScaleEstimate(float(RED_CELL_DIAMETER_UM / diameter), "red-cell-granulometry", float(diameter))
 
 
 def resolve_scale(rgb_sample: np.ndarray | None, user_um_per_px: float | None, file_um_per_px: float | None,
