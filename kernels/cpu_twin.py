@@ -35,13 +35,14 @@ OUTPUT_DTYPES = (np.float32, np.float16)
 
 @dataclass(frozen=True)
 class PackedTiles:
-    """Tiles zero-padded by ``TILE_PAD`` and packed into one flat RGB buffer (built once, reused).
+    """Tiles zero-padded by ``TILE_PAD`` and packed for gathers (built once per field, reused).
 
-    ``offsets[i]`` is the pixel index of padded tile i's corner; ``buffer`` ends with 8 spare bytes
-    so 8-byte reads of a pixel pair never leave it.
+    ``pairs[i]`` holds pixel i and its right neighbour (6 RGB bytes in 8) of the padded tiles laid
+    back to back, so one aligned 8-byte gather fetches two taps; ``offsets[i]`` is the pixel index
+    of padded tile i's corner.
     """
 
-    buffer: np.ndarray
+    pairs: np.ndarray
     offsets: np.ndarray
     heights: np.ndarray
     widths: np.ndarray
@@ -75,7 +76,9 @@ def pack_tiles(tiles: list[np.ndarray] | PackedTiles) -> PackedTiles:
     for tile, off, h, w in zip(tiles, offsets, heights, widths):
         view = buffer[3 * off:3 * (off + (h + 2 * TILE_PAD) * (w + 2 * TILE_PAD))]
         view.reshape(h + 2 * TILE_PAD, w + 2 * TILE_PAD, 3)[TILE_PAD:TILE_PAD + h, TILE_PAD:TILE_PAD + w] = tile
-    return PackedTiles(buffer, offsets, heights, widths)
+    pixels = buffer.shape[0] // 3 - 2
+    pairs = np.ascontiguousarray(np.ndarray(shape=(pixels,), dtype=np.uint64, buffer=buffer, strides=(3,)))
+    return PackedTiles(pairs, offsets, heights, widths)
 
 
 def check_cells(cells: np.ndarray, n_tiles: int) -> np.ndarray:
@@ -212,26 +215,24 @@ def _sample_cells(packed: PackedTiles, tile_idx: np.ndarray, affines: np.ndarray
     index *= row
     index += x0.astype(np.int64)
     index += packed.offsets[tile_idx][:, None] + TILE_PAD * row + TILE_PAD
-    pairs = np.ndarray(shape=(packed.buffer.shape[0] // 3 - 2,), dtype=np.uint64, buffer=packed.buffer, strides=(3,))
-    taps = np.empty((12,) + index.shape, np.float32)  # (top, bottom) × (left, right) × RGB
+    n, m = index.shape
+    taps = np.empty((4, 3, n, m), np.float32)  # (top-left, top-right, bottom-left, bottom-right) × RGB
     for half in range(2):
-        pair_bytes = np.take(pairs, index).view(np.uint8).reshape(index.shape + (8,))
-        for k in range(6):
-            np.copyto(taps[6 * half + k], pair_bytes[..., k], casting="unsafe")
+        pair_bytes = np.take(packed.pairs, index.reshape(-1)).view(np.uint8).reshape(n, m, 8)[..., :6]
+        np.copyto(taps[2 * half:2 * half + 2], pair_bytes.reshape(n, m, 2, 3).transpose(2, 3, 0, 1), casting="unsafe")
         index += row
-    scale, offset, lo, hi = consts
-    r1 = np.empty_like(tmp)
-    for ch in range(3):
-        r0 = np.multiply(gx, taps[ch], out=out[:, ch])
-        r0 += np.multiply(fx, taps[3 + ch], out=tmp)
-        np.multiply(gx, taps[6 + ch], out=r1)
-        r1 += np.multiply(fx, taps[9 + ch], out=tmp)
-        r0 *= gy
-        r1 *= fy
-        r0 += r1
-        r0 *= scale[ch]
-        r0 += offset[ch]
-        np.clip(r0, lo[ch], hi[ch], out=r0)
+    scale, offset, lo, hi = (c[:, None, None] for c in consts)
+    r0 = out.transpose(1, 0, 2)  # [3, n, S*S] view of this chunk's output
+    np.multiply(gx, taps[0], out=r0)
+    r0 += np.multiply(fx, taps[1], out=taps[1])
+    r1 = np.multiply(gx, taps[2], out=taps[2])
+    r1 += np.multiply(fx, taps[3], out=taps[3])
+    r0 *= gy
+    r1 *= fy
+    r0 += r1
+    r0 *= scale
+    r0 += offset
+    np.clip(r0, lo, hi, out=r0)
 
 
 class CpuPreprocessor:
@@ -242,7 +243,7 @@ class CpuPreprocessor:
 
     name = "cpu-twin"
 
-    def __init__(self, threads: int = 1, cells_per_chunk: int = 64):
+    def __init__(self, threads: int = 1, cells_per_chunk: int = 32):
         if threads < 1 or cells_per_chunk < 1:
             raise ValueError(f"threads and cells_per_chunk must be >= 1, got {threads}, {cells_per_chunk}")
         self.threads, self.cells_per_chunk = int(threads), int(cells_per_chunk)
