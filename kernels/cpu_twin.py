@@ -205,8 +205,8 @@ def _sample_cells(packed: PackedTiles, tile_idx: np.ndarray, affines: np.ndarray
     np.logical_and(qx >= 0, qx <= wf - 1, out=valid)
     valid &= qy >= 0
     valid &= qy <= hf - 1
-    np.clip(qx, np.float32(-2), wf, out=qx)
-    np.clip(qy, np.float32(-2), hf, out=qy)
+    np.minimum(np.maximum(qx, np.float32(-2), out=qx), wf, out=qx)
+    np.minimum(np.maximum(qy, np.float32(-2), out=qy), hf, out=qy)
     x0, y0 = np.floor(qx), np.floor(qy)
     fx, fy = np.subtract(qx, x0, out=qx), np.subtract(qy, y0, out=qy)
     gx, gy = 1 - fx, 1 - fy
@@ -232,7 +232,7 @@ def _sample_cells(packed: PackedTiles, tile_idx: np.ndarray, affines: np.ndarray
     r0 += r1
     r0 *= scale
     r0 += offset
-    np.clip(r0, lo, hi, out=r0)
+    np.minimum(np.maximum(r0, lo, out=r0), hi, out=r0)
 
 
 class CpuPreprocessor:
