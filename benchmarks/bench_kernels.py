@@ -143,7 +143,7 @@ def main() -> None:
         f"{f32['device_bytes'] / 1e6:.2f} MB ÷ ({ACHIEVED_FRACTION:.0%} of 3.35 TB/s H100 SXM HBM3) ≈ "
         f"{f32['bandwidth_s'] * 1e6:.1f} µs FP32 ({f16['device_bytes'] / 1e6:.2f} MB, {f16['bandwidth_s'] * 1e6:.1f} µs FP16), "
         f"so a batch costs about {f32['kernel_s'] * 1e6:.0f} µs, the assumed ~{LAUNCH_FLOOR_S * 1e6:.0f} µs launch floor "
-        "at this batch size. Tiles go to the device once per field: {tile_bytes / 1e6:.1f} MB ≈ "
+        f"at this batch size. Tiles go to the device once per field: {tile_bytes / 1e6:.1f} MB ≈ "
         f"{tile_bytes / PCIE_BYTES_PER_S * 1e3:.2f} ms at an assumed {PCIE_BYTES_PER_S / 1e9:.0f} GB/s PCIe. "
         f"Copying the FP32 batch back to the host (only when a consumer is not on the GPU) ≈ "
         f"{f32['copy_back_s'] * 1e6:.0f} µs at that rate. Noising adds 12 bytes per element "
