@@ -58,7 +58,7 @@ class DaemonProcess:
 
 @pytest.fixture
 def daemon_process(tmp_path):
-    process = DaemonProcess(tmp_path, delay_s=0.003)
+    process = DaemonProcess(tmp_path, delay_s=0.006)
     process.start()
     yield process
     process.stop()
@@ -85,7 +85,7 @@ def test_kill_9_mid_slide_then_restart_delivers_every_cell_once(tmp_path, daemon
     with ScannerLinkClient(daemon_process.endpoint, timeout_s=30, resume_after_s=0.5) as client:
         client.hello()
         job = client.submit_path(path)
-        cells, summary = collect_across_a_crash(client, job, daemon_process, kill_at=60)
+        cells, summary = collect_across_a_crash(client, job, daemon_process, kill_at=20)
     assert [c.seq for c in cells] == list(range(1, len(expected) + 1))
     assert [c.record for c in cells] == expected
     assert summary.digest_ok is True and summary.header["cells"] == len(expected)

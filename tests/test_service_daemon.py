@@ -370,3 +370,39 @@ def test_unusable_journal_or_endpoint_is_a_clear_error(tmp_path):
         config = ServiceConfig(endpoint=daemon.endpoint, journal=tmp_path / "b.sqlite3").check()
         with pytest.raises(CytoedgeError, match="cannot listen on"):
             Daemon(config, PixelStatsScorer()).serve()
+
+
+FROZEN_CLIENT = """
+import sys, time
+from cytoedge.runtime.service.client import ScannerLinkClient
+client = ScannerLinkClient(sys.argv[1], timeout_s=10)
+print(client.submit_path(sys.argv[2], window=4), flush=True)
+time.sleep(60)
+"""
+
+
+def test_heartbeats_detect_a_frozen_client_and_resume_recovers(tmp_path, caplog):
+    import signal
+    import subprocess
+    import sys
+
+    path, rgb = write_slide(tmp_path / "slides", "a.png", 31, shape=(256, 256))  # still scoring when frozen
+    caplog.set_level("INFO", logger="cytoedge.runtime.service.daemon")
+    with running_daemon(tmp_path, PixelStatsScorer(delay_s=0.005), heartbeat_ivl_ms=100,
+                        heartbeat_timeout_ms=300) as daemon:
+        frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLIENT, daemon.endpoint, str(path)],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            job = frozen.stdout.readline().strip()
+            frozen.send_signal(signal.SIGSTOP)  # alive for TCP, silent for ZMTP: only heartbeats can tell
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(r.getMessage() == "peer gone" for r in caplog.records):
+                time.sleep(0.05)
+        finally:
+            frozen.kill()
+            frozen.wait(timeout=10)
+        gone = [r for r in caplog.records if r.getMessage() == "peer gone"]
+        assert gone and gone[0].jobs == [job]
+        with ScannerLinkClient(daemon.endpoint, timeout_s=10) as client:
+            records = [e.record for e in client.events([job], attach=True) if e.kind == "cell"]
+    assert records == block_records(rgb, (0, 0))

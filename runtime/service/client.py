@@ -244,7 +244,10 @@ class ScannerLinkClient:
         silent_since = time.monotonic()
         last_resume = silent_since
         while not all(t.done for t in tracks.values()):
-            msg = self._inbox.popleft() if self._inbox else self.recv(POLL_MS)
+            msg = self._inbox.popleft() if self._inbox else self.recv(0)
+            if msg is None:  # the end of a burst: acknowledge it before waiting, so credit never stalls
+                self._ack_all(tracks)
+                msg = self.recv(POLL_MS)
             now = time.monotonic()
             if msg is None:
                 self._ack_all(tracks)

@@ -177,9 +177,13 @@ class Daemon:
         except zmq.Again:
             return False
         except zmq.ZMQError as e:
-            if e.errno == zmq.EHOSTUNREACH:
-                return False
-            raise
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            gone = [job_id for job_id, a in self._attached.items() if a.peer == peer]
+            for job_id in gone:  # its jobs wait in the journal for a RESUME
+                del self._attached[job_id]
+            log.info("peer gone", extra={"event": "peer_gone", "jobs": gone})
+            return False
         return True
 
     def _error(self, router: zmq.Socket, peer: bytes, code: str, message: str, **extra: object) -> None:
