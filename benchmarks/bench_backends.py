@@ -60,8 +60,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--int8-calibration", type=Path, default=None, help="labelled cells to calibrate INT8 on")
     p.add_argument("--int8-check", type=Path, default=None, help="labelled cells for INT8 vs FP32 decisions")
-    p.add_argument("--check-per-class", type=int, default=3)
-    p.add_argument("--trials", type=int, default=40)
+    p.add_argument("--check-per-class", type=int, default=25)
+    p.add_argument("--estimator", choices=("fast", "reference"), default="fast")
+    p.add_argument("--trials", type=int, default=40, help="reference-estimator trials per cell")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
@@ -90,10 +91,10 @@ def main() -> None:
         if args.int8_check:
             cells, _ = load_labelled_cells(args.int8_check, bundle, args.check_per_class)
             agreement = decision_agreement(cells, bundle, fp32, backends[int8_name],
-                                           classifier_by_name("reference", args.trials))
+                                           classifier_by_name(args.estimator, args.trials))
             result["int8_decisions"] = agreement.to_dict()
             int8_note += (f"; decisions vs FP32: {agreement.agreeing}/{agreement.cells} = {agreement.rate:.3f} "
-                          f"(reference estimator, {args.trials} trials, {args.check_per_class} cells/class of "
+                          f"({args.estimator} estimator, {args.check_per_class} cells/class of "
                           f"`{args.int8_check}`)")
     print(json.dumps(result, indent=2))
     if args.json:

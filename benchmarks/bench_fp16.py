@@ -1,6 +1,6 @@
 """FP16 vs FP32 decision agreement of the exported denoiser on labelled cells (ONNX Runtime CPU).
 
-    python benchmarks/bench_fp16.py --data ../shared/data/pbc/calib [--per-class N] [--estimator reference]
+    python benchmarks/bench_fp16.py --data ../shared/data/pbc/calib [--per-class N] [--estimator fast|reference]
                                     [--trials 40] [--threads 1] [--max-minutes 10]
 
 Exports the bundle's FP16 graph (FP32 kept for normalisation, softmax, reductions, embeddings),
@@ -47,7 +47,8 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None)
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--per-class", type=int, default=None, help="at most this many cells per class (default: all)")
-    p.add_argument("--estimator", choices=("reference", "fast"), default="reference")
+    p.add_argument("--estimator", choices=("fast", "reference"), default="fast",
+                   help="fast: the bundle's calibrated estimator; reference: CytoDiffusion's protocol (slow)")
     p.add_argument("--trials", type=int, default=40, help="reference-estimator trials per cell")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--chunk", type=int, default=16)
@@ -72,7 +73,8 @@ def main() -> None:
             done, agree = done + result.cells, agree + result.agreeing
             a_all.append(result.class_a)
             b_all.append(result.class_b)
-            print(f"{done}/{len(order)} cells, agreement {agree / done:.4f}", flush=True)
+            print(f"{done}/{len(order)} cells, agreement {agree / done:.4f}, chunk accuracy FP32 "
+                  f"{(result.class_a == labels[idx]).mean():.3f}", flush=True)
         minutes = (time.time() - start) / 60
     y = labels[order[:done]]
     a, b = np.concatenate(a_all), np.concatenate(b_all)
@@ -85,7 +87,8 @@ def main() -> None:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     partial = "" if done == len(order) else f" (partial: {done} of {len(order)} cells, stopped at the time limit)"
     est = f"{args.estimator}" + (f", {args.trials} trials, seed 0" if args.estimator == "reference" else "")
-    write_section("export-fp16", "Export and backends: FP16 vs FP32 decisions", f"""
+    write_section(f"export-fp16-{args.estimator}", f"Export and backends: FP16 vs FP32 decisions ({args.estimator} estimator)",
+                  f"""
 ONNX Runtime CPU, FP32 graph vs FP16 graph (FP32 islands: normalisation, softmax, reductions, embeddings),
 estimator: {est}; data: `{args.data}`, class-balanced order{partial}.
 
