@@ -61,6 +61,20 @@ def test_same_slide_twice_gives_identical_records(bundle, ort_backend, smear_png
     assert first["status"] == "ok" and all(r["nfe"] > 0 for r in first["cells"])
 
 
+def test_stain_context_per_slide_fits_once_and_per_cell_by_default(bundle, ort_backend, smear_png):
+    per_slide = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False,
+                                                                        stain_context="slide"))
+    list(per_slide.score_source(open_source(smear_png, 0.2)))
+    stain = per_slide.summary()["stain"]
+    assert stain["context"] == "slide" and len(stain["fitted"]["mean"]) == 3
+    per_cell = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False))
+    list(per_cell.score_source(open_source(smear_png, 0.2)))
+    assert per_cell.summary()["stain"] == {"method": "reinhard", "context": "cell", "fitted": None}
+    off = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False, stain_normalise=False))
+    list(off.score_source(open_source(smear_png, 0.2)))
+    assert off.summary()["stain"] is None
+
+
 def test_score_tile_reports_in_slide_coordinates(bundle, ort_backend, smear, smear_png):
     scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False))
     ref = list(scorer.score_source(open_source(smear_png, 0.2)))
