@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from cytoedge.kernels import prepare_batch
+from cytoedge.kernels import add_noise, masked_weighted_error, prepare_batch
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
@@ -123,11 +123,6 @@ def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: Error
     return RaceResult(np.maximum(gaps, 0.0), last, nfe, weighted[rows, leader])
 
 
-def masked_errors(eps_hat: np.ndarray, noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean squared error per sample inside the loss mask: ``[B,3,H,W] → [B]``."""
-    return ((eps_hat - noise) ** 2 * mask).sum(axis=(1, 2, 3)) / (mask.sum() * eps_hat.shape[1])
-
-
 class DenoiserErrorSource:
     """Measures probe errors for (cell, class) pairs with a backend; cuts each cell's views once."""
 
@@ -149,10 +144,10 @@ class DenoiserErrorSource:
         x0 = self.x0[self.view_index[(p.angle, p.flip)]]
         noise = self.noise[p.noise_index]
         uniq, inverse = np.unique(cell_idx, return_inverse=True)
-        xt = self.bundle.schedule.add_noise(x0[uniq], np.broadcast_to(noise, x0[uniq].shape),
-                                            np.full(uniq.size, p.timestep))
+        abar = np.full(uniq.size, self.bundle.schedule.alphas_cumprod[p.timestep], np.float32)
+        xt = add_noise(x0[uniq], noise[None], abar)
         eps = self.backend.predict_noise(xt[inverse], np.full(cell_idx.size, p.timestep), class_idx)
-        return masked_errors(eps, noise[None], self.mask).astype(np.float64)
+        return masked_weighted_error(eps, noise[None], self.mask, np.ones(cell_idx.size, np.float32)).astype(np.float64)
 
 
 def probes_from_calibration(bundle: ModelBundle) -> tuple[list[Probe], RaceSettings]:

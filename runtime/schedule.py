@@ -66,6 +66,6 @@ class NoiseSchedule:
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, t: np.ndarray) -> np.ndarray:
         """Forward process q(x_t | x_0): x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε, per sample."""
-        a = self.alphas_cumprod[self.check_timesteps(t)].astype(np.float32)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        return np.sqrt(a).reshape(shape) * x0 + np.sqrt(1.0 - a).reshape(shape) * noise
+        from cytoedge.kernels import add_noise
+
+        return add_noise(x0, noise, self.alphas_cumprod[self.check_timesteps(t)].astype(np.float32))
