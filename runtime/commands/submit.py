@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
     entries = []
     for job_id, source in jobs.items():
         head = summaries[job_id]
-        error = (head.get("error") or {}).get("message")
+        error = (head.get("error") or {}).get("message")  # worded as `cytoedge score` words it
+        if error is not None and source not in error:
+            error = f"{source}: {error}"
         if error is None and not records[job_id]:
-            error = f"{source}: no white cells found (empty field, wrong scale or not a blood smear)"
+            error = f"{source}: no white cells found (empty field, wrong scale, or not a blood smear)"
         failed += error is not None
         entries.append(slide_entry(source, records[job_id], head.get("summary"), error))
     if args.json:
