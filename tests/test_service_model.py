@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import cv2
+import numpy as np
 import pytest
 
 from cytoedge.runtime.cli import main
@@ -27,16 +28,19 @@ def test_submit_json_matches_local_score_json(tmp_path, bundle, smear, capsys):
     from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
     slide = tmp_path / "slides" / "smear.png"
+    blank = tmp_path / "slides" / "blank.png"  # no white cells: an error entry, worded the same both ways
     slide.parent.mkdir()
     cv2.imwrite(str(slide), smear.rgb[..., ::-1])
+    cv2.imwrite(str(blank), np.full((200, 200, 3), 235, np.uint8))
     scale = ["--um-per-px", str(smear.um_per_px)]
-    assert main(["score", str(slide), "--out", str(tmp_path / "local"), "--json", "--no-heatmaps", "--quiet",
-                 "--threads", "1", *scale]) == 0
+    assert main(["score", str(slide), str(blank), "--out", str(tmp_path / "local"), "--json", "--no-heatmaps",
+                 "--quiet", "--threads", "1", *scale]) == 1
     local = json.loads(capsys.readouterr().out)
 
     factory = SlideScorerFactory(bundle, OnnxRuntimeBackend(bundle, threads=1), "fast", ScoringOptions(heatmaps=False))
     with running_daemon(tmp_path, factory) as daemon:
-        assert main(["submit", str(slide), "--endpoint", daemon.endpoint, "--json", "--timeout", "60", *scale]) == 0
+        assert main(["submit", str(slide), str(blank), "--endpoint", daemon.endpoint, "--json", "--timeout", "60",
+                     *scale]) == 1
         served = json.loads(capsys.readouterr().out)
 
         with ScannerLinkClient(daemon.endpoint, timeout_s=60) as client:
@@ -46,6 +50,7 @@ def test_submit_json_matches_local_score_json(tmp_path, bundle, smear, capsys):
             in_band, summary = client.wait_result(job)
 
     assert local["slides"][0]["cells"], "the smear should have white cells"
+    assert local["slides"][1]["status"] == "error"
     assert {k: v for k, v in served.items() if k != "run"} == {k: v for k, v in local.items() if k != "run"}
     local_cells = local["slides"][0]["cells"]
     assert [{k: c[k] for k in SCALE_KEYS} for c in in_band] == [{k: c[k] for k in SCALE_KEYS} for c in local_cells]
