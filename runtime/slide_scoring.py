@@ -34,7 +34,7 @@ from cytoedge.runtime.detection import Detection, DetectionSettings, detect_cell
 from cytoedge.runtime.errors import CytoedgeError, InputImageError
 from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
 from cytoedge.runtime.scale import ScaleEstimate, resolve_scale
-from cytoedge.runtime.sources import SlideSource, Tile
+from cytoedge.runtime.sources import FolderSource, SlideSource, Tile
 from cytoedge.runtime.stain import LabStats, lab_stats, reference_stats, reinhard
 from cytoedge.runtime.summary import TriagePolicy, summarise_slide
 
@@ -80,7 +80,8 @@ class SlideState:
     tiles: int = 0
     area_px: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-    thumbnail: np.ndarray | None = None
+    thumbnail: np.ndarray | None = None  # not kept for a folder: its fields have their own coordinates
+    single_plane: bool = True
     thumb_scale: float = 1.0
     crops: dict[int, np.ndarray] = field(default_factory=dict)
     heatmaps: dict[int, np.ndarray] = field(default_factory=dict)
@@ -152,6 +153,7 @@ class SlideScorer:
         """Stream the cell records of one slide; InputImageError if it cannot be read at all."""
         self.reset(source.name)
         st = self.state
+        st.single_plane = not isinstance(source, FolderSource)
         st.width, st.height = source.width, source.height
         t = time.perf_counter()
         st.scale = self._resolve_scale(source)
@@ -308,7 +310,7 @@ class SlideScorer:
 
     def _update_thumbnail(self, tile: Tile) -> None:
         st, opt = self.state, self.options
-        if not st.width or not st.height:
+        if not st.single_plane or not st.width or not st.height:
             return
         if st.thumbnail is None:
             st.thumb_scale = min(1.0, opt.thumbnail_px / max(st.width, st.height))

@@ -133,8 +133,12 @@ def test_cli_scores_good_slides_and_reports_bad_ones(smear_png, tmp_path, capsys
     bad.write_bytes(smear_png.read_bytes()[:300])
     empty = tmp_path / "empty.png"
     cv2.imwrite(str(empty), np.full((400, 400, 3), 235, np.uint8))
-    code = main(["score", str(bad), str(smear_png), str(empty), "--out", str(tmp_path / "out"), "--um-per-px", "0.2",
-                 "--json", "--threads", "1", "--no-heatmaps"])
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(smear_png.read_bytes())
+    (folder / "z.jpg").write_bytes(b"junk")
+    code = main(["score", str(bad), str(smear_png), str(empty), str(folder), "--out", str(tmp_path / "out"),
+                 "--um-per-px", "0.2", "--json", "--threads", "1", "--no-heatmaps"])
     assert code == 1
     doc = json.loads(capsys.readouterr().out)
     jsonschema.validate(doc, SCHEMA)
@@ -144,3 +148,7 @@ def test_cli_scores_good_slides_and_reports_bad_ones(smear_png, tmp_path, capsys
     assert status["smear.png"]["status"] == "ok" and status["smear.png"]["cells"]
     assert json.loads((tmp_path / "out" / "results.json").read_text())["slides"][1]["cells"]
     assert "timings_s" in doc["run"]
+    fields = status["fields"]
+    assert fields["status"] == "ok" and len(fields["cells"]) == len(status["smear.png"]["cells"])
+    assert "z.jpg" in fields["summary"]["failures"][0]["error"]
+    assert "overlay" not in doc["run"]["outputs"][str(folder)] and "overlay" in doc["run"]["outputs"][str(smear_png)]

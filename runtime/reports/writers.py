@@ -33,6 +33,7 @@ def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: i
     if state is not None and state.thumbnail is not None:
         overlay_rgb = overlay(state.thumbnail, state.thumb_scale, cells)
         written["overlay"] = str(write_png(overlay_rgb, folder / "overlay.png"))
+    if state is not None:
         flagged = [c for c in cells if c["id"] in state.crops]
         gallery_rgb = gallery(flagged, state.crops, state.heatmaps)
         if gallery_rgb is not None:
