@@ -6,12 +6,13 @@ per-pixel difference of squared errors, runner-up minus predicted, averaged over
 timesteps: positive where the predicted class fits better, i.e. the pixels that argue for it.
 
 Timesteps and noise are the fast estimator's (``bundle.calibration["timesteps"]``, or its probes'
-timesteps and noise indices, drawn from its noise bank); a bundle without calibration uses :data:`FALLBACK_TIMESTEPS` and a noise bank seeded with
-:data:`FALLBACK_NOISE_SEED`, both recorded with each map.
+timesteps and noise indices, drawn from its noise bank; the probes' rotations/flips are not
+applied, so the map lies on the cell as shown). A bundle without calibration uses
+:data:`FALLBACK_TIMESTEP_FRACTIONS` of its schedule and a noise bank seeded with
+:data:`FALLBACK_NOISE_SEED`; each record says which plan made its map.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,8 +21,6 @@ from cytoedge.kernels import ColourTransform, prepare_batch
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
-
-log = logging.getLogger(__name__)
 
 # Spread over the range where class evidence lives (low t: texture; mid t: shape), 1000-step schedules.
 FALLBACK_TIMESTEP_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7)

@@ -114,6 +114,19 @@ def test_heatmap_is_zero_for_the_same_class_and_antisymmetric(bundle, ort_backen
     assert np.abs(ab).max() > 0
 
 
+def test_heatmap_plan_follows_the_calibration_or_falls_back(bundle):
+    import dataclasses
+
+    plan = heatmap_plan(bundle)
+    if bundle.calibration and bundle.calibration.get("probes"):
+        assert plan.source == "calibration"
+        assert plan.timesteps.tolist() == [p["timestep"] for p in bundle.calibration["probes"]]
+    bare = heatmap_plan(dataclasses.replace(bundle, calibration=None))
+    assert bare.source == "fallback" and bare.noise.shape == (len(bare.timesteps), 3, bundle.input_size,
+                                                              bundle.input_size)
+    assert np.all((bare.timesteps > 0) & (bare.timesteps < bundle.schedule.num_train_timesteps))
+
+
 def test_triage_levels_and_reasons():
     policy = TriagePolicy()
     normal = {"neutrophil": 0.6, "lymphocyte": 0.3, "monocyte": 0.06, "eosinophil": 0.03, "basophil": 0.01}
