@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 def slide_folder_name(source: str, index: int) -> str:
     """A safe, unique folder name: index and the source's file name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(source).name or "slide").strip("._") or "slide"
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(source).name or "slide").strip("_") or "slide"
     return f"{index:03d}_{stem}"
 
 
