@@ -38,12 +38,13 @@ def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBac
     return FastOutcome(decide(p, anomaly, abnormal_mask, cal), race.nfe)
 
 
-def classify_batch(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast") -> list[dict]:
-    """One JSON-ready record per cell."""
+def classify_batch(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast",
+                   reference_settings=None) -> list[dict]:
+    """One JSON-ready record per cell (``reference_settings``: a ReferenceSettings for the reference)."""
     if estimator not in ESTIMATORS:
         raise CytoedgeError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
     if estimator == "reference":
-        return _reference_records(batch, bundle, backend)
+        return _reference_records(batch, bundle, backend, reference_settings)
     return fast_records(score_cells_fast(batch, bundle, backend), bundle.class_names)
 
 
@@ -73,10 +74,10 @@ def fast_records(outcome: FastOutcome, names: list[str]) -> list[dict]:
     } for i in range(len(d.class_id))]
 
 
-def _reference_records(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) -> list[dict]:
-    from cytoedge.runtime.reference_estimator import classify_reference
+def _reference_records(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, settings) -> list[dict]:
+    from cytoedge.runtime.reference_estimator import ReferenceSettings, classify_reference
 
-    res = classify_reference(batch, bundle, backend)
+    res = classify_reference(batch, bundle, backend, settings or ReferenceSettings())
     names = bundle.class_names
     return [{
         "class": names[int(res.class_id[i])],
