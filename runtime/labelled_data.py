@@ -52,3 +52,12 @@ def stratified_subset(labels: np.ndarray, per_class: int | None, seed: int = 0) 
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
     return np.sort(np.concatenate(keep))
+
+
+def labelled_subset(root: Path, class_names: list[str], half: str, per_class: int | None,
+                    seed: int = 0) -> tuple[list[Path], np.ndarray]:
+    """The files and labels of one half of a labelled folder, at most ``per_class`` per class."""
+    files, labels, _ = list_labelled_files(root, class_names)
+    files, labels = select_half(files, labels, half)
+    keep = stratified_subset(labels, per_class, seed)
+    return [files[i] for i in keep], labels[keep]

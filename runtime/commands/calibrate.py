@@ -50,13 +50,10 @@ def run(args: argparse.Namespace) -> int:
     from cytoedge.calibration.artefact import DEFAULT_CANDIDATES, candidate_probes, write_calibration
     from cytoedge.calibration.fit import fit_calibration
     from cytoedge.runtime.estimator import noise_bank
-    from cytoedge.runtime.labelled_data import SPLIT_RULE, list_labelled_files, select_half, stratified_subset
+    from cytoedge.runtime.labelled_data import SPLIT_RULE, labelled_subset
 
     bundle, backend, _ = load_bundle_and_backend(args)
-    files, labels, _ = list_labelled_files(args.data, bundle.class_names)
-    files, labels = select_half(files, labels, args.half)
-    keep = stratified_subset(labels, args.per_class)
-    files, labels = [files[i] for i in keep], labels[keep]
+    files, labels = labelled_subset(args.data, bundle.class_names, args.half, args.per_class)
     probes = candidate_probes(DEFAULT_CANDIDATES["timesteps"], DEFAULT_CANDIDATES["replicas"])
     noise = noise_bank(bundle, len(probes), DEFAULT_CANDIDATES["noise_seed"])
     if args.errors_cache and args.errors_cache.exists():

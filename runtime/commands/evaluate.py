@@ -71,14 +71,11 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
 def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.cells import crops_to_batch, read_rgb
     from cytoedge.runtime.classify_cells import score_cells_fast
-    from cytoedge.runtime.labelled_data import list_labelled_files, select_half, stratified_subset
+    from cytoedge.runtime.labelled_data import labelled_subset
     from cytoedge.runtime.reference_estimator import classify_reference
 
     bundle, backend, estimator = load_bundle_and_backend(args)
-    files, labels, _ = list_labelled_files(args.data, bundle.class_names)
-    files, labels = select_half(files, labels, args.half)
-    keep = stratified_subset(labels, args.per_class)
-    files, labels = [files[i] for i in keep], labels[keep]
+    files, labels = labelled_subset(args.data, bundle.class_names, args.half, args.per_class)
     preds, nfes, parts = [], [], []
     start = time.perf_counter()
     with progress_bar(len(files), "cells") as bar:
