@@ -28,6 +28,7 @@ from cytoedge.runtime.backends.torch_backend import TorchBackend
 from cytoedge.runtime.bundle import ModelBundle
 
 TARGET_SPEEDUP = 2.0
+AGREEMENT_BAR = 0.995  # a reduced-precision graph must decide like FP32 on at least this share of cells
 
 
 def round_robin_times(backends: dict, feed: tuple, repeats: int, warmup: int = 2) -> dict[str, np.ndarray]:
@@ -60,7 +61,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--int8-calibration", type=Path, default=None, help="labelled cells to calibrate INT8 on")
     p.add_argument("--int8-check", type=Path, default=None, help="labelled cells for INT8 vs FP32 decisions")
-    p.add_argument("--check-per-class", type=int, default=25)
+    p.add_argument("--check-per-class", type=int, default=25, help="cells per class for --int8-check (0: all)")
     p.add_argument("--estimator", choices=("fast", "reference"), default="fast")
     p.add_argument("--trials", type=int, default=40, help="reference-estimator trials per cell")
     p.add_argument("--json", type=Path, default=None)
@@ -89,12 +90,14 @@ def main() -> None:
         result["int8_max_abs_error_vs_fp32"] = max_abs_error(fp32, backends[int8_name], bundle)
         int8_note = f"max |ε̂ INT8 − ε̂ FP32| = {result['int8_max_abs_error_vs_fp32']:.3f}"
         if args.int8_check:
-            cells, _ = load_labelled_cells(args.int8_check, bundle, args.check_per_class)
+            cells, _ = load_labelled_cells(args.int8_check, bundle, args.check_per_class or None)
             agreement = decision_agreement(cells, bundle, fp32, backends[int8_name],
                                            classifier_by_name(args.estimator, args.trials))
-            result["int8_decisions"] = agreement.to_dict()
-            int8_note += (f"; decisions vs FP32: {agreement.agreeing}/{agreement.cells} = {agreement.rate:.3f} "
-                          f"({args.estimator} estimator, {args.check_per_class} cells/class of "
+            result["int8_decisions"] = {**agreement.to_dict(), "meets_bar": agreement.rate >= AGREEMENT_BAR}
+            usable = "meets" if agreement.rate >= AGREEMENT_BAR else "does NOT meet"
+            int8_note += (f"; {rows[int8_name]['speedup_vs_torch']:.2f}× PyTorch eager; {usable} the "
+                          f"{AGREEMENT_BAR:.1%} decision bar: {agreement.agreeing}/{agreement.cells} = {agreement.rate:.4f} "
+                          f"({args.estimator} estimator, {args.check_per_class or 'all'} cells/class of "
                           f"`{args.int8_check}`)")
     print(json.dumps(result, indent=2))
     if args.json:

@@ -2,8 +2,9 @@
 
 Static quantisation: activation ranges are calibrated on noised inputs the estimator actually
 sends (x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε for real cells x_0 and timesteps over the whole schedule);
-weights are quantised per output channel. The first and last convolutions stay FP32 (image in,
-noise out). Whether the INT8 graph may be used is decided by decision agreement with FP32
+weights are quantised per output channel, activation ranges clipped at the 99.999th percentile.
+The first convolution (image in) and the last ``KEEP_FP32_LAST`` (where the predicted noise is formed)
+stay FP32: quantising them cost the most decision agreement for the least time. Whether the INT8 graph may be used is decided by decision agreement with FP32
 (``benchmarks/bench_backends.py``), never by speed alone.
 """
 from __future__ import annotations
@@ -16,6 +17,9 @@ import numpy as np
 from cytoedge.runtime.bundle import ModelBundle
 
 log = logging.getLogger(__name__)
+
+KEEP_FP32_FIRST = 1
+KEEP_FP32_LAST = 4
 
 
 def calibration_feeds(bundle: ModelBundle, x0: np.ndarray, batches: int = 8, batch: int = 32,
@@ -32,17 +36,18 @@ def calibration_feeds(bundle: ModelBundle, x0: np.ndarray, batches: int = 8, bat
     return feeds
 
 
-def boundary_convs(onnx_path: Path) -> list[str]:
-    """Names of the first and last Conv nodes (kept in FP32)."""
+def boundary_convs(onnx_path: Path, first: int = KEEP_FP32_FIRST, last: int = KEEP_FP32_LAST) -> list[str]:
+    """Names of the first ``first`` and last ``last`` Conv nodes (kept in FP32)."""
     import onnx
 
     convs = [n.name for n in onnx.load(str(onnx_path), load_external_data=False).graph.node if n.op_type == "Conv"]
-    return [convs[0], convs[-1]] if convs else []
+    return convs[:first] + convs[len(convs) - last:]
 
 
 def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
     """Write the INT8 QDQ copy of ``src`` to ``dst`` (convolutions only, per-channel weights)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
     class Feeds(CalibrationDataReader):
         def __init__(self):
@@ -55,6 +60,7 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> P
     dst.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(str(src), str(dst), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
                     op_types_to_quantize=["Conv"], nodes_to_exclude=boundary_convs(src),
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.Percentile)
     log.info("INT8 graph %s (calibrated on %d batches)", dst, len(feeds))
     return dst
