@@ -113,10 +113,16 @@ def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None 
         if trt.available:
             from cytoedge.runtime.backends.tensorrt_backend import TensorRTBackend
 
-            return TensorRTBackend(bundle, trt.engine, cuda_graphs=cuda_graphs)
-        if name == "tensorrt":
+            try:
+                return TensorRTBackend(bundle, trt.engine, cuda_graphs=cuda_graphs)
+            except BackendError as e:
+                if name == "tensorrt":
+                    raise
+                log.warning("auto backend: TensorRT engine %s unusable, falling back: %s", trt.engine, e)
+        elif name == "tensorrt":
             raise BackendError(f"tensorrt backend requested but unavailable: {trt.reason}")
-        log.info("auto backend: not TensorRT: %s", trt.reason)
+        else:
+            log.info("auto backend: not TensorRT: %s", trt.reason)
     if name in ("auto", "onnxruntime-cuda"):
         cuda = onnxruntime_cuda_availability()
         if cuda.available:

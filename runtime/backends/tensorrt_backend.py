@@ -77,7 +77,7 @@ class TensorRTBackend:
         self.spec = NetworkSpec.from_dict(sidecar["spec"])
         self.max_batch = max(p.max for p in self.spec.profiles)
         self._num_classes = len(bundle.class_names)
-        self._engine = self._runtime = self._context = self._stream = None
+        self._engine = self._runtime = self._context = self._stream = self._cudart = None
         self._profiles: list[_ProfileBuffers] = []
         self.load(sidecar)
         self.activate()
@@ -167,6 +167,7 @@ class TensorRTBackend:
                 from cuda import cudart
             except ImportError as e:
                 raise BackendError(f"CUDA graphs need cuda-python (pip install cuda-python): {e}") from e
+        self._cudart = cudart
         stream = self._stream.handle
         if batch not in buffers.graphs:
             if not buffers.context.execute_async_v3(stream):  # TensorRT's lazy set-up must not be captured
@@ -183,6 +184,8 @@ class TensorRTBackend:
     def unload(self) -> None:
         """Free buffers, contexts, engine, and release the CUDA context."""
         for buffers in self._profiles:
+            for graph in buffers.graphs.values():
+                cuda_call("cudaGraphExecDestroy", self._cudart.cudaGraphExecDestroy, graph)
             for mem in buffers.device.values():
                 mem.free()
         self._profiles = []
