@@ -137,3 +137,25 @@ def test_int8_graph_quantises_inner_convolutions_only(bundle, tmp_path):
     int8 = OnnxRuntimeBackend(bundle, threads=1, model_path=path)
     fp32 = OnnxRuntimeBackend(bundle, threads=1)
     assert 0 < max_abs_error(fp32, int8, bundle) < 1.0
+
+
+def test_export_command_validates_decisions_on_labelled_cells(bundle, tmp_path, capsys):
+    """`cytoedge export --validate-data`: generated labelled crops, decisions of ONNX vs PyTorch and FP16 vs FP32."""
+    import json
+
+    import cv2
+
+    from cytoedge.runtime.cli import main
+
+    rng = np.random.default_rng(5)
+    side = random_cells(bundle, 1).tiles[0].shape[0] * 3  # crops at the training crops' scale
+    for name in bundle.class_names:
+        (tmp_path / "cells" / name).mkdir(parents=True)
+        cv2.imwrite(str(tmp_path / "cells" / name / "a.png"), rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    assert main(["export", "--out", str(tmp_path / "b"), "--no-fused", "--batches", "1,8", "--validate-data",
+                 str(tmp_path / "cells"), "--per-class", "1", "--estimator", "reference", "--trials", "10",
+                 "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    for key in ("onnx_vs_torch_decisions", "fp16_vs_fp32_decisions"):
+        assert report[key]["cells"] == len(bundle.class_names)
+        assert report[key]["agreement"] == 1.0

@@ -59,20 +59,28 @@ def run(args: argparse.Namespace) -> int:
 
     report = export_bundle(args.model or default_bundle_path(), args.out, args.opset, not args.no_fused,
                            not args.no_fp16, batches, args.overwrite)
-    if args.validate_data and not args.no_fp16:
-        report["fp16_decisions"] = validate_fp16_decisions(args)
+    if args.validate_data:
+        report.update(validate_decisions(args))
     print(json.dumps(report, indent=2))
     return 0
 
 
-def validate_fp16_decisions(args: argparse.Namespace) -> dict:
+def validate_decisions(args: argparse.Namespace) -> dict:
+    """Decisions on labelled cells: ONNX FP32 vs PyTorch, and FP16 vs FP32 where exported."""
     from cytoedge.export.validate import classifier_by_name, decision_agreement, load_labelled_cells
     from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from cytoedge.runtime.backends.torch_backend import TorchBackend
     from cytoedge.runtime.bundle import ModelBundle
 
     bundle = ModelBundle.load(args.out)
     batch, _ = load_labelled_cells(args.validate_data, bundle, args.per_class)
+    classify = classifier_by_name(args.estimator, args.trials)
+    settings = {"estimator": args.estimator, "trials": args.trials, "data": str(args.validate_data)}
     fp32 = OnnxRuntimeBackend(bundle, threads=args.threads)
-    fp16 = OnnxRuntimeBackend(bundle, threads=args.threads, model_path=bundle.network_path("denoiser_fp16"))
-    agreement = decision_agreement(batch, bundle, fp32, fp16, classifier_by_name(args.estimator, args.trials))
-    return {**agreement.to_dict(), "estimator": args.estimator, "trials": args.trials}
+    out = {"onnx_vs_torch_decisions": {**decision_agreement(batch, bundle, TorchBackend(bundle, threads=args.threads),
+                                                            fp32, classify).to_dict(), **settings}}
+    if not args.no_fp16:
+        fp16 = OnnxRuntimeBackend(bundle, threads=args.threads, model_path=bundle.network_path("denoiser_fp16"))
+        out["fp16_vs_fp32_decisions"] = {**decision_agreement(batch, bundle, fp32, fp16, classify).to_dict(),
+                                         **settings}
+    return out
