@@ -38,7 +38,7 @@ class SmearSpec:
     white_spacing_um: float = 36.0
     red_cell_cover: float = 0.35
     platelets_per_white: float = 1.0
-    ddim_steps: int = 20
+    ddim_steps: int = 50
     seed: int = 0
 
 

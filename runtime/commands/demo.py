@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="generate a synthetic smear and score it", description=__doc__)
     p.add_argument("--out", type=Path, default=Path("cytoedge-demo"), help="output folder")
     p.add_argument("-n", type=int, default=100, help="white cells on the smear")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps per cell")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dicom", action="store_true", help="write and score the smear as a DICOM WSI instead of PNG")
     add_scoring_arguments(p)

@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="class to draw (repeat for several; default: all white-cell classes)")
     p.add_argument("-n", type=int, default=8, help="number of cells")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smear", action="store_true", help="compose the cells into a smear with red cells")
     p.add_argument("--dicom", action="store_true", help="with --smear: also write a DICOM WSI (TILED_FULL, JPEG)")
