@@ -71,7 +71,7 @@ def _denoiser_error_module():
         """Forward noising, ε prediction and the masked, weighted squared error of one probe per sample.
 
         Computes what the estimators compute on the host (``schedule.add_noise`` then
-        ``masked_error × weight``), inside the graph.
+        ``kernels.masked_weighted_error``), inside the graph.
         """
 
         def __init__(self, denoiser: nn.Module, alphas_cumprod: np.ndarray, mask: np.ndarray):

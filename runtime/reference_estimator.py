@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from cytoedge.kernels import prepare_batch
+from cytoedge.kernels import masked_weighted_error, prepare_batch
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
@@ -54,12 +54,6 @@ class _CellRace:
     @property
     def done(self) -> bool:
         return self.alive.sum() <= 1 or len(self.errors) >= len(self.timesteps)
-
-
-def masked_error(eps_hat: np.ndarray, noise: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mean squared error per sample inside the loss mask: ``[B,3,H,W] → [B]``."""
-    sq = (eps_hat - noise) ** 2
-    return (sq * mask).sum(axis=(1, 2, 3)) / (mask.sum() * eps_hat.shape[1])
 
 
 def paired_drop(errors: np.ndarray, alive: np.ndarray, p_drop: float) -> np.ndarray:
@@ -124,7 +118,8 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
                 owner.append(i)
         xin = np.asarray(xin)
         eps = backend.predict_noise(xt[xin], np.asarray(ts)[xin], np.asarray(cls))
-        err = masked_error(eps, np.stack(noises)[xin], mask) * weights[np.asarray(ts)[xin]]
+        err = masked_weighted_error(eps, np.stack(noises)[xin], mask,
+                                    weights[np.asarray(ts)[xin]].astype(np.float32)).astype(np.float64)
         for j, i in enumerate(active):
             r = races[i]
             sel = xin == j

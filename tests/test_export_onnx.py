@@ -16,7 +16,7 @@ from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend  # 
 from cytoedge.runtime.bundle import ModelBundle  # noqa: E402
 from cytoedge.runtime.commands.bench import random_cells  # noqa: E402
 from cytoedge.runtime.errors import BundleError  # noqa: E402
-from cytoedge.runtime.reference_estimator import masked_error  # noqa: E402
+from cytoedge.kernels import masked_weighted_error  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_fused_graph_returns_the_masked_weighted_error_of_the_host_path(exported
         None, {"x0": x0, "noise": noise, "timestep": t, "class_id": c, "weight": w})[0]
     eps = _session(new.denoiser_path).run(None, {"x_t": new.schedule.add_noise(x0, noise, t).astype(np.float32),
                                                  "timestep": t, "class_id": c})[0]
-    want = masked_error(eps, noise, new.loss_mask()[None, None]) * w
+    want = masked_weighted_error(eps, noise, new.loss_mask()[None, None], w)
     assert got.shape == (b,)
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
