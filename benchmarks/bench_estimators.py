@@ -19,6 +19,7 @@ import numpy as np
 from results_md import write_section
 
 from cytoedge.calibration import metrics as m
+from cytoedge.calibration.decisions import concat_decisions
 from cytoedge.calibration.fit import offline_race
 from cytoedge.models import default_bundle_path
 from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -45,9 +46,7 @@ def run_fast(files, bundle, backend):
         out = score_cells_fast(load(files[s:s + CHUNK], bundle), bundle, backend)
         parts.append(out.decisions)
         nfe.append(out.nfe)
-    from cytoedge.runtime.commands.evaluate import _concat
-
-    return _concat(parts), np.concatenate(nfe), time.perf_counter() - t0
+    return concat_decisions(parts), np.concatenate(nfe), time.perf_counter() - t0
 
 
 def run_reference(files, bundle, backend, settings):

@@ -23,6 +23,13 @@ class CellDecisions:
     anomalous: np.ndarray
 
 
+def concat_decisions(parts: list[CellDecisions]) -> CellDecisions:
+    """Join the decisions of consecutive batches into one."""
+    from dataclasses import fields
+
+    return CellDecisions(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(CellDecisions)})
+
+
 def anomaly_scores(leader_weighted_errors: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """Mean z-score of the winning class's weighted errors over the probes it ran (NaN = not run).
 

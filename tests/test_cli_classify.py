@@ -44,3 +44,21 @@ def test_folder_input_and_unknown_backend(crop_files, capsys):
     assert rc == 0 and len(out.strip().splitlines()) == len(crop_files)
     assert main(["classify", str(crop_files[0]), "--backend", "tpu"]) == 2
     assert "unknown backend 'tpu'" in capsys.readouterr().err
+
+
+def test_evaluate_reports_metrics_on_a_generated_labelled_folder(crop_files, tmp_path, bundle, capsys):
+    import shutil
+
+    for path in crop_files:
+        cls = path.stem.split("_", 1)[1]
+        (tmp_path / "data" / cls).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, tmp_path / "data" / cls / path.name)
+    out = tmp_path / "metrics.json"
+    rc = main(["evaluate", "--data", str(tmp_path / "data"), "--half", "all", "--threads", "1", "--out", str(out)])
+    report = json.loads(out.read_text())
+    capsys.readouterr()
+    assert rc == 0 and report["cells"] == len(crop_files)
+    counts = report["confusion_matrix"]["counts"]
+    assert sum(map(sum, counts)) == len(crop_files)
+    assert report["accuracy"] == sum(counts[i][i] for i in range(len(counts))) / len(crop_files)
+    assert 0 <= report["conformal_coverage"] <= 1 and report["nfe_mean"] >= len(bundle.class_names)

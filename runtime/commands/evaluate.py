@@ -69,6 +69,7 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
 
 
 def run(args: argparse.Namespace) -> int:
+    from cytoedge.calibration.decisions import concat_decisions
     from cytoedge.runtime.cells import crops_to_batch, read_rgb
     from cytoedge.runtime.classify_cells import score_cells_fast
     from cytoedge.runtime.labelled_data import labelled_subset
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                 nfes.append(res.nfe)
             bar.update(len(batch))
     seconds = time.perf_counter() - start
-    decisions = _concat(parts) if parts else None
+    decisions = concat_decisions(parts) if parts else None
     report = evaluate_arrays(labels, np.concatenate(preds), np.concatenate(nfes), seconds, bundle.class_names,
                              bundle.abnormal_classes, decisions)
     report = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name, "estimator": estimator,
@@ -108,10 +109,3 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(summary, indent=2))
     return 0
 
-
-def _concat(parts):
-    from dataclasses import fields
-
-    from cytoedge.calibration.decisions import CellDecisions
-
-    return CellDecisions(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(CellDecisions)})
