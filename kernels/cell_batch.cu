@@ -1,10 +1,12 @@
 // Batched cell preprocessing: one launch cuts, resamples, colour-normalises and lays out (NCHW) the
 // model inputs of a whole batch of cells from field tiles resident in device memory.
 //
-// Semantics are those of kernels/cpu_twin.py, bit for bit: float32 arithmetic with explicit
-// round-to-nearest intrinsics (__fmul_rn / __fadd_rn stop nvcc fusing into FMA), pixel centres at
-// integer coordinates, taps outside the tile read as 0, valid = 1 only where all taps with weight
-// are inside (0 <= q <= size-1). Built by nvcc (pycuda / PTX) and, through cuda_emulation.h, by g++.
+// Semantics are those of kernels/cpu_twin.py: float32 arithmetic with explicit round-to-nearest
+// intrinsics (__fmul_rn / __fadd_rn stop nvcc fusing into FMA), pixel centres at integer
+// coordinates, taps outside the tile read as 0, the bilinear value rounded to the nearest grey level
+// (half to even, as OpenCV's uint8 resampling does), then the colour transform; valid = 1 only where
+// all taps with weight are inside (0 <= q <= size-1). Built by nvcc (pycuda / PTX) and, through
+// cuda_emulation.h, by g++.
 //
 // Launch: block (16, 16, 1), grid (ceil(S/16), ceil(S/16), min(n_cells, 65535)); cells stride by
 // gridDim.z. Tiles: RGB uint8, packed back to back; tile i starts at byte tile_offsets[i].
@@ -55,8 +57,8 @@ __device__ __forceinline__ void prepare_cells(const unsigned char* __restrict__ 
         const int width = tile_widths[t];
         const unsigned char* tile = tiles + tile_offsets[t];
 
-        float qx = __fadd_rn(__fadd_rn(__fmul_rn(a[0], fpx), __fmul_rn(a[1], fpy)), a[2]);
-        float qy = __fadd_rn(__fadd_rn(__fmul_rn(a[3], fpx), __fmul_rn(a[4], fpy)), a[5]);
+        float qx = __fadd_rn(__fmul_rn(a[0], fpx), __fadd_rn(__fmul_rn(a[1], fpy), a[2]));
+        float qy = __fadd_rn(__fmul_rn(a[3], fpx), __fadd_rn(__fmul_rn(a[4], fpy), a[5]));
         const float wmax = (float)(width - 1);
         const float hmax = (float)(height - 1);
         const bool inside = qx >= 0.0f && qx <= wmax && qy >= 0.0f && qy <= hmax;
@@ -78,7 +80,7 @@ __device__ __forceinline__ void prepare_cells(const unsigned char* __restrict__ 
                                        __fmul_rn(fx, tile_tap(tile, height, width, x0 + 1, y0, c)));
             const float r1 = __fadd_rn(__fmul_rn(gx, tile_tap(tile, height, width, x0, y0 + 1, c)),
                                        __fmul_rn(fx, tile_tap(tile, height, width, x0 + 1, y0 + 1, c)));
-            const float v = __fadd_rn(__fmul_rn(gy, r0), __fmul_rn(fy, r1));
+            const float v = rintf(__fadd_rn(__fmul_rn(gy, r0), __fmul_rn(fy, r1)));
             const float o = __fadd_rn(__fmul_rn(v, colour[c]), colour[3 + c]);
             out[base + (long long)c * plane] = to_output<OutT>(fminf(fmaxf(o, colour[6 + c]), colour[9 + c]));
         }

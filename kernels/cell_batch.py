@@ -5,8 +5,8 @@ integer coordinates, output centre ``c = (S-1)/2``) the source point is
 
     q = (cx, cy) + scale · R(angle) · F(flip) · (p − c),   F(flip) mirrors x when flip is set,
 
-sampled bilinearly from the tile (RGB uint8); points outside the tile give 0 and a 0 in the
-validity mask. Then per channel ``y = clip(x/255 · gain + bias, 0, 1)`` (stain normalisation),
+sampled bilinearly from the tile (RGB uint8) and rounded to the nearest grey level (half to even,
+as OpenCV's uint8 resampling does); points outside the tile give 0 and a 0 in the validity mask. Then per channel ``y = clip(x/255 · gain + bias, 0, 1)`` (stain normalisation),
 ``(y − mean) / std`` (the bundle's normalisation), NCHW, float32 or float16.
 
 This module holds the contract and a plain per-cell OpenCV loop (the baseline the batched

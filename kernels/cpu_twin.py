@@ -1,54 +1,39 @@
-"""CPU twin of the CUDA preprocessing kernels: the same arithmetic, vectorised in numpy.
+"""CPU twin of the CUDA preprocessing kernels: the same semantics, batched on OpenCV and numpy.
 
 This is the path wherever there is no GPU, and the reference the CUDA source is checked against
-(compiled for the CPU by ``emulated.py``). Sampling semantics, shared bit for bit with
-``cell_batch.cu`` (all arithmetic in float32, rounded after every operation, no fused multiply-add):
+(compiled for the CPU by ``emulated.py``). Semantics shared with ``cell_batch.cu``:
 
 * Each cell's 2×3 affine (``cell_batch.sampling_matrix``: output pixel centre → tile coordinates,
   pixel centres at integer coordinates) is computed in float64 and rounded once to float32;
-  ``q = (a00·px + a01·py) + a02`` (likewise y) per output pixel.
+  ``q = a00·px + (a01·py + a02)`` (likewise y) per output pixel, in float32 (the row term first:
+  it is shared by a whole output row).
 * ``valid = 1`` iff ``0 ≤ qx ≤ W−1`` and ``0 ≤ qy ≤ H−1``: every tap with a non-zero weight is
   a real pixel. A sample partly outside (the half-pixel band around the tile) is still
-  interpolated with zeros for the missing taps (OpenCV's ``BORDER_CONSTANT`` 0) but has
-  ``valid = 0``; samples further out are 0. (OpenCV's nearest-neighbour mask in the per-cell
-  loop marks that band valid, so its mask is a superset of this one.)
-* ``q`` is clamped to ``[−2, W]``×``[−2, H]`` (changes nothing inside, keeps indices finite),
-  ``x0 = floor(qx)``, ``fx = qx − x0``; ``v = (1−fy)·((1−fx)·p00 + fx·p01) + fy·((1−fx)·p10 + fx·p11)``.
+  interpolated with zeros for the missing taps (``BORDER_CONSTANT`` 0) but has ``valid = 0``;
+  samples further out are 0.
+* Bilinear interpolation in float32, rounded to the nearest grey level (half to even), as
+  OpenCV's uint8 ``remap`` does: the twin is one ``cv2.remap`` per tile over the maps of all its
+  cells. The CUDA kernel's own float32 expression may differ from OpenCV's in the last bit, so a
+  value lying within ~1e-5 of a half grey level can round the other way: the two agree exactly
+  but for rare one-grey-level steps (the tests state that tolerance).
 * Colour and normalisation are folded into one affine and clamp per channel:
   ``clamp(v·scale + offset, lo, hi)`` with ``scale = gain/(255·std)``, ``offset = (bias−mean)/std``,
   ``lo = −mean/std``, ``hi = (1−mean)/std`` — the contract's ``(clip(v/255·gain+bias, 0, 1)−mean)/std``
-  up to float32 rounding. FP16 output rounds the float32 result to nearest even.
+  up to float32 rounding. On an integer ``v`` that is a 256-entry table per channel (``cv2.LUT``).
+  FP16 output rounds the float32 result to nearest even.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 
+import cv2
 import numpy as np
 
 from cytoedge.kernels.cell_batch import ColourTransform
 
-TILE_PAD = 2  # zero border of packed tiles: every tap of a clamped sample lands inside the buffer
 OUTPUT_DTYPES = (np.float32, np.float16)
-
-
-@dataclass(frozen=True)
-class PackedTiles:
-    """Tiles zero-padded by ``TILE_PAD`` and packed for gathers (built once per field, reused).
-
-    ``pairs[i]`` holds pixel i and its right neighbour (6 RGB bytes in 8) of the padded tiles laid
-    back to back, so one aligned 8-byte gather fetches two taps; ``offsets[i]`` is the pixel index
-    of padded tile i's corner.
-    """
-
-    pairs: np.ndarray
-    offsets: np.ndarray
-    heights: np.ndarray
-    widths: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.heights.shape[0])
 
 
 def check_tiles(tiles: list[np.ndarray]) -> None:
@@ -61,24 +46,6 @@ def check_tiles(tiles: list[np.ndarray]) -> None:
             raise ValueError(f"tiles[{i}] must be an RGB uint8 array [H, W, 3], got {desc}")
         if tile.shape[0] < 1 or tile.shape[1] < 1:
             raise ValueError(f"tiles[{i}] is empty: shape {tile.shape}")
-
-
-def pack_tiles(tiles: list[np.ndarray] | PackedTiles) -> PackedTiles:
-    """Pack tiles for the twin (a no-op for an already packed set)."""
-    if isinstance(tiles, PackedTiles):
-        return tiles
-    check_tiles(tiles)
-    heights = np.array([t.shape[0] for t in tiles], np.int64)
-    widths = np.array([t.shape[1] for t in tiles], np.int64)
-    padded = (heights + 2 * TILE_PAD) * (widths + 2 * TILE_PAD)
-    offsets = np.concatenate([[0], np.cumsum(padded)[:-1]]).astype(np.int64)
-    buffer = np.zeros(3 * int(padded.sum()) + 8, np.uint8)
-    for tile, off, h, w in zip(tiles, offsets, heights, widths):
-        view = buffer[3 * off:3 * (off + (h + 2 * TILE_PAD) * (w + 2 * TILE_PAD))]
-        view.reshape(h + 2 * TILE_PAD, w + 2 * TILE_PAD, 3)[TILE_PAD:TILE_PAD + h, TILE_PAD:TILE_PAD + w] = tile
-    pixels = buffer.shape[0] // 3 - 2
-    pairs = np.ascontiguousarray(np.ndarray(shape=(pixels,), dtype=np.uint64, buffer=buffer, strides=(3,)))
-    return PackedTiles(pairs, offsets, heights, widths)
 
 
 def check_cells(cells: np.ndarray, n_tiles: int) -> np.ndarray:
@@ -181,58 +148,33 @@ def error_norm(mask: np.ndarray, eps_shape: tuple[int, ...]) -> tuple[np.ndarray
     return mask.reshape(-1), 1.0 / (total * eps_shape[1])
 
 
-@lru_cache(maxsize=8)
-def _pixel_grid(out_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Output pixel coordinates ``(px, py)`` as float32 ``[S*S]`` in row-major order."""
+def colour_lut(colour: ColourTransform) -> np.ndarray:
+    """``[256, 3] float32``: the folded colour transform of every grey level, per channel."""
+    scale, offset, lo, hi = colour_constants(colour)
+    grey = np.arange(256, dtype=np.float32)[:, None]
+    return np.minimum(np.maximum(grey * scale + offset, lo), hi)
+
+
+def sampling_maps(affines: np.ndarray, out_size: int,
+                  out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(qx, qy)`` float32 ``[N·S, S]``: every cell's source coordinates stacked (cv2.remap maps)."""
     grid = np.arange(out_size, dtype=np.float32)
-    return np.tile(grid, out_size), np.repeat(grid, out_size)
+    n = affines.shape[0]
+    maps = []
+    for k, row in enumerate((0, 3)):
+        q = np.empty((n, out_size, out_size), np.float32) if out is None else out[k].reshape(n, out_size, out_size)
+        row_term = np.multiply.outer(affines[:, row + 1], grid)
+        row_term += affines[:, row + 2, None]
+        np.add(np.multiply.outer(affines[:, row], grid)[:, None, :], row_term[:, :, None], out=q)
+        maps.append(q.reshape(n * out_size, out_size))
+    return maps[0], maps[1]
 
 
-def _sample_cells(packed: PackedTiles, tile_idx: np.ndarray, affines: np.ndarray, out_size: int,
-                  consts: np.ndarray, out: np.ndarray, valid: np.ndarray) -> None:
-    """Fill ``out [n,3,S*S]`` and ``valid [n,S*S]`` for one chunk of cells (float32, in-place ops)."""
-    px, py = _pixel_grid(out_size)
-    a = affines
-    tmp = np.empty((a.shape[0], px.shape[0]), np.float32)
-    qx = np.multiply(a[:, 0:1], px)
-    qx += np.multiply(a[:, 1:2], py, out=tmp)
-    qx += a[:, 2:3]
-    qy = np.multiply(a[:, 3:4], px)
-    qy += np.multiply(a[:, 4:5], py, out=tmp)
-    qy += a[:, 5:6]
-    wf = packed.widths[tile_idx][:, None].astype(np.float32)
-    hf = packed.heights[tile_idx][:, None].astype(np.float32)
-    np.logical_and(qx >= 0, qx <= wf - 1, out=valid)
-    valid &= qy >= 0
-    valid &= qy <= hf - 1
-    np.minimum(np.maximum(qx, np.float32(-2), out=qx), wf, out=qx)
-    np.minimum(np.maximum(qy, np.float32(-2), out=qy), hf, out=qy)
-    x0, y0 = np.floor(qx), np.floor(qy)
-    fx, fy = np.subtract(qx, x0, out=qx), np.subtract(qy, y0, out=qy)
-    gx, gy = 1 - fx, 1 - fy
-    row = (packed.widths[tile_idx] + 2 * TILE_PAD)[:, None]
-    index = y0.astype(np.int64)
-    index *= row
-    index += x0.astype(np.int64)
-    index += packed.offsets[tile_idx][:, None] + TILE_PAD * row + TILE_PAD
-    n, m = index.shape
-    taps = np.empty((4, 3, n, m), np.float32)  # (top-left, top-right, bottom-left, bottom-right) × RGB
-    for half in range(2):
-        pair_bytes = np.take(packed.pairs, index.reshape(-1)).view(np.uint8).reshape(n, m, 8)[..., :6]
-        np.copyto(taps[2 * half:2 * half + 2], pair_bytes.reshape(n, m, 2, 3).transpose(2, 3, 0, 1), casting="unsafe")
-        index += row
-    scale, offset, lo, hi = (c[:, None, None] for c in consts)
-    r0 = out.transpose(1, 0, 2)  # [3, n, S*S] view of this chunk's output
-    np.multiply(gx, taps[0], out=r0)
-    r0 += np.multiply(fx, taps[1], out=taps[1])
-    r1 = np.multiply(gx, taps[2], out=taps[2])
-    r1 += np.multiply(fx, taps[3], out=taps[3])
-    r0 *= gy
-    r1 *= fy
-    r0 += r1
-    r0 *= scale
-    r0 += offset
-    np.minimum(np.maximum(r0, lo, out=r0), hi, out=r0)
+def _sample_rows(tile: np.ndarray, qx: np.ndarray, qy: np.ndarray, sampled: np.ndarray, inside: np.ndarray) -> None:
+    """Resample ``tile`` at the stacked maps of some of its cells into ``sampled`` and ``inside`` (0/255)."""
+    h, w = tile.shape[:2]
+    cv2.remap(tile, qx, qy, cv2.INTER_LINEAR, dst=sampled, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    cv2.bitwise_and(cv2.inRange(qx, 0.0, float(w - 1)), cv2.inRange(qy, 0.0, float(h - 1)), dst=inside)
 
 
 class CpuPreprocessor:
@@ -243,37 +185,89 @@ class CpuPreprocessor:
 
     name = "cpu-twin"
 
-    def __init__(self, threads: int = 1, cells_per_chunk: int = 32):
+    def __init__(self, threads: int = 1, cells_per_chunk: int = 64):
         if threads < 1 or cells_per_chunk < 1:
             raise ValueError(f"threads and cells_per_chunk must be >= 1, got {threads}, {cells_per_chunk}")
         self.threads, self.cells_per_chunk = int(threads), int(cells_per_chunk)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._local = threading.local()
 
-    def prepare_batch(self, tiles: list[np.ndarray] | PackedTiles, cells: np.ndarray, out_size: int,
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+        """A scratch array kept between calls (per calling thread): fresh megabyte-sized arrays
+        would cost more in page faults than the resampling itself."""
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            buf = buffers[name] = np.empty(shape, dtype)
+        return buf
+
+    def prepare_batch(self, tiles: list[np.ndarray], cells: np.ndarray, out_size: int,
                       colour: ColourTransform = ColourTransform(),
                       dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
-        """Model inputs for every cell: ``(x [N,3,S,S] dtype, valid [N,S,S] uint8)`` (module docstring)."""
-        packed = pack_tiles(tiles)
-        cells = check_cells(cells, len(packed))
+        """Model inputs for every cell: ``(x [N,3,S,S] dtype, valid [N,S,S] uint8)`` (module docstring).
+
+        Cells are grouped by tile (a stable sort) so that each tile is resampled by whole runs of
+        cells; results come back in the caller's order.
+        """
+        check_tiles(tiles)
+        cells = check_cells(cells, len(tiles))
         size, dt = check_out_size(out_size), check_dtype(dtype)
-        consts = colour_constants(colour)
+        lut = np.ascontiguousarray(colour_lut(colour).T)
         n = cells.shape[0]
-        affines = cell_affines(cells, size)
-        tile_idx = cells[:, 0].astype(np.int64)
-        x = np.empty((n, 3, size * size), np.float32)
-        valid = np.empty((n, size * size), np.bool_)
-        chunks = [slice(i, min(i + self.cells_per_chunk, n)) for i in range(0, n, self.cells_per_chunk)]
+        if n == 0:
+            return np.empty((0, 3, size, size), dt), np.empty((0, size, size), np.uint8)
+        order = np.argsort(cells[:, 0], kind="stable")
+        tile_of = cells[order, 0].astype(np.int64)
+        rows_shape = (n * size, size)
+        qx, qy = sampling_maps(cell_affines(cells[order], size), size,
+                               out=(self._buffer("qx", rows_shape, np.float32), self._buffer("qy", rows_shape, np.float32)))
+        sampled = self._buffer("sampled", rows_shape + (4,), np.uint8)
+        inside = self._buffer("inside", rows_shape, np.uint8)
+        # 4 channels: OpenCV's remap runs about twice as fast on RGBA as on RGB.
+        rgba = {t: cv2.cvtColor(np.ascontiguousarray(tiles[t]), cv2.COLOR_RGB2RGBA,
+                                dst=self._buffer(f"rgba{t}", tiles[t].shape[:2] + (4,), np.uint8))
+                for t in np.unique(tile_of)}
+        starts = np.searchsorted(tile_of, np.arange(len(tiles) + 1))
+        jobs = [(t, lo, min(lo + self.cells_per_chunk, starts[t + 1]))
+                for t in rgba for lo in range(starts[t], starts[t + 1], self.cells_per_chunk)]
 
-        def run(s: slice) -> None:
-            _sample_cells(packed, tile_idx[s], affines[s], size, consts, x[s], valid[s])
+        x = np.empty((n, 3, size, size), np.float32)
 
-        if self._pool is not None and len(chunks) > 1:
-            list(self._pool.map(run, chunks))
-        else:
-            for s in chunks:
-                run(s)
-        x = x.reshape(n, 3, size, size)
-        return (x if dt == np.float32 else x.astype(dt)), valid.reshape(n, size, size).view(np.uint8)
+        def resample(job: tuple[int, int, int]) -> None:
+            t, lo, hi = job
+            rows = slice(lo * size, hi * size)
+            _sample_rows(rgba[t], qx[rows], qy[rows], sampled[rows], inside[rows])
+
+        rows = slice(None) if np.array_equal(order, np.arange(n)) else order
+
+        planes = [(self._buffer(f"grey{c}", rows_shape, np.uint8), self._buffer(f"lut{c}", rows_shape, np.float32))
+                  for c in range(3)]
+
+        def colour_channel(c: int) -> None:
+            grey, values = planes[c]
+            cv2.extractChannel(sampled, c, dst=grey)
+            x[rows, c] = cv2.LUT(grey, lut[c], dst=values).reshape(n, size, size)
+
+        self._map(resample, jobs)
+        self._map(colour_channel, range(3))
+        valid = np.empty((n, size, size), np.uint8)
+        valid[rows] = inside.reshape(n, size, size)
+        np.minimum(valid, 1, out=valid)  # inRange marks 255
+        return (x if dt == np.float32 else x.astype(dt)), valid
+
+    def _map(self, fn, items) -> None:
+        """Run ``fn`` over ``items``: the pool takes every ``threads``-th item and the calling thread
+        the rest (OpenCV and numpy release the GIL), or all inline without a pool."""
+        items = list(items)
+        if self._pool is None or len(items) < 2:
+            for item in items:
+                fn(item)
+            return
+        offloaded = [self._pool.submit(fn, item) for i, item in enumerate(items) if i % self.threads]
+        for item in items[::self.threads]:
+            fn(item)
+        for future in offloaded:
+            future.result()
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, alphas_cumprod_at_t: np.ndarray) -> np.ndarray:
         """Forward noising ``x_t = √ᾱ·x0 + √(1−ᾱ)·ε`` per sample (see module-level ``add_noise``)."""
@@ -339,7 +333,7 @@ def masked_weighted_error(eps_hat: np.ndarray, noise: np.ndarray, mask: np.ndarr
 _DEFAULT = CpuPreprocessor()
 
 
-def prepare_batch(tiles: list[np.ndarray] | PackedTiles, cells: np.ndarray, out_size: int,
+def prepare_batch(tiles: list[np.ndarray], cells: np.ndarray, out_size: int,
                   colour: ColourTransform = ColourTransform(),
                   dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """Single-threaded CPU twin of the ``prepare_cells`` kernel: ``(x [N,3,S,S], valid [N,S,S] uint8)``."""

@@ -72,6 +72,18 @@ def edge_cells(rng: np.random.Generator, tiles: list[np.ndarray], n: int) -> np.
     return np.concatenate([random, corners])
 
 
+def assert_equal_up_to_rounding_ties(x_emu: np.ndarray, x_twin: np.ndarray, colour: ColourTransform) -> None:
+    """Equal, but for bilinear values within float32 rounding of a half grey level, which the CUDA
+    expression and OpenCV's may round apart: those differ by exactly one grey step, and are rare."""
+    differ = x_emu != x_twin
+    assert differ.mean() <= 1e-4, f"{differ.sum()} of {differ.size} values differ"
+    step = np.asarray(colour.gain) / (255 * np.asarray(colour.std))
+    for c in range(3):
+        delta = np.abs(x_emu[:, c].astype(np.float64) - x_twin[:, c])[differ[:, c]]
+        rtol = 2e-3 if x_twin.dtype == np.float32 else 1e-2  # both sides rounded to float16
+        np.testing.assert_allclose(delta, step[c], rtol=rtol, err_msg=f"channel {c}: not one grey step")
+
+
 @pytest.mark.parametrize("size", [1, 8, 17, 32, 33])
 def test_emulated_prepare_kernel_equals_twin(emulated, rng, size):
     tiles = field_tiles(rng)
@@ -81,7 +93,7 @@ def test_emulated_prepare_kernel_equals_twin(emulated, rng, size):
         x_emu, v_emu = emulated.prepare_batch(tiles, cells, size, COLOUR, dtype)
         assert x_emu.dtype == dtype
         np.testing.assert_array_equal(v_emu, v_twin)
-        np.testing.assert_array_equal(x_emu, x_twin)
+        assert_equal_up_to_rounding_ties(x_emu, x_twin, COLOUR)
     assert 0 < v_twin.mean() < 1  # the batch really straddles tile borders
 
 
@@ -91,7 +103,7 @@ def test_emulated_prepare_kernel_with_cells_striding_the_grid(emulated, rng):
     # grid.z smaller than the batch: each block loops over cells; block not a divisor of the size
     x_emu, v_emu = emulated.prepare_batch(tiles, cells, 19, COLOUR, block=(8, 4), max_grid_z=3)
     x_twin, v_twin = prepare_batch(tiles, cells, 19, COLOUR)
-    np.testing.assert_array_equal(x_emu, x_twin)
+    assert_equal_up_to_rounding_ties(x_emu, x_twin, COLOUR)
     np.testing.assert_array_equal(v_emu, v_twin)
 
 
