@@ -30,12 +30,34 @@ def concat_decisions(parts: list[CellDecisions]) -> CellDecisions:
     return CellDecisions(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(CellDecisions)})
 
 
-def anomaly_scores(leader_weighted_errors: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """Mean z-score of the winning class's weighted errors over the probes it ran (NaN = not run).
+ANOMALY_KINDS = ("null_ratio", "leader_error")
 
-    A cell no known class explains leaves a large error even under its best class.
+
+def anomaly_values(leader_weighted_errors: np.ndarray, null_weighted_errors: np.ndarray | None) -> np.ndarray:
+    """Per probe (NaN = not run): ``log(error of the best class / error of the null class)`` where the
+    network has a null class, else the best class's weighted error.
+
+    The ratio is a likelihood ratio: a cell of a type the model never saw gains little from any
+    class over the unconditional prediction, however simple or busy the image is. The plain error
+    confounds novelty with image complexity (a small dense nucleus is easy to denoise).
     """
-    z = (leader_weighted_errors - mean[None, :]) / std[None, :]
+    if null_weighted_errors is None:
+        return leader_weighted_errors
+    return np.log(leader_weighted_errors / null_weighted_errors)
+
+
+def anomaly_scores(leader_weighted_errors: np.ndarray, null_weighted_errors: np.ndarray | None,
+                   normalisation: dict) -> np.ndarray:
+    """Mean over the probes a cell ran of the z-scored anomaly value (``anomaly_values``), with the
+    per-probe mean/std of known cells from the calibration."""
+    kind = normalisation.get("kind", "leader_error")
+    if kind not in ANOMALY_KINDS:
+        raise ValueError(f"anomaly normalisation kind {kind!r} is not one of {ANOMALY_KINDS}")
+    if (kind == "null_ratio") != (null_weighted_errors is not None):
+        raise ValueError(f"anomaly normalisation is {kind!r} but the race {'did not measure' if kind == 'null_ratio' else 'measured'} "
+                         "null-class errors; recalibrate the bundle (`cytoedge calibrate`)")
+    values = anomaly_values(leader_weighted_errors, null_weighted_errors)
+    z = (values - np.asarray(normalisation["mean"])[None, :]) / np.asarray(normalisation["std"])[None, :]
     return np.nanmean(z, axis=1)
 
 

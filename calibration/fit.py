@@ -7,7 +7,8 @@ that shaped the scores:
 * on A: greedy probe selection with weights fitted by maximum likelihood (the score
   ``−Σ_k w_k e_ck`` as a multinomial logit), elimination margins (how far behind the eventual
   winner may be after k probes, quantile ``elimination_quantile``), temperature of the race's
-  extrapolated gaps, anomaly normalisation (per-probe mean/std of the true class's error);
+  extrapolated gaps, anomaly normalisation (per-probe mean/std of the true class's log error
+  ratio to the null class, or of its error where the network has no null class);
 * on B: conformal threshold (LAC, split conformal, coverage ``coverage``), abstention threshold
   (lowest top-class probability keeping selective accuracy ≥ ``selective_accuracy``), anomaly
   threshold (quantile ``anomaly_quantile`` of known cells), and the abnormal operating point
@@ -18,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize
 
-from cytoedge.calibration.decisions import anomaly_scores, decide
+from cytoedge.calibration.decisions import anomaly_scores, anomaly_values, decide
 from cytoedge.runtime.errors import CalibrationError
 from cytoedge.runtime.estimator import RaceSettings, run_race
 
@@ -90,9 +91,13 @@ def elimination_margins(Ew: np.ndarray, quantile: float) -> np.ndarray:
     return np.quantile(deficit, quantile, axis=0)
 
 
-def offline_race(Ew: np.ndarray, settings: RaceSettings):
-    """The race on precomputed errors (``Ew`` already *un*-weighted errors of the chosen probes)."""
-    return run_race(Ew.shape[0], Ew.shape[1], settings, lambda cells, classes, k: Ew[cells, classes, k])
+def offline_race(Ew: np.ndarray, settings: RaceSettings, null: np.ndarray | None = None):
+    """The race on precomputed errors (``Ew [N,K,M]`` *un*-weighted errors of the chosen probes;
+    ``null [N,M]`` the null class's, measured alongside as the live estimator does)."""
+    k = Ew.shape[1]
+    table = Ew if null is None else np.concatenate([Ew, null[:, None, :]], axis=1)
+    return run_race(Ew.shape[0], k, settings, lambda cells, classes, j: table[cells, classes, j],
+                    None if null is None else k)
 
 
 def fit_temperature(gaps: np.ndarray, y: np.ndarray) -> float:
@@ -152,27 +157,34 @@ def split_ab(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.
 
 def fit_calibration(E: np.ndarray, y: np.ndarray, class_names: list[str], abnormal_classes: list[str],
                     settings: dict | None = None) -> dict:
-    """Everything the fast estimator and the flags need, as a JSON-ready dict (without provenance)."""
+    """Everything the fast estimator and the flags need, as a JSON-ready dict (without provenance).
+
+    ``E [N, K, P]`` (or ``[N, K+1, P]``: the last column the null class's) masked errors of every
+    class under every candidate probe; ``y [N]`` labels.
+    """
     s = {**DEFAULT_SETTINGS, **(settings or {})}
     k = len(class_names)
-    if E.ndim != 3 or E.shape[:2] != (len(y), k):
-        raise CalibrationError(f"error matrix has shape {E.shape}; expected [{len(y)}, {k}, probes]")
+    if E.ndim != 3 or E.shape[0] != len(y) or E.shape[1] not in (k, k + 1):
+        raise CalibrationError(f"error matrix has shape {E.shape}; expected [{len(y)}, {k} (+1 null), probes]")
+    E, E_null = (E, None) if E.shape[1] == k else (E[:, :k], E[:, k])
     missing = [class_names[c] for c in range(k) if not (y == c).any()]
     if missing:
         raise CalibrationError(f"no labelled cells of class(es) {missing}; calibration needs every class")
     a, b = split_ab(y, s["split_a_fraction"], s["seed"])
     chosen, weights = select_probes(E[a], y[a], s["max_probes"], s["min_nll_gain"])
     Ew = E[:, :, chosen]
+    null_w = None if E_null is None else E_null[:, chosen]
     margins = elimination_margins(Ew[a] * weights, s["elimination_quantile"])
     race_a = offline_race(Ew[a], RaceSettings(weights, margins, 1.0))
     temperature = fit_temperature(race_a.gaps, y[a])
     settings_t = RaceSettings(weights, margins, temperature)
-    wa = Ew[a, :, :] * weights
-    true_w = wa[np.arange(len(a)), y[a]]
-    an_mean, an_std = true_w.mean(0), true_w.std(0) + 1e-12
-    race_b = offline_race(Ew[b], settings_t)
+    true_w = Ew[a, :, :][np.arange(len(a)), y[a]] * weights
+    known = anomaly_values(true_w, None if null_w is None else null_w[a] * weights)
+    normalisation = {"kind": "leader_error" if null_w is None else "null_ratio",
+                     "mean": known.mean(0).tolist(), "std": (known.std(0) + 1e-12).tolist()}
+    race_b = offline_race(Ew[b], settings_t, None if null_w is None else null_w[b])
     p_b = race_b.probabilities(temperature)
-    anomaly_b = anomaly_scores(race_b.leader_errors, an_mean, an_std)
+    anomaly_b = anomaly_scores(race_b.leader_errors, race_b.null_errors, normalisation)
     abnormal_mask = np.array([c in abnormal_classes for c in class_names])
     cal = {
         "temperature": temperature,
@@ -186,7 +198,7 @@ def fit_calibration(E: np.ndarray, y: np.ndarray, class_names: list[str], abnorm
         "chosen_candidates": [int(c) for c in chosen],
         "probe_weights": weights.tolist(),
         "elimination_margins": margins.tolist(),
-        "anomaly_normalisation": {"mean": an_mean.tolist(), "std": an_std.tolist()},
+        "anomaly_normalisation": normalisation,
         **cal,
         "settings": s,
         "fit_cells": {"A": int(len(a)), "B": int(len(b))},

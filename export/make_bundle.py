@@ -43,17 +43,20 @@ def stain_reference(images_rgb: np.ndarray) -> dict:
 
 
 def build_manifest(cfg: dict, state: dict, train_images: np.ndarray, name: str) -> dict:
-    from cytoedge.training.train_denoiser import trained_classes
+    from cytoedge.training.train_denoiser import conditioning_ids, trained_classes
 
     classes = trained_classes(cfg)
-    unet = {**cfg["unet"], "num_classes": len(classes)}
+    unet = {**cfg["unet"], "num_classes": conditioning_ids(cfg)}
     source_px_per_model_px = 180.0 / cfg["cache_size"] * cfg["zoom"]
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
-        "description": "Class-conditional pixel-space DDPM denoiser for peripheral-blood white cells (PBC, 8 classes)",
+        "description": (f"Class-conditional pixel-space DDPM denoiser for peripheral-blood white cells (PBC, "
+                        f"{len(classes)} classes" + (", plus a null class: the unconditional prediction)"
+                                                     if conditioning_ids(cfg) > len(classes) else ")")),
         "class_names": classes,
         "abnormal_classes": [c for c in ABNORMAL_IN_PERIPHERAL_BLOOD if c in classes],
+        **({"null_class_id": len(classes)} if conditioning_ids(cfg) > len(classes) else {}),
         "excluded_classes": cfg.get("exclude_classes", []),
         "input": {
             "size": unet["image_size"], "channels": 3, "channel_order": "RGB", "layout": "NCHW",
@@ -75,7 +78,9 @@ def build_manifest(cfg: dict, state: dict, train_images: np.ndarray, name: str) 
             "data": cfg.get("data", "../shared/data/pbc/train"),
             "split": "pbc/train (calibration and evaluation use pbc/calib, disjoint by content hash)",
             "steps": int(state["step"]), "train_minutes": round(state["elapsed"] / 60, 1),
+            "initialised_from": cfg.get("init_from"),
             "batch_size": cfg["batch_size"], "seed": cfg["seed"],
+            "null_class_prob": cfg.get("null_class_prob", 0.0),
             "objective": {"mse": 1.0, "disc_weight": cfg["disc_weight"], "disc_batch": cfg["disc_batch"],
                           "disc_t_range": cfg["disc_t_range"]},
             "weights": "EMA", "ema_decay": cfg["ema_decay"],
@@ -89,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from cytoedge.training.pbc_data import load_cell_set
-    from cytoedge.training.train_denoiser import trained_classes
+    from cytoedge.training.train_denoiser import conditioning_ids, trained_classes
     from cytoedge.training.unet import ClassConditionalUNet, UNetConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{args.out} already holds a bundle; pass --overwrite to replace it")
     cfg = json.loads((args.run / "config.json").read_text())
     state = torch.load(args.run / "ckpt.pt", weights_only=False)
-    model = ClassConditionalUNet(UNetConfig.from_dict({**cfg["unet"], "num_classes": len(trained_classes(cfg))}))
+    model = ClassConditionalUNet(UNetConfig.from_dict({**cfg["unet"], "num_classes": conditioning_ids(cfg)}))
     model.load_state_dict(state["ema"])
     args.out.mkdir(parents=True, exist_ok=True)
     onnx_path = export_denoiser_onnx(model, args.out / "denoiser.onnx", model.config.image_size)

@@ -92,6 +92,10 @@ def validate_manifest(manifest: dict, where: str) -> None:
     unknown = sorted(set(manifest["abnormal_classes"]) - set(manifest["class_names"]))
     if unknown:
         raise BundleError(f"{where}: abnormal_classes {unknown} are not in class_names {manifest['class_names']}")
+    null_id = manifest.get("null_class_id")
+    if null_id is not None and null_id != len(manifest["class_names"]):
+        raise BundleError(f"{where}: field 'null_class_id' is {null_id!r}; it must be {len(manifest['class_names'])} "
+                          "(the id after the last class) or absent")
     if manifest["loss_mask"]["kind"] == "disc" and not (0 < manifest["loss_mask"].get("radius", 0) <= 0.5):
         raise BundleError(f"{where}: field 'loss_mask.radius' must be in (0, 0.5] (fraction of the input size)")
     for key, entry in manifest["files"].items():
@@ -151,6 +155,17 @@ class ModelBundle:
     @property
     def class_names(self) -> list[str]:
         return list(self.manifest["class_names"])
+
+    @property
+    def null_class_id(self) -> int | None:
+        """The class id of the unconditional ("no class") prediction, if the network was trained with one."""
+        null_id = self.manifest.get("null_class_id")
+        return None if null_id is None else int(null_id)
+
+    @property
+    def num_class_ids(self) -> int:
+        """Class ids the denoiser accepts: the classes, plus the null class where there is one."""
+        return len(self.class_names) + (self.null_class_id is not None)
 
     @property
     def abnormal_classes(self) -> list[str]:

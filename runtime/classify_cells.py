@@ -14,7 +14,7 @@ from cytoedge.calibration.decisions import CellDecisions, anomaly_scores, decide
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
-from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.errors import CalibrationError, CytoedgeError
 
 ESTIMATORS = ("fast", "reference")
 
@@ -31,9 +31,11 @@ def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBac
 
     race = estimate(batch, bundle, backend)
     cal = bundle.calibration
-    norm = cal["anomaly_normalisation"]
     p = race.probabilities(cal["temperature"])
-    anomaly = anomaly_scores(race.leader_errors, np.asarray(norm["mean"]), np.asarray(norm["std"]))
+    try:
+        anomaly = anomaly_scores(race.leader_errors, race.null_errors, cal["anomaly_normalisation"])
+    except ValueError as e:
+        raise CalibrationError(f"{bundle.path}: {e}") from None
     abnormal_mask = np.array([c in bundle.abnormal_classes for c in bundle.class_names])
     return FastOutcome(decide(p, anomaly, abnormal_mask, cal), race.nfe)
 

@@ -9,6 +9,10 @@ is left or the probes run out. Gaps are extrapolated to the full probe set,
 ``ĝ_c = (S_c − S_lead) · W_M / W_k`` (``W`` = cumulative probe weight at the class's last probe),
 and ``softmax(−ĝ / T)`` gives the class probabilities.
 
+Where the network has a null class (trained unconditionally on a share of samples), every probe a
+cell runs also measures the null class's error: the anomaly score compares the best class with it
+(calibration/decisions.py), one extra denoiser call per probe.
+
 All the numbers (probes, weights, margins, temperature) come from the bundle's calibration.
 """
 from __future__ import annotations
@@ -68,6 +72,7 @@ class RaceResult:
     probes_run: np.ndarray
     nfe: np.ndarray
     leader_errors: np.ndarray  # [N, M] weighted errors of the final leader, NaN where not run
+    null_errors: np.ndarray | None = None  # [N, M] weighted errors of the null class, NaN where not run
 
     def probabilities(self, temperature: float) -> np.ndarray:
         logits = -self.gaps / temperature
@@ -87,13 +92,19 @@ def noise_bank(bundle: ModelBundle, count: int | None = None, seed: int | None =
     return np.random.default_rng(seed).standard_normal((count, 3, size, size), dtype=np.float32)
 
 
-def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: ErrorSource) -> RaceResult:
-    """Sequential elimination over the probes for ``n_cells`` cells; pure apart from ``errors``."""
+def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: ErrorSource,
+             null_class: int | None = None) -> RaceResult:
+    """Sequential elimination over the probes for ``n_cells`` cells; pure apart from ``errors``.
+
+    With ``null_class`` (the id after the last class) each running cell's null-class error is
+    measured at every probe too, in the same call; it takes no part in the race.
+    """
     m = settings.weights.size
     alive = np.ones((n_cells, n_classes), bool)
     score = np.zeros((n_cells, n_classes))
     last = np.zeros((n_cells, n_classes), np.int64)  # probes each class has run
     weighted = np.full((n_cells, n_classes, m), np.nan)
+    null_weighted = np.full((n_cells, m), np.nan) if null_class is not None else None
     nfe = np.zeros(n_cells, np.int64)
     cum_w = np.cumsum(settings.weights)
     for k in range(m):
@@ -101,9 +112,15 @@ def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: Error
         cell_idx, class_idx = np.nonzero(alive & running[:, None])
         if cell_idx.size == 0:
             break
-        e = errors(cell_idx, class_idx, k)
+        null_cells = np.flatnonzero(running) if null_class is not None else np.zeros(0, np.int64)
+        e = errors(np.concatenate([cell_idx, null_cells]),
+                   np.concatenate([class_idx, np.full(null_cells.size, null_class or 0)]), k)
         if not np.all(np.isfinite(e)):
             raise BackendError(f"non-finite denoising error at probe {k}")
+        if null_weighted is not None:
+            null_weighted[null_cells, k] = settings.weights[k] * e[cell_idx.size:]
+            np.add.at(nfe, null_cells, 1)
+        e = e[:cell_idx.size]
         w = settings.weights[k] * e
         score[cell_idx, class_idx] += w
         weighted[cell_idx, class_idx, k] = w
@@ -120,7 +137,7 @@ def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: Error
         lead_at_k = np.nansum(np.where(np.arange(m)[None, :] < k_c[:, None], weighted[rows, leader], 0.0), axis=1)
         gaps[:, c] = (score[:, c] - lead_at_k) * cum_w[-1] / cum_w[k_c - 1]
     gaps[rows, leader] = 0.0
-    return RaceResult(np.maximum(gaps, 0.0), last, nfe, weighted[rows, leader])
+    return RaceResult(np.maximum(gaps, 0.0), last, nfe, weighted[rows, leader], null_weighted)
 
 
 class DenoiserErrorSource:
@@ -170,4 +187,4 @@ def estimate(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) ->
         raise ValueError("empty cell batch: nothing to classify")
     probes, settings = probes_from_calibration(bundle)
     source = DenoiserErrorSource(batch, bundle, backend, probes, noise_bank(bundle))
-    return run_race(len(batch), len(bundle.class_names), settings, source)
+    return run_race(len(batch), len(bundle.class_names), settings, source, bundle.null_class_id)

@@ -11,8 +11,9 @@ from cytoedge.runtime.estimator import DenoiserErrorSource, Probe
 
 def all_class_errors(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, probes: list[Probe],
                      noise: np.ndarray) -> np.ndarray:
-    """``E [N, K, P]``: masked error of each class for each cell under each probe (no elimination)."""
-    n, k = len(batch), len(bundle.class_names)
+    """``E [N, K, P]``: masked error of each class for each cell under each probe (no elimination);
+    ``[N, K+1, P]`` where the network has a null class (its errors last)."""
+    n, k = len(batch), bundle.num_class_ids
     source = DenoiserErrorSource(batch, bundle, backend, probes, noise)
     cells = np.repeat(np.arange(n), k)
     classes = np.tile(np.arange(k), n)

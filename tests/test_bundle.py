@@ -56,6 +56,12 @@ def test_wrong_value_is_named(bundle_copy):
         ModelBundle.load(bundle_copy)
 
 
+def test_null_class_id_must_follow_the_classes(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m.__setitem__("null_class_id", 3))
+    with pytest.raises(BundleError, match=r"'null_class_id' is 3; it must be 8"):
+        ModelBundle.load(bundle_copy)
+
+
 def test_missing_listed_file_is_named(bundle_copy):
     (bundle_copy / "denoiser.onnx").unlink()
     with pytest.raises(BundleError, match="file 'denoiser.onnx' listed in the manifest is missing"):

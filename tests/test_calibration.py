@@ -6,6 +6,7 @@ import pytest
 
 from cytoedge.calibration import metrics as m
 from cytoedge.calibration.fit import conformal_threshold, fit_calibration, fit_temperature, select_probes
+from cytoedge.runtime.estimator import RaceSettings
 
 CLASSES = ["a", "b", "c", "d"]
 
@@ -33,6 +34,31 @@ def test_fitted_calibration_is_complete_and_sane(rng):
     assert cal["temperature"] > 0 and 0 < cal["conformal_threshold"] <= 1
     assert 0 <= cal["abstention_threshold"] <= 1 and 0 < cal["abnormal_threshold"] < 1
     assert np.all(np.asarray(cal["elimination_margins"]) >= 0)
+
+
+def test_null_ratio_anomaly_score_flags_cells_no_class_explains(rng):
+    """Known cells: the true class beats the null prediction; 'unseen' cells: no class does, and
+    they are *easier* to denoise overall (lower errors everywhere), which fools the plain error."""
+    from cytoedge.calibration.decisions import anomaly_scores
+    from cytoedge.calibration.fit import offline_race
+
+    E, y = synthetic_errors(rng, n=600, informative=(1, 2), strength=0.3)
+    null = E.mean(1) + 0.2
+    cal = fit_calibration(np.concatenate([E, null[:, None, :]], axis=1), y, CLASSES, ["d"])
+    assert cal["anomaly_normalisation"]["kind"] == "null_ratio"
+    unseen = 0.5 * np.abs(rng.normal(1.0, 0.2, (200, 4, 4)))
+    unseen_null = unseen.min(1) * 0.98
+    chosen = cal["chosen_candidates"]
+    settings = RaceSettings(np.asarray(cal["probe_weights"]), np.asarray(cal["elimination_margins"]), cal["temperature"])
+    scores = {}
+    for name, (errs, nulls) in {"known": (E, null), "unseen": (unseen, unseen_null)}.items():
+        race = offline_race(errs[:, :, chosen], settings, nulls[:, chosen])
+        scores[name] = anomaly_scores(race.leader_errors, race.null_errors, cal["anomaly_normalisation"])
+    truth = np.r_[np.zeros(600, bool), np.ones(200, bool)]
+    assert m.auroc(np.r_[scores["known"], scores["unseen"]], truth) > 0.95
+    assert (scores["unseen"] > cal["anomaly_threshold"]).mean() > 0.8
+    with pytest.raises(ValueError, match="recalibrate"):
+        anomaly_scores(race.leader_errors, None, cal["anomaly_normalisation"])
 
 
 def test_fit_refuses_data_missing_a_class(rng):

@@ -54,6 +54,18 @@ def test_race_stops_when_one_class_is_left():
     assert res.nfe.tolist() == [2, 4]
 
 
+def test_null_class_is_measured_beside_every_probe_a_cell_runs():
+    # cell 0 is decided after probe 0; cell 1 stays open. Class id 2 is the null class.
+    E = np.array([[[0.1, 0.1], [5.0, 5.0], [0.4, 0.2]], [[1.0, 1.0], [1.0, 1.0], [2.0, 4.0]]])
+    errors, calls = lookup(E)
+    res = run_race(2, 2, RaceSettings(np.array([1.0, 3.0]), np.array([1.0, 1.0]), 1.0), errors, null_class=2)
+    assert calls == [(0, 6), (1, 3)]  # null pairs ride in the same backend call
+    assert res.nfe.tolist() == [3, 6]
+    np.testing.assert_allclose(res.null_errors, [[0.4, np.nan], [2.0, 12.0]])
+    np.testing.assert_allclose(res.gaps, run_race(2, 2, RaceSettings(np.array([1.0, 3.0]), np.array([1.0, 1.0]), 1.0),
+                                                  lookup(E[:, :2])[0]).gaps)  # the null class never races
+
+
 def test_non_finite_errors_are_refused():
     E = np.full((1, 2, 1), np.nan)
     with pytest.raises(BackendError, match="non-finite"):

@@ -51,6 +51,10 @@ DEFAULTS = {
     "seed": 0,
     # Classes held out of training (the unseen-type anomaly experiment trains without one).
     "exclude_classes": [],
+    # Fraction of MSE samples trained under an extra "null" class id (no class information), as in
+    # classifier-free guidance: the unconditional prediction is the image-complexity baseline the
+    # anomaly score compares the best class against (a likelihood ratio, not an absolute error).
+    "null_class_prob": 0.1,
 }
 
 
@@ -60,6 +64,11 @@ def trained_classes(cfg: dict) -> list[str]:
     if unknown:
         raise ValueError(f"exclude_classes {unknown} are not PBC classes {PBC_CLASSES}")
     return [c for c in PBC_CLASSES if c not in cfg.get("exclude_classes", [])]
+
+
+def conditioning_ids(cfg: dict) -> int:
+    """Rows of the class embedding: one per trained class, plus the null class when it is trained."""
+    return len(trained_classes(cfg)) + (1 if cfg.get("null_class_prob", 0.0) > 0 else 0)
 
 
 def disc_mask(size: int, radius: float) -> np.ndarray:
@@ -79,7 +88,8 @@ class Trainer:
         counts = np.bincount(self.data.labels, minlength=len(self.classes)).astype(np.float64)
         w = counts[self.data.labels] ** (-cfg["class_balance_power"])
         self.sample_p = w / w.sum()
-        self.unet_cfg = UNetConfig.from_dict({**cfg["unet"], "num_classes": len(self.classes)})
+        self.null_class_prob = float(cfg.get("null_class_prob", 0.0))
+        self.unet_cfg = UNetConfig.from_dict({**cfg["unet"], "num_classes": conditioning_ids(cfg)})
         self.model = ClassConditionalUNet(self.unet_cfg)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.log_scale = torch.nn.Parameter(torch.tensor(math.log(100.0)))
@@ -121,6 +131,23 @@ class Trainer:
         log.info("resumed from %s at step %d (%.1f min trained)", self.ckpt_path, self.step, self.elapsed / 60)
         return True
 
+    def init_from_bundle(self, bundle_path: Path) -> None:
+        """Warm start a new run from a bundle's exported weights (checkpoints are not kept across
+        machines; the bundle is). A null-class row absent from the bundle starts at the class mean."""
+        from cytoedge.runtime.backends.torch_backend import load_torch_denoiser
+        from cytoedge.runtime.bundle import ModelBundle
+
+        bundle = ModelBundle.load(bundle_path)
+        if bundle.class_names != self.classes:
+            raise ValueError(f"{bundle_path}: classes {bundle.class_names} differ from this run's {self.classes}")
+        state = load_torch_denoiser(bundle).state_dict()
+        rows = state["class_embed.weight"]
+        if rows.shape[0] < self.unet_cfg.num_classes:
+            state["class_embed.weight"] = torch.cat([rows, rows.mean(0, keepdim=True)])
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        log.info("initialised from %s (%s)", bundle_path, bundle.manifest.get("provenance", {}).get("steps"))
+
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.rng.choice(len(self.data.labels), size=n, p=self.sample_p)
         x = augment_batch(self.data.images[idx], self.unet_cfg.image_size, self.cfg["zoom"], self.rng)
@@ -132,6 +159,8 @@ class Trainer:
         x0, y = self.batch(cfg["batch_size"])
         t = torch.randint(0, len(self.alphas), (len(y),))
         noise = torch.randn_like(x0)
+        if self.null_class_prob > 0:
+            y = torch.where(torch.rand(len(y)) < self.null_class_prob, len(self.classes), y)
         a = self.alphas[t].view(-1, 1, 1, 1)
         mse = F.mse_loss(self.model(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, y), noise)
         stats = {"mse": mse.item()}
@@ -199,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--config", type=Path, help="JSON overriding DEFAULTS (only for a new run)")
     p.add_argument("--exclude-class", action="append", default=[], help="train without this class (new run only)")
+    p.add_argument("--init-from", type=Path, help="model bundle whose weights start a new run (fine-tuning)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -212,9 +242,14 @@ def main(argv: list[str] | None = None) -> None:
         cfg["exclude_classes"] = sorted(set(cfg.get("exclude_classes", [])) | set(args.exclude_class))
         args.run.mkdir(parents=True, exist_ok=True)
         cfg["data"] = str(args.data)
+        if args.init_from:
+            prov = json.loads((args.init_from / "manifest.json").read_text()).get("provenance", {})
+            cfg["init_from"] = {"bundle": str(args.init_from), "steps": prov.get("steps"),
+                                "train_minutes": prov.get("train_minutes"), "code_commit": prov.get("code_commit")}
         cfg_path.write_text(json.dumps(cfg, indent=2))
     trainer = Trainer(cfg, args.data, args.run, args.cache)
-    trainer.resume()
+    if not trainer.resume() and args.init_from:
+        trainer.init_from_bundle(args.init_from)
     trainer.train(args.max_steps, args.max_minutes, args.ckpt_every, args.log_every)
 
 

@@ -51,7 +51,7 @@ class OnnxRuntimeBackend:
         expected = ["x_t", "timestep", "class_id"]
         if self._input_names != expected:
             raise BackendError(f"{path}: inputs are {self._input_names}; the denoiser contract is {expected}")
-        self._num_classes = len(bundle.class_names)
+        self._num_classes = bundle.num_class_ids
 
     def predict_noise(self, x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray) -> np.ndarray:
         x_t, timestep, class_id = check_batch(x_t, timestep, class_id, self.bundle.input_size, self._num_classes,

@@ -76,7 +76,7 @@ class TensorRTBackend:
         sidecar = read_sidecar(self.engine_path)
         self.spec = NetworkSpec.from_dict(sidecar["spec"])
         self.max_batch = max(p.max for p in self.spec.profiles)
-        self._num_classes = len(bundle.class_names)
+        self._num_classes = bundle.num_class_ids
         self._engine = self._runtime = self._context = self._stream = self._cudart = None
         self._profiles: list[_ProfileBuffers] = []
         self.load(sidecar)

@@ -56,7 +56,7 @@ class TorchBackend:
         import torch
 
         x_t, timestep, class_id = check_batch(x_t, timestep, class_id, self.bundle.input_size,
-                                              len(self.bundle.class_names), self.bundle.schedule.num_train_timesteps)
+                                              self.bundle.num_class_ids, self.bundle.schedule.num_train_timesteps)
         outs = []
         with torch.inference_mode():
             for s in range(0, x_t.shape[0], self.max_batch):

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.errors_cache and args.errors_cache.exists():
         with np.load(args.errors_cache) as z:
             E = z["errors"]
-        if E.shape != (len(files), len(bundle.class_names), len(probes)):
+        if E.shape != (len(files), bundle.num_class_ids, len(probes)):
             raise SystemExit(f"{args.errors_cache}: cached errors have shape {E.shape}, not those of this data")
     else:
         E = measure_errors(args, bundle, backend, files, labels, probes, noise)
