@@ -76,7 +76,7 @@ def main() -> None:
         int8_path = build_int8(bundle, args.int8_calibration, Path(tmp.name) / "denoiser_int8.onnx")
         backends["onnxruntime-cpu (INT8 convs)"] = OnnxRuntimeBackend(bundle, threads=args.threads,
                                                                       model_path=int8_path)
-    feed = random_denoiser_inputs(args.batch, 3, bundle.input_size, len(bundle.class_names),
+    feed = random_denoiser_inputs(args.batch, *bundle.denoiser_shape, len(bundle.class_names),
                                   bundle.schedule.num_train_timesteps)
     ms = round_robin_times(backends, feed, args.repeats)
     base = np.median(ms["torch eager (FP32)"])

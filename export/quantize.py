@@ -1,7 +1,8 @@
 """FP32 ONNX → INT8 (QDQ) ONNX for CPUs with VNNI: the convolutions, which are ~80 % of the CPU time.
 
 Static quantisation: activation ranges are calibrated on noised inputs the estimator actually
-sends (x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε for real cells x_0 and timesteps over the whole schedule);
+sends (x_t = √ᾱ_t·x_0 + √(1-ᾱ_t)·ε for real cells x_0 at the timesteps of the bundle's calibrated
+probes, or over the whole schedule for an uncalibrated bundle; every class id, null class included);
 weights are quantised per output channel, activation ranges clipped at the 99.999th percentile.
 The first convolution (image in) and the last ``KEEP_FP32_LAST`` (where the predicted noise is formed)
 stay FP32: quantising them cost the most decision agreement for the least time. Whether the INT8 graph may be used is decided by decision agreement with FP32
@@ -26,13 +27,16 @@ def calibration_feeds(bundle: ModelBundle, x0: np.ndarray, batches: int = 8, bat
                       seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Seeded (x_t, timestep, class_id) batches built from clean model inputs ``x0 [N,3,S,S]``."""
     rng = np.random.default_rng(seed)
+    probes = (bundle.calibration or {}).get("probes")
+    timesteps = (np.array([p["timestep"] for p in probes]) if probes
+                 else np.arange(bundle.schedule.num_train_timesteps))
     feeds = []
     for _ in range(batches):
         pick = rng.integers(0, len(x0), batch)
-        t = rng.integers(0, bundle.schedule.num_train_timesteps, batch).astype(np.int64)
+        t = rng.choice(timesteps, batch).astype(np.int64)
         noise = rng.standard_normal(x0[pick].shape).astype(np.float32)
         feeds.append({"x_t": bundle.schedule.add_noise(x0[pick], noise, t).astype(np.float32), "timestep": t,
-                      "class_id": rng.integers(0, len(bundle.class_names), batch).astype(np.int64)})
+                      "class_id": rng.integers(0, bundle.num_class_ids, batch).astype(np.int64)})
     return feeds
 
 

@@ -97,7 +97,7 @@ def random_denoiser_inputs(batch: int, channels: int, size: int, num_classes: in
 def max_abs_error(backend_a: DenoiserBackend, backend_b: DenoiserBackend, bundle: ModelBundle,
                   batch: int = 16, seed: int = 0) -> float:
     """Largest |ε̂_a − ε̂_b| over a seeded random batch."""
-    x, t, c = random_denoiser_inputs(batch, 3, bundle.input_size, len(bundle.class_names),
+    x, t, c = random_denoiser_inputs(batch, *bundle.denoiser_shape, len(bundle.class_names),
                                      bundle.schedule.num_train_timesteps, seed)
     return float(np.abs(backend_a.predict_noise(x, t, c) - backend_b.predict_noise(x, t, c)).max())
 

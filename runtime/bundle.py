@@ -176,6 +176,13 @@ class ModelBundle:
         return int(self.manifest["input"]["size"])
 
     @property
+    def denoiser_shape(self) -> tuple[int, int]:
+        """(channels, size) of the denoiser's ``x_t``: the latent's for a latent-diffusion bundle,
+        else the RGB model input's."""
+        latent = self.manifest.get("latent")
+        return (int(latent["channels"]), int(latent["size"])) if latent else (3, self.input_size)
+
+    @property
     def um_per_px(self) -> float:
         """Micrometres per model pixel: the scale every image is resampled to."""
         return float(self.manifest["input"]["um_per_px"])
@@ -190,7 +197,7 @@ class ModelBundle:
 
     def loss_mask(self) -> np.ndarray:
         """The ``[H, W]`` float32 weight map the classifier's denoising error is averaged over."""
-        size, spec = self.input_size, self.manifest["loss_mask"]
+        size, spec = self.denoiser_shape[1], self.manifest["loss_mask"]
         if spec["kind"] == "none":
             return np.ones((size, size), np.float32)
         yy, xx = np.mgrid[:size, :size]

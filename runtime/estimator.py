@@ -26,6 +26,7 @@ from cytoedge.kernels import add_noise, masked_weighted_error, prepare_batch
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
+from cytoedge.runtime.encoders import create_encoder
 from cytoedge.runtime.errors import BackendError, CalibrationError
 
 # errors(cell_index [n], class_id [n], probe k) -> masked error [n]
@@ -88,8 +89,8 @@ def noise_bank(bundle: ModelBundle, count: int | None = None, seed: int | None =
     seed = seed if seed is not None else int(cal.get("noise_seed", 0))
     if count <= 0:
         raise CalibrationError(f"{bundle.path}: no noise bank size in the calibration; run `cytoedge calibrate`")
-    size = bundle.input_size
-    return np.random.default_rng(seed).standard_normal((count, 3, size, size), dtype=np.float32)
+    channels, size = bundle.denoiser_shape
+    return np.random.default_rng(seed).standard_normal((count, channels, size, size), dtype=np.float32)
 
 
 def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: ErrorSource,
@@ -141,20 +142,22 @@ def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: Error
 
 
 class DenoiserErrorSource:
-    """Measures probe errors for (cell, class) pairs with a backend; cuts each cell's views once."""
+    """Measures probe errors for (cell, class) pairs with a backend; cuts (and, for a latent bundle,
+    encodes) each cell's views once."""
 
     def __init__(self, batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, probes: list[Probe],
-                 noise: np.ndarray):
+                 noise: np.ndarray, encoder=None):
         self.bundle, self.backend, self.probes, self.noise = bundle, backend, probes, noise
         self.mask = bundle.loss_mask()[None, None]
+        encoder = encoder or create_encoder(bundle)
         views = sorted({(p.angle, p.flip) for p in probes})
         self.view_index = {v: i for i, v in enumerate(views)}
-        n = len(batch)
-        self.x0 = np.empty((len(views), n, 3, bundle.input_size, bundle.input_size), np.float32)
+        channels, size = bundle.denoiser_shape
+        self.x0 = np.empty((len(views), len(batch), channels, size, size), np.float32)
         for (angle, flip), i in self.view_index.items():
             cells = batch.cells.copy()
             cells[:, 3], cells[:, 4] = angle, float(flip)
-            self.x0[i], _ = prepare_batch(batch.tiles, cells, bundle.input_size)
+            self.x0[i] = encoder.encode(prepare_batch(batch.tiles, cells, bundle.input_size)[0])
 
     def __call__(self, cell_idx: np.ndarray, class_idx: np.ndarray, k: int) -> np.ndarray:
         p = self.probes[k]

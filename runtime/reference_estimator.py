@@ -20,6 +20,7 @@ from cytoedge.kernels import masked_weighted_error, prepare_batch
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
+from cytoedge.runtime.encoders import create_encoder
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
     """Run the reference protocol on every cell of ``batch``."""
     k = len(bundle.class_names)
     size = bundle.input_size
+    channels, model_size = bundle.denoiser_shape
+    encoder = create_encoder(bundle)
     mask = bundle.loss_mask()[None, None]
     weights = timestep_weights(bundle)
     base_ts = np.linspace(1, bundle.schedule.num_train_timesteps - 1, settings.n_trials).round().astype(np.int64)
@@ -106,9 +109,9 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
             row[3] = r.rng.uniform(0, 2 * np.pi)
             row[4] = float(r.rng.random() < 0.5)
             rows.append(row)
-            noises.append(r.rng.standard_normal((3, size, size)).astype(np.float32))
+            noises.append(r.rng.standard_normal((channels, model_size, model_size)).astype(np.float32))
             ts.append(r.timesteps[len(r.errors)])
-        x0, _ = prepare_batch(batch.tiles, np.stack(rows), size)
+        x0 = encoder.encode(prepare_batch(batch.tiles, np.stack(rows), size)[0])
         xt = bundle.schedule.add_noise(x0, np.stack(noises), np.asarray(ts))
         xin, tin, nin = [], [], []
         for j, i in enumerate(active):

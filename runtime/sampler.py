@@ -12,12 +12,16 @@ import numpy as np
 
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.errors import BundleError
 
 
 def ddim_sample(bundle: ModelBundle, backend: DenoiserBackend, class_ids: np.ndarray, steps: int = 50,
                 seed: int = 0, eta: float = 1.0) -> np.ndarray:
     """Sample one cell per entry of ``class_ids``; returns RGB uint8 ``[N, S, S, 3]`` at model scale."""
     class_ids = np.asarray(class_ids, np.int64).reshape(-1)
+    if bundle.manifest.get("latent"):
+        raise BundleError(f"{bundle.path} is a latent-diffusion bundle without a VAE decoder: it can score cells "
+                          "but not draw them")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     rng = np.random.default_rng(seed)

@@ -128,7 +128,8 @@ class SlideScorer:
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self._classify = classify
         self._reference = reference_stats(bundle) if options.stain_normalise else None
-        self._plan = heatmap_plan(bundle) if options.heatmaps else None
+        # Counterfactual maps are pixel-space: a latent bundle's errors have no pixel to point at.
+        self._plan = heatmap_plan(bundle) if options.heatmaps and not bundle.manifest.get("latent") else None
         self._policy = TriagePolicy.from_bundle(bundle)
         norm = bundle.manifest["input"]["normalisation"]
         from cytoedge.kernels import ColourTransform

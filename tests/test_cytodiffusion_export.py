@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("cytodiffusion")
     unet = diffusers.UNet2DConditionModel(
         sample_size=45, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=768, attention_head_dim=8, norm_num_groups=8)
     with torch.no_grad():  # diffusers zero-initialises nothing here, but make the output layer clearly non-zero
         for p in unet.parameters():
@@ -91,3 +91,47 @@ def test_missing_vae_folder_is_refused(tmp_path):
     (tmp_path / "scheduler").mkdir()
     with pytest.raises(BundleError, match="vae/"):
         load_cytodiffusion(tmp_path)
+
+
+def test_latent_bundle_scores_cells_with_both_estimators(checkpoint, tmp_path):
+    """The estimators run on a latent bundle: crops → VAE latents → noised → UNet, never knowing it."""
+    from cytoedge.calibration.artefact import candidate_probes, write_calibration
+    from cytoedge.calibration.fit import fit_calibration
+    from cytoedge.kernels import cell_table
+    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from cytoedge.runtime.cells import CellBatch
+    from cytoedge.runtime.classify_cells import classify_batch
+    from cytoedge.runtime.estimator import DenoiserErrorSource, noise_bank
+    from cytoedge.runtime.probe_errors import all_class_errors
+    from cytoedge.runtime.reference_estimator import ReferenceSettings
+    from cytoedge.runtime.sampler import ddim_sample
+
+    export_cytodiffusion_bundle(checkpoint, tmp_path / "bundle", CLASSES, ["erythroblast", "ig"], IMAGE,
+                                um_per_px=0.1, batches=(1, 16))
+    bundle = ModelBundle.load(tmp_path / "bundle")
+    assert bundle.denoiser_shape == (4, 45) and bundle.loss_mask().shape == (45, 45)
+    rng = np.random.default_rng(3)
+    n = 2 * len(CLASSES)
+    tiles = [rng.integers(0, 256, (IMAGE + 20, IMAGE + 20, 3), dtype=np.uint8) for _ in range(n)]
+    centre = (IMAGE + 19) / 2
+    batch = CellBatch(tiles, cell_table(np.arange(n), np.full(n, centre), np.full(n, centre)))
+    backend = OnnxRuntimeBackend(bundle, threads=2, max_batch=8)  # 45×45 self-attention: keep batches small
+    probes = candidate_probes([100, 500], 1)
+    noise = noise_bank(bundle, len(probes), 11)
+    assert noise.shape == (2, 4, 45, 45)
+    source = DenoiserErrorSource(batch, bundle, backend, probes, noise)
+    assert source.x0.shape == (1, n, 4, 45, 45)  # encoded once per view
+    E = all_class_errors(batch, bundle, backend, probes, noise)
+    assert E.shape == (n, len(CLASSES), 2) and np.all(np.isfinite(E)) and np.all(E > 0)
+    labels = np.repeat(np.arange(len(CLASSES)), 2)
+    write_calibration(bundle, fit_calibration(E, labels, CLASSES, bundle.abnormal_classes, {"max_probes": 2}),
+                      probes, 11, {"data": "random tiles (test)"})
+    bundle = ModelBundle.load(tmp_path / "bundle")
+    fast = classify_batch(batch, bundle, backend)
+    assert fast == classify_batch(batch, bundle, backend)  # deterministic
+    assert all(r["class"] in CLASSES and 0 < r["nfe"] <= 2 * len(CLASSES) for r in fast)
+    ref = classify_batch(CellBatch(tiles[:2], batch.cells[:2]), bundle, backend, "reference",
+                         ReferenceSettings(n_trials=10, first_test=5))
+    assert all(r["class"] in CLASSES and r["nfe"] > 0 for r in ref)
+    with pytest.raises(BundleError, match="not draw them"):
+        ddim_sample(bundle, backend, np.array([0]), steps=2)

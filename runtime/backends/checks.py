@@ -6,12 +6,13 @@ import numpy as np
 from cytoedge.runtime.errors import BackendError
 
 
-def check_batch(x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray, size: int, num_classes: int,
+def check_batch(x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray, shape: tuple[int, int], num_classes: int,
                 num_timesteps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Validate and convert one denoiser batch to the contract's dtypes."""
+    """Validate and convert one denoiser batch to the contract's dtypes (``shape`` = (channels, size))."""
     x_t = np.ascontiguousarray(x_t, dtype=np.float32)
-    if x_t.ndim != 4 or x_t.shape[1:] != (3, size, size):
-        raise BackendError(f"x_t has shape {x_t.shape}; expected [B, 3, {size}, {size}]")
+    channels, size = shape
+    if x_t.ndim != 4 or x_t.shape[1:] != (channels, size, size):
+        raise BackendError(f"x_t has shape {x_t.shape}; expected [B, {channels}, {size}, {size}]")
     b = x_t.shape[0]
     if b == 0:
         raise BackendError("empty batch: x_t has 0 samples")

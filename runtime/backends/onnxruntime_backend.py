@@ -54,7 +54,7 @@ class OnnxRuntimeBackend:
         self._num_classes = bundle.num_class_ids
 
     def predict_noise(self, x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray) -> np.ndarray:
-        x_t, timestep, class_id = check_batch(x_t, timestep, class_id, self.bundle.input_size, self._num_classes,
+        x_t, timestep, class_id = check_batch(x_t, timestep, class_id, self.bundle.denoiser_shape, self._num_classes,
                                               self.bundle.schedule.num_train_timesteps)
         outs = []
         for s in range(0, x_t.shape[0], self.max_batch):

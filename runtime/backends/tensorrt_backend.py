@@ -197,8 +197,8 @@ class TensorRTBackend:
 
     # --- DenoiserBackend ---------------------------------------------------------------------
     def predict_noise(self, x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray) -> np.ndarray:
-        size = self.spec.inputs[0].shape[-1]
-        x_t, timestep, class_id = check_batch(x_t, timestep, class_id, size, self._num_classes,
+        x_shape = self.spec.inputs[0].shape
+        x_t, timestep, class_id = check_batch(x_t, timestep, class_id, (x_shape[1], x_shape[-1]), self._num_classes,
                                               self.bundle.schedule.num_train_timesteps)
         names = self.spec.input_names
         outs = []

@@ -55,7 +55,7 @@ class TorchBackend:
     def predict_noise(self, x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray) -> np.ndarray:
         import torch
 
-        x_t, timestep, class_id = check_batch(x_t, timestep, class_id, self.bundle.input_size,
+        x_t, timestep, class_id = check_batch(x_t, timestep, class_id, self.bundle.denoiser_shape,
                                               self.bundle.num_class_ids, self.bundle.schedule.num_train_timesteps)
         outs = []
         with torch.inference_mode():

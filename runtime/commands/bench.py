@@ -37,7 +37,7 @@ def time_denoiser(backend, bundle, batch: int, repeats: int, warmup: int, seed: 
     """Latency percentiles (ms) and throughput of ``backend.predict_noise`` at one batch size."""
     from cytoedge.export.validate import random_denoiser_inputs
 
-    x, t, c = random_denoiser_inputs(batch, 3, bundle.input_size, len(bundle.class_names),
+    x, t, c = random_denoiser_inputs(batch, *bundle.denoiser_shape, len(bundle.class_names),
                                      bundle.schedule.num_train_timesteps, seed)
     for _ in range(warmup):
         backend.predict_noise(x, t, c)

@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     batches = tuple(int(b) for b in args.batches.split(","))
     fused = args.network is not None and args.network.startswith("denoiser_error")
     make_spec = engine_spec.fused_error_spec if fused else engine_spec.denoiser_spec
-    spec = make_spec(bundle.input_size, 3, batches)
+    channels, size = bundle.denoiser_shape
+    spec = make_spec(size, channels, batches)
     engine = build_engine(onnx_path, spec, args.cache_dir, args.opt_level, args.timing_cache, args.workspace_mib,
                           force=args.force)
     print(f"engine: {engine}\nsidecar: {engine.with_suffix('.json')}")

@@ -1,0 +1,64 @@
+"""The space a cell is scored in: model pixels, or a latent-diffusion bundle's VAE latents.
+
+Pixel bundles (cytoedge's own) denoise the preprocessed crop itself. Latent bundles (CytoDiffusion,
+Stable Diffusion's VAE) denoise the scaled latent mean of the crop: the bundle's ``vae_encoder``
+network maps ``[N,3,S,S]`` in the model's value range to ``[N,C,s,s]`` once per cell view, before
+any noise is added. The estimators call ``encode`` and never ask which space they are in.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+
+class PixelSpace:
+    """Identity: the denoiser works on model-scale pixels."""
+
+    name = "pixels"
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+class VaeLatentSpace:
+    """The bundle's ``vae_encoder`` ONNX graph on ONNX Runtime (CPU unless CUDA is asked for)."""
+
+    name = "vae-latent"
+
+    def __init__(self, bundle: ModelBundle, threads: int | None = None, providers: list[str] | None = None,
+                 max_batch: int = 16):
+        import onnxruntime as ort
+
+        from cytoedge.runtime.backends.onnxruntime_backend import session_options
+
+        path = bundle.network_path(bundle.manifest["latent"].get("encoder", "vae_encoder"))
+        if path is None:
+            raise BackendError(f"{bundle.path}: manifest 'latent' names no encoder network among 'networks'")
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads),
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own untyped errors for unreadable graphs
+            raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
+        self.input_name = self.session.get_inputs()[0].name
+        self.shape = bundle.denoiser_shape
+        self.max_batch = max_batch
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        parts = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[s:s + self.max_batch], np.float32)})[0]
+                 for s in range(0, x.shape[0], self.max_batch)]
+        z = np.concatenate(parts) if parts else np.zeros((0, *self.shape[:1], self.shape[1], self.shape[1]), np.float32)
+        if z.shape[1:] != (self.shape[0], self.shape[1], self.shape[1]) or not np.all(np.isfinite(z)):
+            raise BackendError(f"the VAE encoder returned {z.shape} (non-finite values: {not np.all(np.isfinite(z))}); "
+                               f"the manifest's latent is {self.shape}")
+        return z
+
+
+def create_encoder(bundle: ModelBundle, threads: int | None = None) -> PixelSpace | VaeLatentSpace:
+    """The encoder of ``bundle``'s scoring space."""
+    return VaeLatentSpace(bundle, threads) if bundle.manifest.get("latent") else PixelSpace()
