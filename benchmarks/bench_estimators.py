@@ -41,12 +41,13 @@ def load(files, bundle):
 
 
 def run_fast(files, bundle, backend):
-    parts, nfe, t0 = [], [], time.perf_counter()
+    parts, nfe, temps, t0 = [], [], [], time.perf_counter()
     for s in range(0, len(files), CHUNK):
         out = score_cells_fast(load(files[s:s + CHUNK], bundle), bundle, backend)
         parts.append(out.decisions)
         nfe.append(out.nfe)
-    return concat_decisions(parts), np.concatenate(nfe), time.perf_counter() - t0
+        temps.append(out.temperature)
+    return concat_decisions(parts), np.concatenate(nfe), np.concatenate(temps), time.perf_counter() - t0
 
 
 def run_reference(files, bundle, backend, settings):
@@ -65,11 +66,13 @@ def nfe_curve(files, y, bundle, backend) -> list[dict]:
     E = np.concatenate([all_class_errors(load(files[s:s + CHUNK], bundle), bundle, backend, probes, noise)
                         for s in range(0, len(files), CHUNK)])
     k, rows = len(bundle.class_names), []
+    null = E[:, k] if E.shape[1] > k else None  # measured beside each probe, as the live race does
     for n_probes in range(1, len(probes) + 1):
         for scale in (0.5, 1.0, 2.0, np.inf):
             w = settings.weights[:n_probes]
             margins = settings.margins[:n_probes] * scale if np.isfinite(scale) else np.full(n_probes, np.inf)
-            race = offline_race(E[:, :, :n_probes], RaceSettings(w, margins, settings.temperature))
+            race = offline_race(E[:, :k, :n_probes], RaceSettings(w, margins, settings.temperature),
+                                None if null is None else null[:, :n_probes])
             pred = race.gaps.argmin(1)
             rows.append({"probes": n_probes, "margin_scale": "none" if scale == np.inf else scale,
                          "nfe_mean": float(race.nfe.mean()), "balanced_accuracy": m.balanced_accuracy(y, pred, k)})
@@ -119,12 +122,13 @@ def main() -> None:
     files, labels, _ = list_labelled_files(args.data, names)
     files, labels = select_half(files, labels, "held-out")
 
-    dec, nfe, secs = run_fast(files, bundle, backend)
+    dec, nfe, temperature, secs = run_fast(files, bundle, backend)
     full = evaluate_arrays(labels, dec.class_id, nfe, secs, names, bundle.abnormal_classes, dec)
-    raw_p = np.exp(-(-np.log(np.clip(dec.probabilities, 1e-300, 1)) * bundle.calibration["temperature"]))
+    raw_p = np.exp(-(-np.log(np.clip(dec.probabilities, 1e-300, 1)) * temperature[:, None]))
     raw_p /= raw_p.sum(1, keepdims=True)
     before = {"ece_15": m.expected_calibration_error(raw_p, labels), "nll": m.nll(raw_p, labels)}
-    figures = plots(dec, labels, f"T = {bundle.calibration['temperature']:.3g}")
+    figures = plots(dec, labels, "T by depth " + ", ".join(f"{t:.3g}" for t in bundle.calibration.get(
+        "temperature_by_depth", [bundle.calibration["temperature"]])))
 
     sub = stratified_subset(labels, args.reference_per_class, seed=1)
     sub_files, y = [files[i] for i in sub], labels[sub]

@@ -61,6 +61,15 @@ def anomaly_scores(leader_weighted_errors: np.ndarray, null_weighted_errors: np.
     return np.nanmean(z, axis=1)
 
 
+def cell_temperatures(depth: np.ndarray, cal: dict) -> np.ndarray:
+    """Each cell's temperature: by how many probes its race ran (``temperature_by_depth``, the last
+    entry for that depth and deeper), else the single calibrated temperature."""
+    by_depth = cal.get("temperature_by_depth")
+    if not by_depth:
+        return np.full(len(depth), float(cal["temperature"]))
+    return np.asarray(by_depth, np.float64)[np.clip(np.asarray(depth) - 1, 0, len(by_depth) - 1)]
+
+
 def decide(p: np.ndarray, anomaly: np.ndarray, abnormal_mask: np.ndarray, cal: dict) -> CellDecisions:
     """Apply the calibrated thresholds (conformal, abstention, anomaly, abnormal operating point)."""
     top2 = np.sort(p, axis=1)[:, ::-1][:, :2]

@@ -7,7 +7,7 @@ that shaped the scores:
 * on A: greedy probe selection with weights fitted by maximum likelihood (the score
   ``−Σ_k w_k e_ck`` as a multinomial logit), elimination margins (how far behind the eventual
   winner may be after k probes, quantile ``elimination_quantile``), temperature of the race's
-  extrapolated gaps, anomaly normalisation (per-probe mean/std of the true class's log error
+  extrapolated gaps (one overall, and one per race depth: cells decided after 1, 2, ≥ 3 probes), anomaly normalisation (per-probe mean/std of the true class's log error
   ratio to the null class, or of its error where the network has no null class);
 * on B: conformal threshold (LAC, split conformal, coverage ``coverage``), abstention threshold
   (lowest top-class probability keeping selective accuracy ≥ ``selective_accuracy``), anomaly
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize
 
-from cytoedge.calibration.decisions import anomaly_scores, anomaly_values, decide
+from cytoedge.calibration.decisions import anomaly_scores, anomaly_values, cell_temperatures, decide
 from cytoedge.runtime.errors import CalibrationError
 from cytoedge.runtime.estimator import RaceSettings, run_race
 
@@ -31,6 +31,11 @@ DEFAULT_SETTINGS = {
     "selective_accuracy": 0.95,
     "max_abstention": 0.15,
     "anomaly_quantile": 0.99,
+    # Temperatures per race depth (cells decided after 1, 2, ≥ 3 probes): an early decision's gaps are
+    # extrapolated from fewer measurements, so they need their own scale. A depth with fewer than
+    # ``min_cells_per_temperature`` cells in A uses the single temperature.
+    "depth_temperatures": 3,
+    "min_cells_per_temperature": 20,
     "abnormal_sensitivity": 0.95,
     "split_a_fraction": 0.6,
     "seed": 0,
@@ -109,6 +114,14 @@ def fit_temperature(gaps: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(optimize.minimize_scalar(nll, bounds=(-8, 8), method="bounded").x))
 
 
+def fit_depth_temperatures(gaps: np.ndarray, depth: np.ndarray, y: np.ndarray, groups: int, min_cells: int,
+                           fallback: float) -> list[float]:
+    """One temperature per race depth 1 … ``groups`` (the last for that depth and deeper)."""
+    group = np.minimum(depth, groups)
+    return [fit_temperature(gaps[group == g], y[group == g]) if (group == g).sum() >= min_cells else fallback
+            for g in range(1, groups + 1)]
+
+
 def conformal_threshold(p: np.ndarray, y: np.ndarray, coverage: float) -> float:
     """Split-conformal LAC threshold on 1 − p_true (Sadinle et al. 2019)."""
     scores = 1.0 - p[np.arange(len(y)), y]
@@ -177,17 +190,20 @@ def fit_calibration(E: np.ndarray, y: np.ndarray, class_names: list[str], abnorm
     margins = elimination_margins(Ew[a] * weights, s["elimination_quantile"])
     race_a = offline_race(Ew[a], RaceSettings(weights, margins, 1.0))
     temperature = fit_temperature(race_a.gaps, y[a])
+    by_depth = fit_depth_temperatures(race_a.gaps, race_a.depth, y[a], s["depth_temperatures"],
+                                      s["min_cells_per_temperature"], temperature)
     settings_t = RaceSettings(weights, margins, temperature)
     true_w = Ew[a, :, :][np.arange(len(a)), y[a]] * weights
     known = anomaly_values(true_w, None if null_w is None else null_w[a] * weights)
     normalisation = {"kind": "leader_error" if null_w is None else "null_ratio",
                      "mean": known.mean(0).tolist(), "std": (known.std(0) + 1e-12).tolist()}
     race_b = offline_race(Ew[b], settings_t, None if null_w is None else null_w[b])
-    p_b = race_b.probabilities(temperature)
+    p_b = race_b.probabilities(cell_temperatures(race_b.depth, {"temperature_by_depth": by_depth}))
     anomaly_b = anomaly_scores(race_b.leader_errors, race_b.null_errors, normalisation)
     abnormal_mask = np.array([c in abnormal_classes for c in class_names])
     cal = {
         "temperature": temperature,
+        "temperature_by_depth": by_depth,
         "conformal_threshold": conformal_threshold(p_b, y[b], s["coverage"]),
         "abstention_threshold": abstention_threshold(p_b, y[b], s["selective_accuracy"], s["max_abstention"]),
         "anomaly_threshold": float(np.quantile(anomaly_b, s["anomaly_quantile"])),

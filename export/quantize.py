@@ -48,8 +48,11 @@ def boundary_convs(onnx_path: Path, first: int = KEEP_FP32_FIRST, last: int = KE
     return convs[:first] + convs[len(convs) - last:]
 
 
-def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> Path:
-    """Write the INT8 QDQ copy of ``src`` to ``dst`` (convolutions only, per-channel weights)."""
+def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]], keep_first: int = KEEP_FP32_FIRST,
+                  keep_last: int = KEEP_FP32_LAST, method: str = "percentile") -> Path:
+    """Write the INT8 QDQ copy of ``src`` to ``dst`` (convolutions only, per-channel weights; the
+    first ``keep_first`` and last ``keep_last`` convolutions FP32; activation ranges by ``method``:
+    percentile, entropy or minmax)."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_static)
 
@@ -60,11 +63,15 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict[str, np.ndarray]]) -> P
         def get_next(self):
             return next(self._it, None)
 
+    methods = {"percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy,
+               "minmax": CalibrationMethod.MinMax}
+    if method not in methods:
+        raise ValueError(f"method must be one of {sorted(methods)}, got {method!r}")
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(str(src), str(dst), Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    op_types_to_quantize=["Conv"], nodes_to_exclude=boundary_convs(src),
+                    op_types_to_quantize=["Conv"], nodes_to_exclude=boundary_convs(src, keep_first, keep_last),
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.Percentile)
+                    calibrate_method=methods[method])
     log.info("INT8 graph %s (calibrated on %d batches)", dst, len(feeds))
     return dst

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cytoedge.calibration.decisions import CellDecisions, anomaly_scores, decide
+from cytoedge.calibration.decisions import CellDecisions, anomaly_scores, cell_temperatures, decide
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
@@ -23,6 +23,7 @@ ESTIMATORS = ("fast", "reference")
 class FastOutcome:
     decisions: CellDecisions
     nfe: np.ndarray
+    temperature: np.ndarray  # per cell: the calibrated temperature its probabilities used
 
 
 def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) -> FastOutcome:
@@ -31,13 +32,14 @@ def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBac
 
     race = estimate(batch, bundle, backend)
     cal = bundle.calibration
-    p = race.probabilities(cal["temperature"])
+    temperature = cell_temperatures(race.depth, cal)
+    p = race.probabilities(temperature)
     try:
         anomaly = anomaly_scores(race.leader_errors, race.null_errors, cal["anomaly_normalisation"])
     except ValueError as e:
         raise CalibrationError(f"{bundle.path}: {e}") from None
     abnormal_mask = np.array([c in bundle.abnormal_classes for c in bundle.class_names])
-    return FastOutcome(decide(p, anomaly, abnormal_mask, cal), race.nfe)
+    return FastOutcome(decide(p, anomaly, abnormal_mask, cal), race.nfe, temperature)
 
 
 def classify_batch(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast",

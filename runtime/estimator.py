@@ -75,8 +75,14 @@ class RaceResult:
     leader_errors: np.ndarray  # [N, M] weighted errors of the final leader, NaN where not run
     null_errors: np.ndarray | None = None  # [N, M] weighted errors of the null class, NaN where not run
 
-    def probabilities(self, temperature: float) -> np.ndarray:
-        logits = -self.gaps / temperature
+    @property
+    def depth(self) -> np.ndarray:
+        """Probes each cell's leader ran: 1 for a cell decided by the first probe."""
+        return self.probes_run.max(1)
+
+    def probabilities(self, temperature: float | np.ndarray) -> np.ndarray:
+        """``softmax(−gaps / T)``; ``temperature`` one number or one per cell."""
+        logits = -self.gaps / np.reshape(temperature, (-1, 1))
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(1, keepdims=True)

@@ -61,6 +61,25 @@ def test_null_ratio_anomaly_score_flags_cells_no_class_explains(rng):
         anomaly_scores(race.leader_errors, None, cal["anomaly_normalisation"])
 
 
+def test_temperatures_by_race_depth_recover_each_depths_scale(rng):
+    """Gaps drawn at temperature 3 for cells decided after one probe, 1 for deeper races."""
+    from cytoedge.calibration.decisions import cell_temperatures
+    from cytoedge.calibration.fit import fit_depth_temperatures
+
+    n, k = 3000, 4
+    depth = rng.choice([1, 2, 3, 4], n, p=[0.6, 0.2, 0.1, 0.1])
+    logits = rng.normal(0, 2.0, (n, k))
+    y = np.array([rng.choice(k, p=np.exp(l) / np.exp(l).sum()) for l in logits])
+    true_t = np.where(depth == 1, 3.0, 1.0)
+    gaps = (logits.max(1, keepdims=True) - logits) * true_t[:, None]
+    temps = fit_depth_temperatures(gaps, depth, y, groups=3, min_cells=20, fallback=9.0)
+    np.testing.assert_allclose(temps, [3.0, 1.0, 1.0], rtol=0.15)
+    assert fit_depth_temperatures(gaps, depth, y, groups=3, min_cells=10**6, fallback=9.0) == [9.0] * 3
+    np.testing.assert_array_equal(cell_temperatures(np.array([1, 2, 3, 7]), {"temperature_by_depth": [3.0, 2.0, 1.0]}),
+                                  [3.0, 2.0, 1.0, 1.0])
+    np.testing.assert_array_equal(cell_temperatures(np.array([1, 5]), {"temperature": 1.5}), [1.5, 1.5])
+
+
 def test_fit_refuses_data_missing_a_class(rng):
     E, y = synthetic_errors(rng, n=100)
     y[y == 3] = 0
