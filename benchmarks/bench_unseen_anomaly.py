@@ -65,7 +65,9 @@ def main() -> None:
               "auroc_best_class_error": auroc(best_error, is_unseen), "nfe_mean": float(nfe.mean()),
               "flag_rate_unseen": float(flagged[is_unseen].mean()), "flag_rate_known": float(flagged[~is_unseen].mean())}
     print(json.dumps(result, indent=2))
-    body = (f"Model `{bundle.name}` trained without {unseen} (bundle {bundle.sha256[:12]}); held-out half of "
+    prov = bundle.manifest.get("provenance", {})
+    body = (f"Model `{bundle.name}` trained without {unseen} (bundle {bundle.sha256[:12]}; {prov.get('steps')} steps, "
+            f"{prov.get('train_minutes')} min, null-class share {prov.get('null_class_prob', 0.0)}); held-out half of "
             f"`{args.data}`: {result['cells_known']} known-class cells, {result['cells_unseen']} unseen.\n\n"
             "| measure | value | target |\n|---|---|---|\n"
             f"| AUROC, anomaly score (`{result['anomaly_kind']}`) | {result['auroc_anomaly_score']:.3f} | ≥ 0.95 |\n"

@@ -38,6 +38,8 @@ def test_prediction_depends_on_class_and_timestep(bundle, ort_backend, rng):
     by_time = ort_backend.predict_noise(x, np.array([50, 900]), np.array([3, 3]))
     assert np.abs(by_class[0] - by_class[1]).mean() > 1e-4
     assert np.abs(by_time[0] - by_time[1]).mean() > 1e-3
+    null = ort_backend.predict_noise(x[:1], np.array([300]), np.array([ort_backend.bundle.null_class_id]))
+    assert ort_backend.bundle.null_class_id == 8 and np.abs(null[0] - by_class[0]).mean() > 1e-4
 
 
 @pytest.mark.parametrize("shape, t, c, message", [
@@ -45,7 +47,7 @@ def test_prediction_depends_on_class_and_timestep(bundle, ort_backend, rng):
     ((2, 3, 16, 16), [1, 2], [0, 1], "expected"),
     ((2, 3, 32, 32), [1], [0, 1], "must both be"),
     ((2, 3, 32, 32), [1, 1000], [0, 1], "timestep values"),
-    ((2, 3, 32, 32), [1, 2], [0, 8], "class_id values"),
+    ((2, 3, 32, 32), [1, 2], [0, 9], "class_id values"),  # 8 is the bundled model's null class
 ])
 def test_bad_batches_are_refused(ort_backend, bundle, shape, t, c, message):
     shape = shape[:2] + (bundle.input_size, bundle.input_size) if shape[2] == 32 else shape
