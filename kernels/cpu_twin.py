@@ -24,7 +24,6 @@ This is the path wherever there is no GPU, and the reference the CUDA source is 
 """
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -155,14 +154,13 @@ def colour_lut(colour: ColourTransform) -> np.ndarray:
     return np.minimum(np.maximum(grey * scale + offset, lo), hi)
 
 
-def sampling_maps(affines: np.ndarray, out_size: int,
-                  out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sampling_maps(affines: np.ndarray, out_size: int) -> tuple[np.ndarray, np.ndarray]:
     """``(qx, qy)`` float32 ``[N·S, S]``: every cell's source coordinates stacked (cv2.remap maps)."""
     grid = np.arange(out_size, dtype=np.float32)
     n = affines.shape[0]
     maps = []
-    for k, row in enumerate((0, 3)):
-        q = np.empty((n, out_size, out_size), np.float32) if out is None else out[k].reshape(n, out_size, out_size)
+    for row in (0, 3):
+        q = np.empty((n, out_size, out_size), np.float32)
         row_term = np.multiply.outer(affines[:, row + 1], grid)
         row_term += affines[:, row + 2, None]
         np.add(np.multiply.outer(affines[:, row], grid)[:, None, :], row_term[:, :, None], out=q)
@@ -190,16 +188,6 @@ class CpuPreprocessor:
             raise ValueError(f"threads and cells_per_chunk must be >= 1, got {threads}, {cells_per_chunk}")
         self.threads, self.cells_per_chunk = int(threads), int(cells_per_chunk)
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
-        self._local = threading.local()
-
-    def _buffer(self, name: str, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-        """A scratch array kept between calls (per calling thread): fresh megabyte-sized arrays
-        would cost more in page faults than the resampling itself."""
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        buf = buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype:
-            buf = buffers[name] = np.empty(shape, dtype)
-        return buf
 
     def prepare_batch(self, tiles: list[np.ndarray], cells: np.ndarray, out_size: int,
                       colour: ColourTransform = ColourTransform(),
@@ -218,15 +206,11 @@ class CpuPreprocessor:
             return np.empty((0, 3, size, size), dt), np.empty((0, size, size), np.uint8)
         order = np.argsort(cells[:, 0], kind="stable")
         tile_of = cells[order, 0].astype(np.int64)
-        rows_shape = (n * size, size)
-        qx, qy = sampling_maps(cell_affines(cells[order], size), size,
-                               out=(self._buffer("qx", rows_shape, np.float32), self._buffer("qy", rows_shape, np.float32)))
-        sampled = self._buffer("sampled", rows_shape + (4,), np.uint8)
-        inside = self._buffer("inside", rows_shape, np.uint8)
+        qx, qy = sampling_maps(cell_affines(cells[order], size), size)
+        sampled = np.empty((n * size, size, 4), np.uint8)
+        inside = np.empty((n * size, size), np.uint8)
         # 4 channels: OpenCV's remap runs about twice as fast on RGBA as on RGB.
-        rgba = {t: cv2.cvtColor(np.ascontiguousarray(tiles[t]), cv2.COLOR_RGB2RGBA,
-                                dst=self._buffer(f"rgba{t}", tiles[t].shape[:2] + (4,), np.uint8))
-                for t in np.unique(tile_of)}
+        rgba = {t: cv2.cvtColor(np.ascontiguousarray(tiles[t]), cv2.COLOR_RGB2RGBA) for t in np.unique(tile_of)}
         starts = np.searchsorted(tile_of, np.arange(len(tiles) + 1))
         jobs = [(t, lo, min(lo + self.cells_per_chunk, starts[t + 1]))
                 for t in rgba for lo in range(starts[t], starts[t + 1], self.cells_per_chunk)]
@@ -238,20 +222,15 @@ class CpuPreprocessor:
             rows = slice(lo * size, hi * size)
             _sample_rows(rgba[t], qx[rows], qy[rows], sampled[rows], inside[rows])
 
-        rows = slice(None) if np.array_equal(order, np.arange(n)) else order
-
-        planes = [(self._buffer(f"grey{c}", rows_shape, np.uint8), self._buffer(f"lut{c}", rows_shape, np.float32))
-                  for c in range(3)]
+        dest = slice(None) if np.array_equal(order, np.arange(n)) else order  # back to the caller's order
 
         def colour_channel(c: int) -> None:
-            grey, values = planes[c]
-            cv2.extractChannel(sampled, c, dst=grey)
-            x[rows, c] = cv2.LUT(grey, lut[c], dst=values).reshape(n, size, size)
+            x[dest, c] = cv2.LUT(cv2.extractChannel(sampled, c), lut[c]).reshape(n, size, size)
 
         self._map(resample, jobs)
         self._map(colour_channel, range(3))
         valid = np.empty((n, size, size), np.uint8)
-        valid[rows] = inside.reshape(n, size, size)
+        valid[dest] = inside.reshape(n, size, size)
         np.minimum(valid, 1, out=valid)  # inRange marks 255
         return (x if dt == np.float32 else x.astype(dt)), valid
 

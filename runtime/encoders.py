@@ -7,14 +7,10 @@ any noise is added. The estimators call ``encode`` and never ask which space the
 """
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import BackendError
-
-log = logging.getLogger(__name__)
 
 
 class PixelSpace:
@@ -52,13 +48,23 @@ class VaeLatentSpace:
     def encode(self, x: np.ndarray) -> np.ndarray:
         parts = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[s:s + self.max_batch], np.float32)})[0]
                  for s in range(0, x.shape[0], self.max_batch)]
-        z = np.concatenate(parts) if parts else np.zeros((0, *self.shape[:1], self.shape[1], self.shape[1]), np.float32)
-        if z.shape[1:] != (self.shape[0], self.shape[1], self.shape[1]) or not np.all(np.isfinite(z)):
+        channels, size = self.shape
+        z = np.concatenate(parts) if parts else np.zeros((0, channels, size, size), np.float32)
+        if z.shape[1:] != (channels, size, size) or not np.all(np.isfinite(z)):
             raise BackendError(f"the VAE encoder returned {z.shape} (non-finite values: {not np.all(np.isfinite(z))}); "
                                f"the manifest's latent is {self.shape}")
         return z
 
 
-def create_encoder(bundle: ModelBundle, threads: int | None = None) -> PixelSpace | VaeLatentSpace:
-    """The encoder of ``bundle``'s scoring space."""
-    return VaeLatentSpace(bundle, threads) if bundle.manifest.get("latent") else PixelSpace()
+_ENCODERS: dict[tuple[str, str], VaeLatentSpace] = {}
+
+
+def create_encoder(bundle: ModelBundle) -> PixelSpace | VaeLatentSpace:
+    """The encoder of ``bundle``'s scoring space; a latent bundle's ONNX session is opened once per
+    process and bundle version (the estimators ask for it on every batch)."""
+    if not bundle.manifest.get("latent"):
+        return PixelSpace()
+    key = (str(bundle.path.resolve()), bundle.sha256)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = VaeLatentSpace(bundle)
+    return _ENCODERS[key]

@@ -152,10 +152,10 @@ class DenoiserErrorSource:
     encodes) each cell's views once."""
 
     def __init__(self, batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, probes: list[Probe],
-                 noise: np.ndarray, encoder=None):
+                 noise: np.ndarray):
         self.bundle, self.backend, self.probes, self.noise = bundle, backend, probes, noise
         self.mask = bundle.loss_mask()[None, None]
-        encoder = encoder or create_encoder(bundle)
+        encoder = create_encoder(bundle)
         views = sorted({(p.angle, p.flip) for p in probes})
         self.view_index = {v: i for i, v in enumerate(views)}
         channels, size = bundle.denoiser_shape

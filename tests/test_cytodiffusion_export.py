@@ -121,6 +121,9 @@ def test_latent_bundle_scores_cells_with_both_estimators(checkpoint, tmp_path):
     assert noise.shape == (2, 4, 45, 45)
     source = DenoiserErrorSource(batch, bundle, backend, probes, noise)
     assert source.x0.shape == (1, n, 4, 45, 45)  # encoded once per view
+    from cytoedge.runtime.encoders import VaeLatentSpace, create_encoder
+
+    assert isinstance(create_encoder(bundle), VaeLatentSpace) and create_encoder(bundle) is create_encoder(bundle)
     E = all_class_errors(batch, bundle, backend, probes, noise)
     assert E.shape == (n, len(CLASSES), 2) and np.all(np.isfinite(E)) and np.all(E > 0)
     labels = np.repeat(np.arange(len(CLASSES)), 2)
