@@ -22,12 +22,12 @@ import numpy as np
 from results_md import write_section
 
 from cytoedge.export.export_bundle import export_bundle
-from cytoedge.export.validate import classifier_by_name, decision_agreement, load_labelled_cells
+from cytoedge.export.validate import DECISION_AGREEMENT_BAR, classifier_by_name, decision_agreement, load_labelled_cells
 from cytoedge.models import default_bundle_path
 from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 from cytoedge.runtime.bundle import ModelBundle
 
-TARGET = 0.995
+TARGET = DECISION_AGREEMENT_BAR
 
 
 def interleave_classes(labels: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 Classifier = Callable[[CellBatch, ModelBundle, DenoiserBackend], np.ndarray]
 
+# A reduced-precision graph (FP16, INT8) may replace FP32 only where it decides like FP32 on at least
+# this share of labelled cells (issue 6's bar for FP16, applied to every reduced precision).
+DECISION_AGREEMENT_BAR = 0.995
+
 
 def reference_classifier(n_trials: int = 40, seed: int = 0) -> Classifier:
     """CytoDiffusion's protocol with ``n_trials`` trials per cell and a fixed seed."""
@@ -37,12 +41,10 @@ def reference_classifier(n_trials: int = 40, seed: int = 0) -> Classifier:
 
 def fast_classifier() -> Classifier:
     """The calibrated fast estimator (needs a bundle with calibration)."""
-    from cytoedge.runtime import estimator
+    from cytoedge.runtime.estimator import estimate
 
     def classify(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) -> np.ndarray:
-        if hasattr(estimator, "FastEstimator"):
-            return np.asarray(estimator.FastEstimator(bundle, backend).classify(batch))
-        return estimator.estimate(batch, bundle, backend).gaps.argmin(1)
+        return estimate(batch, bundle, backend).gaps.argmin(1)
 
     return classify
 

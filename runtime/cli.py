@@ -22,6 +22,7 @@ COMMANDS = [
     "cytoedge.runtime.commands.synth",
     "cytoedge.runtime.commands.demo",
     "cytoedge.runtime.commands.export",
+    "cytoedge.runtime.commands.quantize",
     "cytoedge.runtime.commands.build_engine",
     "cytoedge.runtime.commands.doctor",
     "cytoedge.runtime.commands.bench",

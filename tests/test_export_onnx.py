@@ -119,26 +119,6 @@ def test_decision_agreement_counts_disagreements(bundle, ort_backend):
     assert result.agreeing == 0 and result.to_dict()["disagreeing_cells"] == [0, 1, 2]
 
 
-def test_int8_graph_quantises_inner_convolutions_only(bundle, tmp_path):
-    from cytoedge.export.quantize import boundary_convs, calibration_feeds, quantize_int8
-    from cytoedge.kernels import prepare_batch
-
-    cells = random_cells(bundle, 8)
-    x0, _ = prepare_batch(cells.tiles, cells.cells, bundle.input_size)
-    path = quantize_int8(bundle.denoiser_path, tmp_path / "int8.onnx", calibration_feeds(bundle, x0, batches=2, batch=8))
-    graph = onnx.load(str(path)).graph
-    kept = boundary_convs(bundle.denoiser_path)
-    producers = {o: n for n in graph.node for o in n.output}
-    convs = {n.name: n for n in graph.node if n.op_type == "Conv"}
-    fed_by_dequantize = {name: producers.get(n.input[0]) is not None and producers[n.input[0]].op_type ==
-                         "DequantizeLinear" for name, n in convs.items()}
-    assert kept and not any(fed_by_dequantize[name] for name in kept)
-    assert sum(fed_by_dequantize.values()) == len(convs) - len(kept) > 0
-    int8 = OnnxRuntimeBackend(bundle, threads=1, model_path=path)
-    fp32 = OnnxRuntimeBackend(bundle, threads=1)
-    assert 0 < max_abs_error(fp32, int8, bundle) < 1.0
-
-
 def test_export_command_validates_decisions_on_labelled_cells(bundle, tmp_path, capsys):
     """`cytoedge export --validate-data`: generated labelled crops, decisions of ONNX vs PyTorch and FP16 vs FP32."""
     import json

@@ -25,14 +25,21 @@ def session_options(threads: int | None):
 
 
 class OnnxRuntimeBackend:
-    """Runs the bundle's ``denoiser.onnx`` through an ONNX Runtime session."""
+    """Runs the bundle's ``denoiser.onnx`` (or another graph of the same contract: ``model_path``, or the
+    bundle's INT8 graph with ``precision="int8"``) through an ONNX Runtime session."""
 
     def __init__(self, bundle: ModelBundle, providers: list[str] | None = None, threads: int | None = None,
-                 max_batch: int = 256, model_path: Path | None = None):
+                 max_batch: int = 256, model_path: Path | None = None, precision: str = "fp32"):
         import onnxruntime as ort
 
+        if precision not in ("fp32", "int8"):
+            raise BackendError(f"ONNX Runtime precision must be 'fp32' or 'int8', got {precision!r}")
         self.bundle = bundle
         self.max_batch = max_batch
+        if model_path is None and precision == "int8":
+            model_path = bundle.network_path("denoiser_int8")
+            if model_path is None:
+                raise BackendError(f"{bundle.path} has no INT8 graph; run `cytoedge quantize --model {bundle.path}`")
         path = Path(model_path or bundle.denoiser_path)
         requested = providers or ["CPUExecutionProvider"]
         available = ort.get_available_providers()
@@ -45,7 +52,8 @@ class OnnxRuntimeBackend:
             raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
         # onnxruntime-gpu falls back to the CPU silently when CUDA libraries are missing: report what runs.
         self.providers = self.session.get_providers()
-        self.name = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in self.providers else "cpu")
+        self.name = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in self.providers else "cpu") \
+            + ("-int8" if precision == "int8" else "")
         log.info("ONNX Runtime session on %s with providers %s", path.name, self.providers)
         self._input_names = [i.name for i in self.session.get_inputs()]
         expected = ["x_t", "timestep", "class_id"]

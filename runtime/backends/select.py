@@ -17,7 +17,7 @@ from cytoedge.runtime.errors import BackendError
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "torch")
+BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "onnxruntime-cpu-int8", "torch")
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,32 @@ def onnxruntime_cuda_availability() -> Availability:
                         + (f" (warning: {conflict})" if conflict else ""))
 
 
+def int8_availability(bundle: ModelBundle | None) -> Availability:
+    """The bundle's INT8 graph may run only if it was quantised from this FP32 graph and decided like it
+    on labelled cells (``cytoedge quantize``)."""
+    name = "onnxruntime-cpu-int8"
+    if bundle is None:
+        return Availability(name, False, "no bundle given")
+    net = bundle.manifest["networks"].get("denoiser_int8")
+    if net is None:
+        return Availability(name, False, f"the bundle has no INT8 graph; run `cytoedge quantize --model {bundle.path}`")
+    fp32_sha = bundle.manifest["files"][bundle.manifest["networks"]["denoiser"]["file"]]["sha256"]
+    if net.get("source_sha256") != fp32_sha:
+        return Availability(name, False, "the INT8 graph was quantised from another FP32 graph; rerun `cytoedge quantize`")
+    check = net.get("decision_check") or {}
+    if not check.get("passed"):
+        return Availability(name, False, f"the INT8 graph did not pass its decision check (agreement "
+                                         f"{check.get('agreement')} < bar {check.get('bar')}); FP32 is used")
+    return Availability(name, True, f"INT8 convolutions, decisions {check['agreeing']}/{check['cells']} "
+                                    f"= {check['agreement']:.4f} of FP32's on {check['data']}")
+
+
 def backend_availability(bundle: ModelBundle | None = None, cache_dir: Path | None = None) -> list[Availability]:
     """Every backend, whether it can run here, and why (or why not)."""
     import onnxruntime as ort
 
     out = [tensorrt_availability(bundle, cache_dir), onnxruntime_cuda_availability(),
-           Availability("onnxruntime-cpu", True, f"ONNX Runtime {ort.__version__}")]
+           Availability("onnxruntime-cpu", True, f"ONNX Runtime {ort.__version__}"), int8_availability(bundle)]
     try:
         import torch
 
@@ -107,6 +127,11 @@ def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None 
         from cytoedge.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, max_batch=max_batch, threads=threads)
+    if name == "onnxruntime-cpu-int8":
+        int8 = int8_availability(bundle)
+        if not int8.available:
+            raise BackendError(f"onnxruntime-cpu-int8 requested but unusable: {int8.reason}")
+        return OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], threads, max_batch, precision="int8")
     if name in ("auto", "tensorrt"):
         trt = Availability("tensorrt", True, f"engine {engine} given", Path(engine)) if engine \
             else tensorrt_availability(bundle)

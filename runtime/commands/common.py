@@ -10,7 +10,8 @@ from cytoedge.runtime.cells import IMAGE_SUFFIXES
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="model bundle folder (default: the bundled model)")
     p.add_argument("--backend", default="auto",
-                   help="auto (TensorRT > ONNX Runtime CUDA > CPU) | tensorrt | onnxruntime-cuda | onnxruntime-cpu | torch")
+                   help="auto (TensorRT > ONNX Runtime CUDA > CPU) | tensorrt | onnxruntime-cuda | onnxruntime-cpu | "
+                        "onnxruntime-cpu-int8 (after `cytoedge quantize`) | torch")
     p.add_argument("--estimator", choices=("fast", "reference"), default="fast",
                    help="fast: calibrated fixed-timestep estimator; reference: CytoDiffusion's protocol")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")

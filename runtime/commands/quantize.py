@@ -1,0 +1,84 @@
+"""``cytoedge quantize --data TRAIN_DIR --check CHECK_DIR``: an INT8 denoiser for CPUs with VNNI.
+
+Measures how far quantising each convolution moves the calibrated class scores (on cells of
+``--data``), keeps FP32 the fewest that hold the shift within ``--max-score-shift`` temperatures,
+writes ``denoiser_int8.onnx`` into the bundle, and checks on ``--check`` cells (disjoint from
+``--data``) that the fast estimator decides as with FP32 on at least the agreement bar. Only a graph
+that passed is used (``--backend onnxruntime-cpu-int8``); the report is kept in the manifest.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cytoedge.runtime.commands.common import progress_bar
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from cytoedge.export.int8_selection import DEFAULTS
+
+    p = sub.add_parser("quantize", help="INT8 denoiser for the CPU, checked against FP32 decisions",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="calibrated bundle to add the INT8 graph to")
+    p.add_argument("--data", type=Path, required=True, help="labelled cells DIR/<class>/* for ranges and shifts")
+    p.add_argument("--per-class", type=int, default=32, help="cells per class of --data")
+    p.add_argument("--check", type=Path, required=True, help="labelled cells for the INT8 vs FP32 decision check")
+    p.add_argument("--check-per-class", type=int, default=100, help="cells per class of --check (0: all)")
+    p.add_argument("--max-score-shift", type=float, default=DEFAULTS["max_score_shift"],
+                   help="budget: RMS class-score shift in units of the calibrated temperature")
+    p.add_argument("--convs", default=None, help="comma-separated Conv node names that may become INT8 (default: all)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=run)
+
+
+def clean_inputs(root: Path, bundle, per_class: int) -> np.ndarray:
+    """Labelled crops as the denoiser's clean inputs (pixels, or latents for a latent bundle)."""
+    from cytoedge.export.validate import load_labelled_cells
+    from cytoedge.kernels import prepare_batch
+    from cytoedge.runtime.encoders import create_encoder
+
+    cells, _ = load_labelled_cells(root, bundle, per_class)
+    x0, _ = prepare_batch(cells.tiles, cells.cells, bundle.input_size)
+    return create_encoder(bundle).encode(x0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cytoedge.export.int8_selection import select_and_quantize
+    import onnx
+
+    from cytoedge.export.validate import DECISION_AGREEMENT_BAR, decision_agreement, fast_classifier, load_labelled_cells
+    from cytoedge.models import default_bundle_path
+    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from cytoedge.runtime.bundle import MANIFEST, ModelBundle, sha256_file, write_manifest
+
+    bundle = ModelBundle.load(args.model or default_bundle_path())
+    x0 = clean_inputs(args.data, bundle, args.per_class)
+    order = np.random.default_rng(0).permutation(len(x0))
+    dst = bundle.path / "denoiser_int8.onnx"
+    candidates = [c.strip() for c in args.convs.split(",") if c.strip()] if args.convs else None
+    total = len(candidates) if candidates else sum(n.op_type == "Conv" for n in onnx.load(str(bundle.denoiser_path)).graph.node)
+    with progress_bar(total, "convs") as bar:
+        report = select_and_quantize(bundle, x0, x0[order], dst, {"max_score_shift": args.max_score_shift},
+                                     args.threads, candidates, progress=lambda conv: bar.update(1))
+    cells, _ = load_labelled_cells(args.check, bundle, args.check_per_class or None)
+    agreement = decision_agreement(cells, bundle, OnnxRuntimeBackend(bundle, threads=args.threads),
+                                   OnnxRuntimeBackend(bundle, threads=args.threads, model_path=dst), fast_classifier())
+    check = {"data": str(args.check), "per_class": args.check_per_class or "all", "estimator": "fast",
+             "cells": agreement.cells, "agreeing": agreement.agreeing, "agreement": agreement.rate,
+             "bar": DECISION_AGREEMENT_BAR, "passed": agreement.rate >= DECISION_AGREEMENT_BAR}
+    manifest = json.loads((bundle.path / MANIFEST).read_text())
+    den = manifest["networks"]["denoiser"]
+    manifest["networks"]["denoiser_int8"] = {
+        "file": dst.name, **{k: den[k] for k in ("inputs", "outputs") if k in den},
+        "source_sha256": sha256_file(bundle.denoiser_path),
+        "quantization": {**report, "data": str(args.data), "per_class": args.per_class}, "decision_check": check}
+    manifest["files"][dst.name] = {"sha256": ""}
+    write_manifest(bundle.path, manifest)
+    verdict = "passed" if check["passed"] else "FAILED: the graph is written but will not be used"
+    print(f"INT8 {dst}: {len(report['fp32_convs'])}/{report['convs']} convolutions FP32 "
+          f"({report['fp32_mac_share']:.0%} of MACs), score shift {report['measured_score_shift']:.3f} T; "
+          f"decisions {agreement.agreeing}/{agreement.cells} = {agreement.rate:.4f} vs bar {DECISION_AGREEMENT_BAR}: {verdict}")
+    return 0 if check["passed"] else 1

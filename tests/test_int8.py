@@ -1,0 +1,116 @@
+"""INT8 denoiser: which convolutions stay FP32, the graph `cytoedge quantize` writes, and when it may run."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cytoedge.export.int8_selection import choose_fp32_convs, predicted_shift, score_shift
+from cytoedge.export.quantize import conv_macs
+from cytoedge.runtime.backends.select import create_backend, int8_availability
+from cytoedge.runtime.bundle import MANIFEST, ModelBundle, write_manifest
+from cytoedge.runtime.errors import BackendError
+
+
+def test_choose_fp32_convs_keeps_the_most_damaging_per_mac_until_the_rest_fits_the_budget():
+    shift = {"a": 0.1, "b": 0.03, "c": 0.01, "d": 0.04}
+    macs = {"a": 10, "b": 1, "c": 1, "d": 100}  # shift² per MAC: a 1e-3, b 9e-4, c 1e-4, d 1.6e-5
+    assert choose_fp32_convs(shift, macs, 0.05) == ["a", "b"]
+    assert predicted_shift(shift, ["a", "b"]) == pytest.approx(np.sqrt(0.01 ** 2 + 0.04 ** 2))
+    assert choose_fp32_convs(shift, macs, 1.0) == []
+    assert choose_fp32_convs(shift, macs, 0.0) == ["a", "b", "c", "d"]
+    with pytest.raises(ValueError, match="different convolutions"):
+        choose_fp32_convs(shift, {"a": 1}, 0.05)
+
+
+def test_score_shift_counts_only_what_moves_classes_apart():
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(1, 2, (5, 4))
+    assert score_shift(ref + rng.normal(size=(5, 1)), ref, 2.0) == pytest.approx(0.0, abs=1e-12)
+    moved = ref.copy()
+    moved[:, 0] += 0.4  # one class of four: centred changes 0.3, -0.1, -0.1, -0.1
+    assert score_shift(moved, ref, 2.0) == pytest.approx(np.sqrt((0.09 + 3 * 0.01) / 4) / 2.0)
+
+
+def test_conv_macs_sizes_convolutions_after_a_resize(tmp_path):
+    """Conv 3→4 (3×3, 8×8) → Resize ×2 → Conv 4→2 (1×1, 16×16): MACs from the real output sizes."""
+    w1 = numpy_helper.from_array(np.zeros((4, 3, 3, 3), np.float32), "w1")
+    w2 = numpy_helper.from_array(np.zeros((2, 4, 1, 1), np.float32), "w2")
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], name="c1", pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["h", "", "scales"], ["u"], name="up", mode="nearest"),
+             helper.make_node("Conv", ["u", "w2"], ["y"], name="c2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 2, None, None])],
+                              [w1, w2, scales])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert conv_macs(path, {"x": np.zeros((3, 3, 8, 8), np.float32)}) == {"c1": 4 * 3 * 9 * 64, "c2": 2 * 4 * 256}
+
+
+@pytest.fixture(scope="module")
+def labelled_dir(tmp_path_factory, bundle, crop_files):
+    """The model-drawn cells as a labelled folder DIR/<class>/<image>."""
+    root = tmp_path_factory.mktemp("labelled")
+    for path in crop_files:
+        name = next(c for c in bundle.class_names if path.stem.endswith(c))
+        (root / name).mkdir(exist_ok=True)
+        shutil.copy(path, root / name / path.name)
+    return root
+
+
+def test_quantize_command_writes_a_checked_int8_graph_and_only_a_passed_one_runs(bundle, labelled_dir, tmp_path, capsys):
+    from cytoedge.runtime.cli import main
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle.path, copy)
+    candidates = ["/mid.1/qkv/Conv", "/up.4.0/conv2/Conv"]
+    rc = main(["quantize", "--model", str(copy), "--data", str(labelled_dir), "--per-class", "2", "--check",
+               str(labelled_dir), "--convs", ",".join(candidates), "--max-score-shift", "1e9", "--threads", "2"])
+    out = capsys.readouterr().out
+    b = ModelBundle.load(copy)
+    net = b.manifest["networks"]["denoiser_int8"]
+    q, check = net["quantization"], net["decision_check"]
+    assert rc == (0 if check["passed"] else 1) and "INT8" in out
+    assert sorted(q["score_shift_per_conv"]) == sorted(candidates)
+    assert set(q["fp32_convs"]) == set(q["macs_per_conv"]) - set(candidates)  # budget 1e9: both candidates INT8
+    assert 0 < q["measured_score_shift"] and all(v > 0 for v in q["score_shift_per_conv"].values())
+    assert check["cells"] == 2 * len(b.class_names) and check["bar"] == 0.995
+    graph = onnx.load(str(b.network_path("denoiser_int8"))).graph
+    producers = {o: n for n in graph.node for o in n.output}
+    int8 = sorted(n.name for n in graph.node if n.op_type == "Conv"
+                  and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "DequantizeLinear")
+    assert int8 == sorted(candidates)
+
+    # A graph that passed runs under its own name; one that failed (or is stale) is refused with the reason.
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["networks"]["denoiser_int8"]["decision_check"]["passed"] = True
+    write_manifest(copy, manifest)
+    backend = create_backend(ModelBundle.load(copy), "onnxruntime-cpu-int8", threads=1)
+    assert backend.name == "onnxruntime-cpu-int8"
+    x = np.random.default_rng(0).standard_normal((2, 3, b.input_size, b.input_size)).astype(np.float32)
+    assert backend.predict_noise(x, np.array([10, 500]), np.array([0, 3])).shape == x.shape
+    manifest["networks"]["denoiser_int8"]["decision_check"]["passed"] = False
+    write_manifest(copy, manifest)
+    with pytest.raises(BackendError, match="did not pass its decision check"):
+        create_backend(ModelBundle.load(copy), "onnxruntime-cpu-int8")
+    manifest["networks"]["denoiser_int8"]["source_sha256"] = "0" * 64
+    write_manifest(copy, manifest)
+    assert "another FP32 graph" in int8_availability(ModelBundle.load(copy)).reason
+
+
+def test_int8_backend_is_refused_for_a_bundle_without_an_int8_graph(bundle, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle.path, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    net = manifest["networks"].pop("denoiser_int8", None)
+    if net:
+        del manifest["files"][net["file"]]
+        (copy / net["file"]).unlink()
+    write_manifest(copy, manifest)
+    with pytest.raises(BackendError, match="cytoedge quantize"):
+        create_backend(ModelBundle.load(copy), "onnxruntime-cpu-int8")
