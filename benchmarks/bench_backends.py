@@ -47,7 +47,7 @@ def int8_summary(bundle: ModelBundle) -> str:
     net = bundle.manifest["networks"]["denoiser_int8"]
     q, c = net["quantization"], net["decision_check"]
     return (f"{len(q['fp32_convs'])} of {q['convs']} convolutions kept FP32 ({q['fp32_mac_share']:.0%} of MACs: "
-            f"{', '.join(f'`{n}`' for n in q['fp32_convs'])}), class-score shift {q['measured_score_shift']:.3f} T "
+            f"{', '.join(f'`{n}`' for n in q['fp32_convs'])}), class-score shift per probe {', '.join(f'{v:.3f}' for v in q['measured_score_shift'])} T "
             f"(budget {q['settings']['max_score_shift']}); fast-estimator decisions equal to FP32 on "
             f"{c['agreeing']}/{c['cells']} = {c['agreement']:.4f} cells of `{c['data']}` (bar {c['bar']}: "
             f"{'passed' if c['passed'] else 'FAILED'})")

@@ -16,24 +16,27 @@ from cytoedge.runtime.bundle import MANIFEST, ModelBundle, write_manifest
 from cytoedge.runtime.errors import BackendError
 
 
-def test_choose_fp32_convs_keeps_the_most_damaging_per_mac_until_the_rest_fits_the_budget():
-    shift = {"a": 0.1, "b": 0.03, "c": 0.01, "d": 0.04}
-    macs = {"a": 10, "b": 1, "c": 1, "d": 100}  # shift² per MAC: a 1e-3, b 9e-4, c 1e-4, d 1.6e-5
+def test_choose_fp32_convs_works_on_the_probe_furthest_over_budget():
+    # per probe (first, second): a hurts the first probe, b the second, c little anywhere, d is expensive
+    shift = {"a": [0.10, 0.01], "b": [0.01, 0.06], "c": [0.01, 0.01], "d": [0.04, 0.0]}
+    macs = {"a": 10, "b": 1, "c": 1, "d": 1000}
+    # start (0.109, 0.062): first probe worst → a (1e-3/MAC beats d's 1.6e-6); then (0.042, 0.061): second → b
     assert choose_fp32_convs(shift, macs, 0.05) == ["a", "b"]
-    assert predicted_shift(shift, ["a", "b"]) == pytest.approx(np.sqrt(0.01 ** 2 + 0.04 ** 2))
+    assert predicted_shift(shift, ["a", "b"]) == pytest.approx([np.sqrt(0.01 ** 2 + 0.04 ** 2), 0.01])
     assert choose_fp32_convs(shift, macs, 1.0) == []
-    assert choose_fp32_convs(shift, macs, 0.0) == ["a", "b", "c", "d"]
+    assert sorted(choose_fp32_convs(shift, macs, 0.0)) == ["a", "b", "c", "d"]
     with pytest.raises(ValueError, match="different convolutions"):
         choose_fp32_convs(shift, {"a": 1}, 0.05)
 
 
-def test_score_shift_counts_only_what_moves_classes_apart():
+def test_score_shift_follows_the_running_scores_and_ignores_shifts_common_to_all_classes():
     rng = np.random.default_rng(0)
-    ref = rng.uniform(1, 2, (5, 4))
-    assert score_shift(ref + rng.normal(size=(5, 1)), ref, 2.0) == pytest.approx(0.0, abs=1e-12)
+    ref = rng.uniform(1, 2, (5, 4, 2))  # cells, classes, probes
+    assert score_shift(ref + rng.normal(size=(5, 1, 2)), ref, 2.0) == pytest.approx([0.0, 0.0], abs=1e-12)
     moved = ref.copy()
-    moved[:, 0] += 0.4  # one class of four: centred changes 0.3, -0.1, -0.1, -0.1
-    assert score_shift(moved, ref, 2.0) == pytest.approx(np.sqrt((0.09 + 3 * 0.01) / 4) / 2.0)
+    moved[:, 0, 0] += 0.4  # first probe, one class of four: centred changes 0.3, -0.1, -0.1, -0.1
+    moved[:, 0, 1] -= 0.4  # the second probe undoes it: the running score after two probes is unchanged
+    assert score_shift(moved, ref, 2.0) == pytest.approx([np.sqrt((0.09 + 3 * 0.01) / 4) / 2.0, 0.0])
 
 
 def test_conv_macs_sizes_convolutions_after_a_resize(tmp_path):
@@ -78,7 +81,9 @@ def test_quantize_command_writes_a_checked_int8_graph_and_only_a_passed_one_runs
     assert rc == (0 if check["passed"] else 1) and "INT8" in out
     assert sorted(q["score_shift_per_conv"]) == sorted(candidates)
     assert set(q["fp32_convs"]) == set(q["macs_per_conv"]) - set(candidates)  # budget 1e9: both candidates INT8
-    assert 0 < q["measured_score_shift"] and all(v > 0 for v in q["score_shift_per_conv"].values())
+    probes = len(b.calibration["probes"])
+    assert len(q["measured_score_shift"]) == probes and max(q["measured_score_shift"]) > 0
+    assert all(len(v) == probes and max(v) > 0 for v in q["score_shift_per_conv"].values())
     assert check["cells"] == 2 * len(b.class_names) and check["bar"] == 0.995
     graph = onnx.load(str(b.network_path("denoiser_int8"))).graph
     producers = {o: n for n in graph.node for o in n.output}

@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--check", type=Path, required=True, help="labelled cells for the INT8 vs FP32 decision check")
     p.add_argument("--check-per-class", type=int, default=100, help="cells per class of --check (0: all)")
     p.add_argument("--max-score-shift", type=float, default=DEFAULTS["max_score_shift"],
-                   help="budget: RMS class-score shift in units of the calibrated temperature")
+                   help="budget: RMS shift of the running class scores after any probe, in calibrated temperatures")
     p.add_argument("--convs", default=None, help="comma-separated Conv node names that may become INT8 (default: all)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=run)
@@ -79,6 +79,6 @@ def run(args: argparse.Namespace) -> int:
     write_manifest(bundle.path, manifest)
     verdict = "passed" if check["passed"] else "FAILED: the graph is written but will not be used"
     print(f"INT8 {dst}: {len(report['fp32_convs'])}/{report['convs']} convolutions FP32 "
-          f"({report['fp32_mac_share']:.0%} of MACs), score shift {report['measured_score_shift']:.3f} T; "
+          f"({report['fp32_mac_share']:.0%} of MACs), score shift ≤ {max(report['measured_score_shift']):.3f} T; "
           f"decisions {agreement.agreeing}/{agreement.cells} = {agreement.rate:.4f} vs bar {DECISION_AGREEMENT_BAR}: {verdict}")
     return 0 if check["passed"] else 1
