@@ -30,7 +30,7 @@ import numpy as np
 from cytoedge.export.quantize import calibration_feeds, conv_macs, quantize_int8
 from cytoedge.kernels import add_noise, masked_weighted_error
 from cytoedge.runtime.bundle import ModelBundle
-from cytoedge.runtime.errors import CalibrationError
+from cytoedge.runtime.errors import BundleError, CalibrationError
 from cytoedge.runtime.estimator import noise_bank, probes_from_calibration
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ def select_and_quantize(bundle: ModelBundle, x0_calibration: np.ndarray, x0_scor
     macs = conv_macs(src, {"x_t": inputs.x_t[:1], "timestep": inputs.timestep[:1], "class_id": inputs.class_id[:1]})
     unknown = sorted(set(candidates or []) - set(macs))
     if unknown:
-        raise ValueError(f"{src}: no convolution named {unknown}")
+        raise BundleError(f"{src}: no Conv node named {unknown} (--convs takes names as in the ONNX graph, "
+                          f"e.g. {next(iter(macs))!r})")
     pinned = [c for c in macs if candidates is not None and c not in candidates]
     macs_c = {c: m for c, m in macs.items() if c not in pinned}
     reference = class_scores(src, inputs, mask, threads)

@@ -108,6 +108,16 @@ def test_quantize_command_writes_a_checked_int8_graph_and_only_a_passed_one_runs
     assert "another FP32 graph" in int8_availability(ModelBundle.load(copy)).reason
 
 
+def test_quantize_command_names_an_unknown_convolution(bundle, labelled_dir, tmp_path, capsys):
+    from cytoedge.runtime.cli import main
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle.path, copy)
+    assert main(["quantize", "--model", str(copy), "--data", str(labelled_dir), "--per-class", "1", "--check",
+                 str(labelled_dir), "--convs", "/no/such/Conv"]) == 2
+    assert "no Conv node named ['/no/such/Conv']" in capsys.readouterr().err
+
+
 def test_int8_backend_is_refused_for_a_bundle_without_an_int8_graph(bundle, tmp_path):
     copy = tmp_path / "bundle"
     shutil.copytree(bundle.path, copy)
