@@ -75,18 +75,29 @@ def default_crop_um_per_px(bundle: ModelBundle) -> float:
     return bundle.um_per_px / float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
 
 
-def crops_to_batch(images: list[np.ndarray], bundle: ModelBundle, um_per_px: float | None = None) -> CellBatch:
-    """Single-cell crops (cell centred) → one tile per crop at model scale, one cell per tile."""
+def crop_to_tile(rgb: np.ndarray, bundle: ModelBundle, um_per_px: float | None = None, name: str = "image") -> np.ndarray:
+    """A single-cell crop (cell centred) → its centred square at model scale; InputImageError names ``name``."""
     scale = um_per_px or default_crop_um_per_px(bundle)
-    tiles, min_side = [], bundle.input_size // 2
-    for k, rgb in enumerate(images):
-        h, w = rgb.shape[:2]
-        s = min(h, w)
-        square = rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-        tile = to_model_scale(square, scale, bundle)
-        if min(tile.shape[:2]) < min_side:
-            raise InputImageError(f"image {k}: {w}×{h} px at {scale} µm/px is too small for the model's "
-                                  f"{bundle.input_size}-px field of view")
-        tiles.append(tile)
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    square = rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    tile = to_model_scale(square, scale, bundle)
+    if min(tile.shape[:2]) < bundle.input_size // 2:
+        raise InputImageError(f"{name}: {w}×{h} px at {scale:.3g} µm/px is too small for the model's "
+                              f"{bundle.input_size}-px field of view (crops at another scale need --um-per-px; "
+                              f"cells drawn by `cytoedge synth` are at {bundle.um_per_px:.3g} µm/px)")
+    return tile
+
+
+def tiles_to_batch(tiles: list[np.ndarray]) -> CellBatch:
+    """One cell at the centre of each model-scale tile."""
     centres = np.array([[(t.shape[1] - 1) / 2.0, (t.shape[0] - 1) / 2.0] for t in tiles]).reshape(-1, 2)
     return CellBatch(tiles, cell_table(np.arange(len(tiles)), centres[:, 0], centres[:, 1]))
+
+
+def crops_to_batch(images: list[np.ndarray], bundle: ModelBundle, um_per_px: float | None = None,
+                   names: list[str] | None = None) -> CellBatch:
+    """Single-cell crops (cell centred) → one tile per crop at model scale, one cell per tile; errors
+    name the crop by ``names`` (e.g. its file) or its index."""
+    names = names or [f"image {k}" for k in range(len(images))]
+    return tiles_to_batch([crop_to_tile(rgb, bundle, um_per_px, name) for rgb, name in zip(images, names)])

@@ -31,6 +31,20 @@ def test_bad_files_are_named_and_the_others_go_on(crop_files, tmp_path, capsys):
     assert captured.err.count("cytoedge classify:") == 3
 
 
+def test_a_crop_too_small_for_the_model_fails_alone(crop_files, tmp_path, capsys):
+    """One crop smaller than the model's field of view is named with the reason; its neighbours are scored."""
+    import cv2
+
+    tiny = tmp_path / "tiny.png"
+    cv2.imwrite(str(tiny), cv2.imread(str(crop_files[0]))[:20, :20])
+    rc = main(["classify", str(crop_files[0]), str(tiny), str(crop_files[1]), "--json", "--threads", "1"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 1
+    assert [r["image"] for r in doc["results"]] == [str(crop_files[0]), str(crop_files[1])]
+    assert len(doc["errors"]) == 1 and doc["errors"][0]["image"] == str(tiny)
+    assert doc["errors"][0]["error"].startswith(f"{tiny}: 20×20 px") and "--um-per-px" in doc["errors"][0]["error"]
+
+
 def test_reference_estimator_from_the_cli(crop_files, capsys):
     rc = main(["classify", str(crop_files[0]), "--estimator", "reference", "--json", "--threads", "1"])
     doc = json.loads(capsys.readouterr().out)

@@ -40,7 +40,8 @@ def measure_errors(args, bundle, backend, files, labels, probes, noise) -> np.nd
     parts = []
     with progress_bar(len(files), "cells") as bar:
         for s in range(0, len(files), CHUNK):
-            batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px)
+            batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px,
+                                   [str(f) for f in files[s:s + CHUNK]])
             parts.append(all_class_errors(batch, bundle, backend, probes, noise))
             bar.update(len(batch))
     return np.concatenate(parts)

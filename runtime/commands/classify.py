@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cytoedge.runtime.cells import crops_to_batch, read_rgb
+    from cytoedge.runtime.cells import crop_to_tile, read_rgb, tiles_to_batch
     from cytoedge.runtime.classify_cells import classify_batch
     from cytoedge.runtime.errors import CytoedgeError
 
@@ -35,22 +35,17 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict] = []
     with progress_bar(len(paths), "cells", disable=len(paths) < 8 or args.json) as bar:
         for start in range(0, len(paths), CHUNK):
-            chunk, images = [], []
+            chunk, tiles = [], []
             for path in paths[start:start + CHUNK]:
                 try:
-                    images.append(read_rgb(path))
+                    tiles.append(crop_to_tile(read_rgb(path), bundle, args.um_per_px, str(path)))
                     chunk.append(path)
                 except CytoedgeError as e:
                     failures.append({"image": str(path), "error": str(e)})
                     bar.update(1)
-            if not images:
+            if not tiles:
                 continue
-            try:
-                batch = crops_to_batch(images, bundle, args.um_per_px)
-            except CytoedgeError as e:
-                failures.extend({"image": str(p), "error": str(e)} for p in chunk)
-                bar.update(len(chunk))
-                continue
+            batch = tiles_to_batch(tiles)
             for path, record in zip(chunk, classify_batch(batch, bundle, backend, estimator)):
                 results.append({"image": str(path), **record})
             bar.update(len(chunk))

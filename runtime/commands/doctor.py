@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"python {platform.python_version()} on {platform.machine()}; bundle: {bundle_line}")
     for r in rows:
-        print(f"  {'yes' if r.available else 'no ':4} {r.name:18} {r.reason}")
+        print(f"  {'yes' if r.available else 'no ':4} {r.name:20} {r.reason}")
     print(f"auto selects: {auto}")
     if conflict:
         print(f"PROBLEM: {conflict}")

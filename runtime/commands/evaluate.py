@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with progress_bar(len(files), "cells") as bar:
         for s in range(0, len(files), CHUNK):
-            batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px)
+            batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px,
+                                   [str(f) for f in files[s:s + CHUNK]])
             if estimator == "fast":
                 outcome = score_cells_fast(batch, bundle, backend)
                 preds.append(outcome.decisions.class_id)
