@@ -103,6 +103,11 @@ def test_quantize_command_writes_a_checked_int8_graph_and_only_a_passed_one_runs
     write_manifest(copy, manifest)
     with pytest.raises(BackendError, match="did not pass its decision check"):
         create_backend(ModelBundle.load(copy), "onnxruntime-cpu-int8")
+    manifest["networks"]["denoiser_int8"]["decision_check"]["passed"] = True
+    calibration = copy / manifest["calibration"]
+    calibration.write_text(calibration.read_text().replace('"temperature":', '"temperature": 1.5, "was":', 1))
+    write_manifest(copy, manifest)
+    assert "recalibrated after" in int8_availability(ModelBundle.load(copy)).reason
     manifest["networks"]["denoiser_int8"]["source_sha256"] = "0" * 64
     write_manifest(copy, manifest)
     assert "another FP32 graph" in int8_availability(ModelBundle.load(copy)).reason

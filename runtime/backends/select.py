@@ -94,6 +94,10 @@ def int8_availability(bundle: ModelBundle | None) -> Availability:
     if net.get("source_sha256") != fp32_sha:
         return Availability(name, False, "the INT8 graph was quantised from another FP32 graph; rerun `cytoedge quantize`")
     check = net.get("decision_check") or {}
+    calibration = bundle.manifest.get("calibration")
+    if calibration and check.get("calibration_sha256") != bundle.manifest["files"][calibration]["sha256"]:
+        return Availability(name, False, "the bundle was recalibrated after the INT8 graph's decision check; rerun "
+                                         f"`cytoedge quantize --model {bundle.path}`")
     if not check.get("passed"):
         return Availability(name, False, f"the INT8 graph did not pass its decision check (agreement "
                                          f"{check.get('agreement')} < bar {check.get('bar')}); FP32 is used")

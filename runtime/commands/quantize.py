@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
     agreement = decision_agreement(cells, bundle, OnnxRuntimeBackend(bundle, threads=args.threads),
                                    OnnxRuntimeBackend(bundle, threads=args.threads, model_path=dst), fast_classifier())
     check = {"data": str(args.check), "per_class": args.check_per_class or "all", "estimator": "fast",
+             "calibration_sha256": bundle.manifest["files"][bundle.manifest["calibration"]]["sha256"],
              "cells": agreement.cells, "agreeing": agreement.agreeing, "agreement": agreement.rate,
              "bar": DECISION_AGREEMENT_BAR, "passed": agreement.rate >= DECISION_AGREEMENT_BAR}
     manifest = json.loads((bundle.path / MANIFEST).read_text())
