@@ -138,3 +138,19 @@ def test_latent_bundle_scores_cells_with_both_estimators(checkpoint, tmp_path):
     assert all(r["class"] in CLASSES and r["nfe"] > 0 for r in ref)
     with pytest.raises(BundleError, match="not draw them"):
         ddim_sample(bundle, backend, np.array([0]), steps=2)
+
+    # INT8 selection works on the diffusers UNet graph too: MACs through its up-samplers, latents as inputs.
+    from cytoedge.export.int8_selection import select_and_quantize
+    from cytoedge.export.quantize import conv_macs
+    from cytoedge.kernels import prepare_batch
+
+    x0 = create_encoder(bundle).encode(prepare_batch(batch.tiles, batch.cells, bundle.input_size)[0])
+    feed = {"x_t": x0[:1], "timestep": np.array([10]), "class_id": np.array([0])}
+    convs = list(conv_macs(bundle.denoiser_path, feed))
+    report = select_and_quantize(bundle, x0, x0, tmp_path / "int8.onnx",
+                                 {"max_score_shift": 1e9, "score_cells": 2, "calibration_batches": 2,
+                                  "calibration_batch": 4}, threads=2, candidates=convs[1:3])
+    assert sorted(report["score_shift_per_conv"]) == sorted(convs[1:3]) and len(report["fp32_convs"]) == len(convs) - 2
+    int8 = OnnxRuntimeBackend(bundle, threads=2, max_batch=8, model_path=tmp_path / "int8.onnx")
+    eps = int8.predict_noise(x0[:2], np.array([10, 500]), np.array([0, 1]))
+    assert eps.shape == x0[:2].shape and np.all(np.isfinite(eps))
