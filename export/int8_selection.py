@@ -80,18 +80,14 @@ def score_inputs(bundle: ModelBundle, x0: np.ndarray) -> ScoreInputs:
                        cells=n, classes=k, temperature=settings.temperature)
 
 
-def class_scores(graph: Path, inputs: ScoreInputs, mask: np.ndarray, threads: int | None = None,
-                 batch: int = 256) -> np.ndarray:
-    """``[cells, classes, probes]``: each class's weighted masked error at each probe, run on ORT CPU."""
-    import onnxruntime as ort
+def class_scores(bundle: ModelBundle, graph: Path, inputs: ScoreInputs, threads: int | None = None) -> np.ndarray:
+    """``[cells, classes, probes]``: each class's weighted masked error at each probe, ``graph`` on ORT CPU."""
+    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    from cytoedge.runtime.backends.onnxruntime_backend import session_options
-
-    session = ort.InferenceSession(str(graph), session_options(threads), providers=["CPUExecutionProvider"])
-    eps = np.concatenate([session.run(None, {"x_t": inputs.x_t[s:s + batch], "timestep": inputs.timestep[s:s + batch],
-                                             "class_id": inputs.class_id[s:s + batch]})[0]
-                          for s in range(0, len(inputs.x_t), batch)])
-    e = masked_weighted_error(eps, inputs.noise, mask[None, None], np.ones(len(eps), np.float32)) * inputs.weight
+    eps = OnnxRuntimeBackend(bundle, threads=threads, model_path=graph).predict_noise(inputs.x_t, inputs.timestep,
+                                                                                       inputs.class_id)
+    mask = bundle.loss_mask()[None, None]
+    e = masked_weighted_error(eps, inputs.noise, mask, np.ones(len(eps), np.float32)) * inputs.weight
     return e.reshape(-1, inputs.classes, inputs.cells).transpose(2, 1, 0)
 
 
@@ -139,7 +135,6 @@ def select_and_quantize(bundle: ModelBundle, x0_calibration: np.ndarray, x0_scor
     src = bundle.denoiser_path
     feeds = calibration_feeds(bundle, x0_calibration, s["calibration_batches"], s["calibration_batch"])
     inputs = score_inputs(bundle, x0_scores[: s["score_cells"]])
-    mask = bundle.loss_mask()
     macs = conv_macs(src, {"x_t": inputs.x_t[:1], "timestep": inputs.timestep[:1], "class_id": inputs.class_id[:1]})
     unknown = sorted(set(candidates or []) - set(macs))
     if unknown:
@@ -147,18 +142,18 @@ def select_and_quantize(bundle: ModelBundle, x0_calibration: np.ndarray, x0_scor
                           f"e.g. {next(iter(macs))!r})")
     pinned = [c for c in macs if candidates is not None and c not in candidates]
     macs_c = {c: m for c, m in macs.items() if c not in pinned}
-    reference = class_scores(src, inputs, mask, threads)
+    reference = class_scores(bundle, src, inputs, threads)
     with tempfile.TemporaryDirectory(prefix="cytoedge-int8-") as tmp:
         ranges, trial = Path(tmp) / "ranges.json", Path(tmp) / "trial.onnx"
         shift = {}
         for conv in macs_c:
             quantize_int8(src, trial, feeds, [c for c in macs if c != conv], s["method"], ranges)
-            shift[conv] = score_shift(class_scores(trial, inputs, mask, threads), reference, inputs.temperature).tolist()
+            shift[conv] = score_shift(class_scores(bundle, trial, inputs, threads), reference, inputs.temperature).tolist()
             if progress:
                 progress(conv)
         fp32 = pinned + choose_fp32_convs(shift, macs_c, s["max_score_shift"])
         quantize_int8(src, dst, feeds, fp32, s["method"], ranges)
-    measured = score_shift(class_scores(dst, inputs, mask, threads), reference, inputs.temperature)
+    measured = score_shift(class_scores(bundle, dst, inputs, threads), reference, inputs.temperature)
     predicted = predicted_shift(shift, fp32)
     log.info("INT8: %d of %d convolutions FP32, score shift per probe %s T (predicted %s)", len(fp32), len(macs),
              np.round(measured, 4), np.round(predicted, 4))
