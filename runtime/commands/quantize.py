@@ -46,13 +46,13 @@ def clean_inputs(root: Path, bundle, per_class: int) -> np.ndarray:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cytoedge.export.int8_selection import select_and_quantize
     import onnx
 
+    from cytoedge.export.int8_selection import select_and_quantize
     from cytoedge.export.validate import DECISION_AGREEMENT_BAR, decision_agreement, fast_classifier, load_labelled_cells
     from cytoedge.models import default_bundle_path
     from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from cytoedge.runtime.bundle import MANIFEST, ModelBundle, sha256_file, write_manifest
+    from cytoedge.runtime.bundle import MANIFEST, ModelBundle, write_manifest
 
     bundle = ModelBundle.load(args.model or default_bundle_path())
     x0 = clean_inputs(args.data, bundle, args.per_class)
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     den = manifest["networks"]["denoiser"]
     manifest["networks"]["denoiser_int8"] = {
         "file": dst.name, **{k: den[k] for k in ("inputs", "outputs") if k in den},
-        "source_sha256": sha256_file(bundle.denoiser_path),
+        "source_sha256": manifest["files"][den["file"]]["sha256"],  # checked against the file when loaded
         "quantization": {**report, "data": str(args.data), "per_class": args.per_class}, "decision_check": check}
     manifest["files"][dst.name] = {"sha256": ""}
     write_manifest(bundle.path, manifest)
