@@ -60,3 +60,45 @@ def test_non_finite_output_is_reported():
     eps[1, 0, 0, 0] = np.nan
     with pytest.raises(BackendError, match="NaN/Inf for 1 of 3 samples"):
         check_output(eps, "test-backend")
+
+
+@pytest.mark.parametrize("batch, streams, want", [
+    (64, 2, [(0, 32), (32, 64)]),
+    (21, 2, [(0, 10), (10, 21)]),
+    (15, 2, [(0, 15)]),  # two streams would get fewer than MIN_SAMPLES_PER_STREAM each
+    (64, 3, [(0, 21), (21, 43), (43, 64)]),
+    (5, 4, [(0, 5)]),
+])
+def test_batches_are_split_into_contiguous_stream_shards(batch, streams, want):
+    from cytoedge.runtime.backends.onnxruntime_backend import shard_bounds
+
+    assert shard_bounds(batch, streams) == want
+
+
+@pytest.mark.parametrize("threads, streams, want", [(2, None, (2, 1)), (12, None, (6, 2)), (7, None, (7, 1)),
+                                                     (16, None, (8, 2)), (4, 1, (1, 4)), (4, 3, (3, 1))])
+def test_stream_plan_shares_the_cores(threads, streams, want):
+    from cytoedge.runtime.backends.onnxruntime_backend import stream_plan
+
+    assert stream_plan(threads, streams) == want
+
+
+@pytest.mark.parametrize("threads, streams", [(2, 3), (0, None), (2, -1)])
+def test_impossible_stream_plans_are_refused(threads, streams):
+    from cytoedge.runtime.backends.onnxruntime_backend import stream_plan
+
+    with pytest.raises(BackendError, match="threads|streams"):
+        stream_plan(threads, streams)
+
+
+def test_streams_change_no_output_bit(bundle, rng):
+    """Sharding a batch across sessions must not change a single value: the estimator promises
+    bit-identical results whatever the backend's batching."""
+    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    x, t, c = random_batch(rng, bundle, 37)
+    one = OnnxRuntimeBackend(bundle, threads=2, streams=1)
+    two = OnnxRuntimeBackend(bundle, threads=2, streams=2, max_batch=20)  # chunks of 20 and 17, each in 2 shards
+    assert one.streams == 1 and two.streams == 2
+    np.testing.assert_array_equal(one.predict_noise(x, t, c), two.predict_noise(x, t, c))
+    two.close()

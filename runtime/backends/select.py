@@ -121,8 +121,10 @@ def backend_availability(bundle: ModelBundle | None = None, cache_dir: Path | No
 
 
 def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None = None,
-                   max_batch: int = 256, engine: Path | None = None, cuda_graphs: bool = False) -> DenoiserBackend:
-    """Create the named backend; "auto" takes the first that works of TensorRT, ORT CUDA, ORT CPU."""
+                   max_batch: int = 256, engine: Path | None = None, cuda_graphs: bool = False,
+                   streams: int | None = None) -> DenoiserBackend:
+    """Create the named backend; "auto" takes the first that works of TensorRT, ORT CUDA, ORT CPU.
+    ``threads`` and ``streams`` size the CPU backends (see ``OnnxRuntimeBackend``)."""
     if name not in BACKEND_NAMES:
         raise BackendError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES}")
     from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -135,7 +137,8 @@ def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None 
         int8 = int8_availability(bundle)
         if not int8.available:
             raise BackendError(f"onnxruntime-cpu-int8 requested but unusable: {int8.reason}")
-        return OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], threads, max_batch, precision="int8")
+        return OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], threads, max_batch, precision="int8",
+                                  streams=streams)
     if name in ("auto", "tensorrt"):
         trt = Availability("tensorrt", True, f"engine {engine} given", Path(engine)) if engine \
             else tensorrt_availability(bundle)
@@ -162,4 +165,4 @@ def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None 
         if name == "onnxruntime-cuda":
             raise BackendError(f"onnxruntime-cuda requested but unavailable: {cuda.reason}")
         log.info("auto backend: not ONNX Runtime CUDA: %s", cuda.reason)
-    return OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], threads, max_batch)
+    return OnnxRuntimeBackend(bundle, ["CPUExecutionProvider"], threads, max_batch, streams=streams)

@@ -25,6 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed runs per (backend, batch)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for CPU backends")
+    p.add_argument("--streams", type=int, default=None,
+                   help="ONNX Runtime CPU: sessions the batch is split across (default: one per core, up to 8)")
     p.add_argument("--cells", type=int, default=16, help="cells for the estimator's cells/s (0: skip)")
     p.add_argument("--data", type=Path, default=None, help="labelled cells DIR/<class>/* for the estimator run")
     p.add_argument("--estimator", choices=("fast", "reference"), default="fast",
@@ -48,7 +50,7 @@ def time_denoiser(backend, bundle, batch: int, repeats: int, warmup: int, seed: 
         backend.predict_noise(x, t, c)
         times.append(time.perf_counter() - start)
     ms = np.asarray(times) * 1e3
-    return {"backend": backend.name, "batch": batch, "repeats": repeats,
+    return {"backend": backend.name, "streams": getattr(backend, "streams", 1), "batch": batch, "repeats": repeats,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
             "mean_ms": float(ms.mean()), "samples_per_s": float(batch / np.median(times))}
 
@@ -70,9 +72,9 @@ def random_cells(bundle, n: int, seed: int = 0):
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'backend':20} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}"]
-    lines += [f"{r['backend']:20} {r['batch']:5d} {r['p50_ms']:9.2f} {r['p99_ms']:9.2f} {r['samples_per_s']:11.1f}"
-              for r in rows]
+    lines = [f"{'backend':20} {'streams':>7} {'batch':>5} {'p50 ms':>9} {'p99 ms':>9} {'samples/s':>11}"]
+    lines += [f"{r['backend']:20} {r['streams']:7d} {r['batch']:5d} {r['p50_ms']:9.2f} {r['p99_ms']:9.2f} "
+              f"{r['samples_per_s']:11.1f}" for r in rows]
     return "\n".join(lines)
 
 
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                  else random_cells(bundle, args.cells))
     classify = classifier_by_name(args.estimator, args.trials)
     for name in args.backends.split(","):
-        backend = create_backend(bundle, name.strip(), threads=args.threads)
+        backend = create_backend(bundle, name.strip(), threads=args.threads, streams=args.streams)
         for b in batches:
             rows.append(time_denoiser(backend, bundle, b, args.repeats, args.warmup))
         if cells is not None:
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"bundle": bundle.name, "bundle_sha256": bundle.sha256, "machine": machine(),
-                                        "threads": args.threads, "estimator": args.estimator,
+                                        "threads": args.threads, "streams": args.streams, "estimator": args.estimator,
                                         "trials": args.trials, "denoiser": rows,
                                         "estimator_runs": estimator_rows}, indent=2) + "\n")
     return 0
