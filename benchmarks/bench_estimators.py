@@ -123,7 +123,11 @@ def main() -> None:
     files, labels = select_half(files, labels, "held-out")
 
     dec, nfe, temperature, secs = run_fast(files, bundle, backend)
-    full = evaluate_arrays(labels, dec.class_id, nfe, secs, names, bundle.abnormal_classes, dec)
+    full = evaluate_arrays(labels, dec.class_id, nfe, secs, names, bundle.abnormal_classes, dec,
+                           bundle.calibration["settings"]["abnormal_sensitivity"])
+    best = full["abnormal_probability_at_target_sensitivity"]
+    false_pos = ", ".join(f"{n} {v}/{int((labels == names.index(n)).sum())}"
+                          for n, v in sorted(best["false_positives_by_class"].items(), key=lambda kv: -kv[1]) if v)
     raw_p = np.exp(-(-np.log(np.clip(dec.probabilities, 1e-300, 1)) * temperature[:, None]))
     raw_p /= raw_p.sum(1, keepdims=True)
     before = {"ece_15": m.expected_calibration_error(raw_p, labels), "nll": m.nll(raw_p, labels)}
@@ -183,6 +187,8 @@ Fast estimator on the held-out half — calibration and flags:
 | abnormal review flag (abnormal ∪ uncertain ∪ anomalous): sensitivity / specificity | {flag['sensitivity']:.3f} / {flag['specificity']:.3f} | ≥ 0.95 / ≥ 0.96 |
 | abnormal flag alone: sensitivity / specificity | {full['abnormal_flag_alone']['sensitivity']:.3f} / {full['abnormal_flag_alone']['specificity']:.3f} | |
 | AUROC of P(abnormal) | {full['abnormal_probability_auroc']:.3f} | |
+| best any threshold on P(abnormal) does at sensitivity {best['target_sensitivity']}: sensitivity / specificity (what this model's P(abnormal) allows) | {best['sensitivity']:.3f} / {best['specificity']:.3f} | |
+| normal cells that threshold flags, by class | {false_pos} | |
 
 Accuracy vs NFE of the fast estimator (same subset; first k calibrated probes; elimination margins scaled):
 

@@ -87,3 +87,17 @@ def sensitivity_specificity(flag: np.ndarray, positive: np.ndarray) -> tuple[flo
     sens = float(flag[positive].mean()) if positive.any() else float("nan")
     spec = float((~flag[~positive]).mean()) if (~positive).any() else float("nan")
     return sens, spec
+
+
+def specificity_at_sensitivity(score: np.ndarray, positive: np.ndarray, target: float) -> dict:
+    """The best any threshold on ``score`` (flag = score ≥ threshold) does: the highest threshold that
+    flags at least ``target`` of the positives, and the specificity it leaves. What a model can give an
+    abnormal-cell screen, whatever operating point calibration picks."""
+    positive = positive.astype(bool)
+    if not positive.any() or positive.all():
+        return {"target_sensitivity": target, "threshold": None, "sensitivity": float("nan"),
+                "specificity": float("nan")}
+    pos = np.sort(score[positive])
+    threshold = float(pos[int(np.floor((1.0 - target) * len(pos) + 1e-9))])
+    sens, spec = sensitivity_specificity(score >= threshold, positive)
+    return {"target_sensitivity": target, "threshold": threshold, "sensitivity": sens, "specificity": spec}

@@ -116,3 +116,29 @@ def test_metrics_against_hand_computed_values():
     assert m.brier_score(p, np.array([0, 1])) == pytest.approx((0.01 + 0.01 + 0.36 + 0.36) / 2)
     assert m.expected_calibration_error(np.array([[0.8, 0.2]] * 10), np.array([0] * 8 + [1] * 2)) == pytest.approx(0.0)
     assert m.sensitivity_specificity(np.array([1, 0, 1, 0]), np.array([1, 1, 0, 0])) == (0.5, 0.5)
+
+
+def test_specificity_at_sensitivity_takes_the_highest_threshold_that_reaches_it():
+    score = np.array([0.9, 0.8, 0.7, 0.2, 0.75, 0.5, 0.3, 0.1, 0.05, 0.6])
+    positive = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    best = m.specificity_at_sensitivity(score, positive, 0.75)  # 3 of 4 positives: threshold 0.7
+    assert best["threshold"] == pytest.approx(0.7)
+    assert (best["sensitivity"], best["specificity"]) == (0.75, pytest.approx(5 / 6))  # only 0.75 flagged
+    full = m.specificity_at_sensitivity(score, positive, 1.0)  # every positive: down to 0.2
+    assert full["threshold"] == pytest.approx(0.2) and full["specificity"] == pytest.approx(2 / 6)
+    assert m.specificity_at_sensitivity(score, np.zeros(10), 0.95)["threshold"] is None
+
+
+def test_evaluation_names_the_normal_classes_an_abnormal_screen_would_flag():
+    from cytoedge.calibration.decisions import decide
+    from cytoedge.runtime.commands.evaluate import evaluate_arrays
+
+    names = ["normal_a", "normal_b", "abn"]
+    y = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([[.9, .05, .05], [.8, .1, .1], [.2, .2, .6], [.5, .1, .4], [.1, .1, .8], [.3, .2, .5]])
+    cal = {"conformal_threshold": 0.9, "abstention_threshold": 0.0, "anomaly_threshold": np.inf, "abnormal_threshold": 0.5}
+    d = decide(p, np.zeros(6), np.array([False, False, True]), cal)
+    out = evaluate_arrays(y, p.argmax(1), np.ones(6), 1.0, names, ["abn"], d, abnormal_sensitivity=1.0)
+    best = out["abnormal_probability_at_target_sensitivity"]
+    assert best["threshold"] == pytest.approx(0.5) and best["specificity"] == pytest.approx(0.75)
+    assert best["false_positives_by_class"] == {"normal_a": 0, "normal_b": 1}

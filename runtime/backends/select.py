@@ -109,8 +109,12 @@ def backend_availability(bundle: ModelBundle | None = None, cache_dir: Path | No
     """Every backend, whether it can run here, and why (or why not)."""
     import onnxruntime as ort
 
+    from cytoedge.runtime.backends.onnxruntime_backend import stream_plan
+
+    streams, per_stream = stream_plan(None, None)
+    cpu = f"ONNX Runtime {ort.__version__}; batches split over {streams} stream(s) × {per_stream} thread(s)"
     out = [tensorrt_availability(bundle, cache_dir), onnxruntime_cuda_availability(),
-           Availability("onnxruntime-cpu", True, f"ONNX Runtime {ort.__version__}"), int8_availability(bundle)]
+           Availability("onnxruntime-cpu", True, cpu), int8_availability(bundle)]
     try:
         import torch
 

@@ -28,8 +28,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: float, class_names: list[str],
-                    abnormal_classes: list[str], decisions=None) -> dict:
-    """Every metric the issue asks for, from labels and the estimator's outputs (pure)."""
+                    abnormal_classes: list[str], decisions=None, abnormal_sensitivity: float | None = None) -> dict:
+    """Every metric the issue asks for, from labels and the estimator's outputs (pure).
+
+    With ``abnormal_sensitivity`` (the calibration's target) it also reports the best specificity any
+    threshold on P(abnormal) reaches at that sensitivity, and which normal classes it flags: whether a
+    missed flag target is the operating point's fault or the model's."""
     from cytoedge.calibration import metrics as m
 
     k = len(class_names)
@@ -65,6 +69,13 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
         "abnormal_flag_alone": {"sensitivity": sens_pred, "specificity": spec_pred},
         "abnormal_probability_auroc": m.auroc(d.abnormal_probability, abnormal_truth),
     })
+    if abnormal_sensitivity is not None:
+        best = m.specificity_at_sensitivity(d.abnormal_probability, abnormal_truth, abnormal_sensitivity)
+        flagged = (d.abnormal_probability >= best["threshold"]) & ~abnormal_truth if best["threshold"] is not None \
+            else np.zeros(len(y), bool)
+        best["false_positives_by_class"] = {n: int(flagged[y == c].sum()) for c, n in enumerate(class_names)
+                                            if n not in abnormal_classes}
+        out["abnormal_probability_at_target_sensitivity"] = best
     return out
 
 
@@ -96,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     decisions = concat_decisions(parts) if parts else None
     report = evaluate_arrays(labels, np.concatenate(preds), np.concatenate(nfes), seconds, bundle.class_names,
-                             bundle.abnormal_classes, decisions)
+                             bundle.abnormal_classes, decisions,
+                             (bundle.calibration or {}).get("settings", {}).get("abnormal_sensitivity"))
     report = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name, "estimator": estimator,
               "data": str(args.data), "half": args.half, "per_class": args.per_class, **report}
     text = json.dumps(report, indent=2)
@@ -104,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     summary = {k: report[k] for k in ("cells", "accuracy", "balanced_accuracy", "nfe_mean", "cells_per_second")}
-    for key in ("ece_15", "conformal_coverage", "conformal_mean_set_size", "abnormal_review_flag"):
+    for key in ("ece_15", "conformal_coverage", "conformal_mean_set_size", "abnormal_review_flag",
+                "abnormal_probability_at_target_sensitivity"):
         if key in report:
             summary[key] = report[key]
     print(json.dumps(summary, indent=2))
