@@ -98,6 +98,14 @@ def validate_manifest(manifest: dict, where: str) -> None:
                           "(the id after the last class) or absent")
     if manifest["loss_mask"]["kind"] == "disc" and not (0 < manifest["loss_mask"].get("radius", 0) <= 0.5):
         raise BundleError(f"{where}: field 'loss_mask.radius' must be in (0, 0.5] (fraction of the input size)")
+    sampling = manifest.get("sampling")
+    if sampling is not None:
+        scale = sampling.get("guidance_scale") if isinstance(sampling, dict) else None
+        if not (_is_num(scale) and scale >= 1):
+            raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale!r}; it must be a number >= 1")
+        if scale != 1 and null_id is None:
+            raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale}, but classifier-free guidance "
+                              "needs a null class and 'null_class_id' is absent")
     for key, entry in manifest["files"].items():
         if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
             raise BundleError(f"{where}: files['{key}'] must be {{'sha256': <64 hex digits>}}")
@@ -166,6 +174,11 @@ class ModelBundle:
     def num_class_ids(self) -> int:
         """Class ids the denoiser accepts: the classes, plus the null class where there is one."""
         return len(self.class_names) + (self.null_class_id is not None)
+
+    @property
+    def guidance_scale(self) -> float:
+        """Classifier-free guidance for drawing cells (``sampling.guidance_scale``; 1 = none)."""
+        return float((self.manifest.get("sampling") or {}).get("guidance_scale", 1.0))
 
     @property
     def abnormal_classes(self) -> list[str]:

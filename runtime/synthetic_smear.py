@@ -23,8 +23,11 @@ from cytoedge.runtime.scale import RED_CELL_DIAMETER_UM
 
 log = logging.getLogger(__name__)
 
-PLASMA_RGB = (248, 232, 214)  # May-Grünwald-Giemsa background as on PBC fields
-RED_CELL_RGB = (224, 168, 166)
+# Plasma and red-cell colours of PBC fields: the two k-means centres of border pixels of 80 PBC calib crops
+# (62 % / 38 %). A field of these colours around a drawn cell has PBC's colour statistics, so the scorer's
+# stain normalisation leaves the drawn cell (already in the model's colours) nearly as it is.
+PLASMA_RGB = (249, 224, 202)
+RED_CELL_RGB = (206, 170, 169)
 PLATELET_RGB = (150, 110, 175)
 
 
@@ -40,6 +43,7 @@ class SmearSpec:
     platelets_per_white: float = 1.0
     ddim_steps: int = 50
     seed: int = 0
+    guidance: float | None = None  # None: the bundle's classifier-free guidance scale
 
 
 @dataclass
@@ -52,13 +56,14 @@ class SyntheticSmear:
 
 
 def sample_cells(bundle: ModelBundle, backend: DenoiserBackend, class_names: list[str], steps: int,
-                 seed: int, chunk: int = 64) -> np.ndarray:
-    """DDIM-sample one cell per class name; RGB uint8 ``[N, S, S, 3]`` at model scale."""
+                 seed: int, chunk: int = 64, guidance: float | None = None) -> np.ndarray:
+    """DDIM-sample one cell per class name; RGB uint8 ``[N, S, S, 3]`` at model scale (``guidance``:
+    None = the bundle's scale)."""
     unknown = sorted(set(class_names) - set(bundle.class_names))
     if unknown:
         raise CytoedgeError(f"unknown class {unknown}; the model knows {bundle.class_names}")
     ids = np.array([bundle.class_names.index(c) for c in class_names], np.int64)
-    out = [ddim_sample(bundle, backend, ids[i:i + chunk], steps=steps, seed=seed + i)
+    out = [ddim_sample(bundle, backend, ids[i:i + chunk], steps=steps, seed=seed + i, guidance=guidance)
            for i in range(0, len(ids), chunk)]
     return np.concatenate(out) if out else np.zeros((0, bundle.input_size, bundle.input_size, 3), np.uint8)
 
@@ -147,7 +152,7 @@ def generate_smear(bundle: ModelBundle, backend: DenoiserBackend, spec: SmearSpe
     platelets) and compose them into a smear."""
     pool = list(spec.classes) or [c for c in bundle.class_names if c != "platelet"]
     classes = [pool[k % len(pool)] for k in range(spec.n_white)]
-    cells = sample_cells(bundle, backend, classes, spec.ddim_steps, spec.seed)
+    cells = sample_cells(bundle, backend, classes, spec.ddim_steps, spec.seed, guidance=spec.guidance)
     return compose_smear(cells, classes, bundle, spec)
 
 

@@ -60,6 +60,27 @@ def test_white_cells_and_platelets_found_at_any_scale(rng, um_per_px):
     assert 25 <= det.red_cell_count <= 55
 
 
+def test_widely_spaced_lobes_are_one_cell_and_neighbouring_cells_two(rng):
+    """A neutrophil whose lobes are drawn ~3 µm apart edge to edge is one cell (it was two at the old
+    1.6-µm merge distance); two cells side by side (nuclei ~5.6 µm apart edge to edge, cytoplasm
+    touching) stay two."""
+    um_per_px = 0.2
+    px = 1 / um_per_px
+    rgb = np.empty((int(60 * px), int(60 * px), 3), np.uint8)
+    rgb[:] = PLASMA_RGB
+    cv2.circle(rgb, (int(15 * px), int(15 * px)), int(6.5 * px), (205, 180, 215), -1, cv2.LINE_AA)
+    for a in (0, 2.1, 4.2):  # lobe centres 3.4 µm from the cell's, radius 1.4 µm: gaps of ~3 µm
+        cv2.circle(rgb, (int(15 * px + 3.4 * px * np.cos(a)), int(15 * px + 3.4 * px * np.sin(a))), int(1.4 * px),
+                   (95, 60, 150), -1, cv2.LINE_AA)
+    for cx in (36, 48):  # two touching lymphocyte-like cells, nuclei 12 µm apart centre to centre
+        cv2.circle(rgb, (int(cx * px), int(40 * px)), int(6 * px), (205, 180, 215), -1, cv2.LINE_AA)
+        cv2.circle(rgb, (int(cx * px), int(40 * px)), int(3.2 * px), (95, 60, 150), -1, cv2.LINE_AA)
+    white = detect_cells(rgb, um_per_px).white
+    assert len(white) == 3
+    lobed = min(white, key=lambda d: np.hypot(d.cx - 15 * px, d.cy - 15 * px))
+    assert np.hypot(lobed.cx - 15 * px, lobed.cy - 15 * px) * um_per_px < 1.0
+
+
 def test_field_of_red_cells_only_has_no_white_cells(rng):
     rgb, _ = drawn_field(0.25, rng, whites=((100, 100),), lobed=(False,), platelets=())
     rgb[int(88 / 0.25):int(112 / 0.25), int(88 / 0.25):int(112 / 0.25)] = PLASMA_RGB

@@ -67,3 +67,72 @@ def test_demo_command_scores_its_own_smear(tmp_path, capsys):
     assert match["truth"] == 3 and match["detected"] >= 2
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["slides"][0]["status"] == "ok"
+
+
+class RecordingBackend:
+    """ε̂ = class id + timestep/1000 everywhere: makes the guidance arithmetic checkable by hand."""
+
+    name, max_batch = "recording", 256
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_noise(self, x_t, timestep, class_id):
+        self.calls.append(class_id.copy())
+        return np.broadcast_to((class_id + timestep / 1000.0)[:, None, None, None], x_t.shape).astype(np.float32)
+
+
+def test_guided_noise_extrapolates_from_the_null_prediction_in_one_batch():
+    from cytoedge.runtime.sampler import guided_noise
+
+    backend = RecordingBackend()
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    eps = guided_noise(backend, x, 500, np.array([1, 3]), null_id=8, guidance=2.0)
+    assert [c.tolist() for c in backend.calls] == [[1, 3, 8, 8]]  # conditional and null in one call
+    # ε_null + w (ε_c − ε_null) = 8.5 + 2 (c + 0.5 − 8.5)
+    np.testing.assert_allclose(eps[:, 0, 0, 0], [8.5 + 2 * (1.5 - 8.5), 8.5 + 2 * (3.5 - 8.5)])
+    plain = guided_noise(backend, x, 500, np.array([1, 3]), null_id=8, guidance=1.0)
+    np.testing.assert_allclose(plain[:, 0, 0, 0], [1.5, 3.5])
+    assert backend.calls[-1].tolist() == [1, 3]  # no null prediction without guidance
+
+
+def test_guidance_comes_from_the_bundle_and_bad_values_are_refused(bundle, ort_backend, tmp_path):
+    import shutil
+
+    from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.errors import BundleError
+    from cytoedge.runtime.sampler import ddim_sample
+
+    assert bundle.guidance_scale == bundle.manifest["sampling"]["guidance_scale"] > 1
+    backend = RecordingBackend()
+    ddim_sample(bundle, backend, np.array([0]), steps=2)
+    assert backend.calls[0].tolist() == [0, bundle.null_class_id]
+    with pytest.raises(ValueError, match="guidance must be >= 1"):
+        ddim_sample(bundle, backend, np.array([0]), steps=2, guidance=0.5)
+    dst = tmp_path / "b"
+    shutil.copytree(bundle.path, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["sampling"]["guidance_scale"] = "strong"
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="sampling.guidance_scale"):
+        ModelBundle.load(dst)
+    manifest["sampling"]["guidance_scale"] = 2.0
+    manifest.pop("null_class_id")
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="needs a null class"):
+        ModelBundle.load(dst)
+
+
+def test_guided_cells_are_recognised_more_often_than_unguided(bundle, ort_backend):
+    """What the bundle's guidance scale is for: the model's own classifier recognises what it drew."""
+    from cytoedge.runtime.cells import tiles_to_batch
+    from cytoedge.runtime.classify_cells import score_cells_fast
+
+    labels = np.repeat(np.arange(len(bundle.class_names)), 3)
+    names = [bundle.class_names[k] for k in labels]
+    rates = {}
+    for w in (1.0, bundle.guidance_scale):
+        cells = sample_cells(bundle, ort_backend, names, steps=20, seed=5, guidance=w)
+        pred = score_cells_fast(tiles_to_batch(list(cells)), bundle, ort_backend).decisions.class_id
+        rates[w] = (pred == labels).mean()
+    assert rates[bundle.guidance_scale] >= 0.9 and rates[bundle.guidance_scale] > rates[1.0]

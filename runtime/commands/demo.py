@@ -26,6 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=100, help="white cells on the smear")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per cell")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale for drawing (default: the bundle's; 1 = none)")
     p.add_argument("--dicom", action="store_true", help="write and score the smear as a DICOM WSI instead of PNG")
     add_scoring_arguments(p)
     p.set_defaults(func=run)
@@ -47,8 +49,11 @@ def run(args: argparse.Namespace) -> int:
     classes = demo_classes(bundle.class_names, args.n)
     rng = np.random.default_rng(args.seed)
     classes = [classes[i] for i in rng.permutation(len(classes))]
-    spec = SmearSpec(n_white=len(classes), classes=tuple(classes), ddim_steps=args.steps, seed=args.seed)
-    print(f"drawing {len(classes)} white cells from {bundle.name} (DDIM {args.steps} steps)…", file=sys.stderr)
+    spec = SmearSpec(n_white=len(classes), classes=tuple(classes), ddim_steps=args.steps, seed=args.seed,
+                     guidance=args.guidance)
+    guidance = bundle.guidance_scale if args.guidance is None else args.guidance
+    print(f"drawing {len(classes)} white cells from {bundle.name} (DDIM {args.steps} steps, guidance {guidance:g})…",
+          file=sys.stderr)
     smear = generate_smear(bundle, backend, spec)
     files = write_smear_files(smear, args.out / "slide", dicom=args.dicom)
     slide = next(p for p in files if p.suffix == (".dcm" if args.dicom else ".png"))

@@ -21,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the bundle's sampling.guidance_scale; 1 = none)")
     p.add_argument("--smear", action="store_true", help="compose the cells into a smear with red cells")
     p.add_argument("--dicom", action="store_true", help="with --smear: also write a DICOM WSI (TILED_FULL, JPEG)")
     p.add_argument("--um-per-px", type=float, default=0.2, help="with --smear: pixel size of the smear")
@@ -41,13 +43,13 @@ def run(args: argparse.Namespace) -> int:
     pool = args.classes or [c for c in bundle.class_names if c != "platelet"]
     if args.smear:
         spec = SmearSpec(n_white=args.n, classes=tuple(pool), um_per_px=args.um_per_px, ddim_steps=args.steps,
-                         seed=args.seed)
+                         seed=args.seed, guidance=args.guidance)
         smear = generate_smear(bundle, backend, spec)
         for path in write_smear_files(smear, args.out, dicom=args.dicom):
             print(path)
         return 0
     classes = [pool[k % len(pool)] for k in range(args.n)]
-    cells = sample_cells(bundle, backend, classes, args.steps, args.seed)
+    cells = sample_cells(bundle, backend, classes, args.steps, args.seed, guidance=args.guidance)
     index = []
     for k, (cls, rgb) in enumerate(zip(classes, cells)):
         path = args.out / f"{k:04d}_{cls}.png"
@@ -55,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         index.append({"file": path.name, "class": cls})
     (args.out / "cells.json").write_text(json.dumps({"model": bundle.name, "bundle_sha256": bundle.sha256,
                                                      "um_per_px": bundle.um_per_px, "steps": args.steps,
+                                                     "guidance": bundle.guidance_scale if args.guidance is None else args.guidance,
                                                      "seed": args.seed, "cells": index}, indent=1) + "\n")
     print(f"{len(index)} cells in {args.out}")
     return 0
