@@ -52,7 +52,8 @@ def main() -> None:
                 f"({prov['train_minutes']} min wall clock on this 2-core CPU, shared with other work), "
                 f"`{prov['trainer']}`; weights: {prov['weights']}.\n")
     body = (training + f"Model `{bundle.name}` ({bundle.input_size}×{bundle.input_size} px, bundle {bundle.sha256[:12]}), "
-            f"ONNX Runtime CPU, {args.threads} intra-op threads, {args.repeats} timed calls after 3 warm-up calls.\n"
+            f"ONNX Runtime CPU, {args.threads} threads as {backend.streams} stream(s), {args.repeats} timed calls after 3 "
+            "warm-up calls.\n"
             "Target (issue 2): ≤ 5 ms per sample at batch 64.\n\n" + "\n".join(rows))
     write_section("denoiser-cost", "Denoiser cost on ONNX Runtime CPU", body)
 

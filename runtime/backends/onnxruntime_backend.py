@@ -4,8 +4,8 @@ On the CPU a batch is split across several single-threaded sessions run side by 
 rather than one session spreading each operator over all cores: the denoiser is many small
 operators (a 32-px UNet), and per-operator thread hand-offs cost more than they gain. Measured on
 2 cores, batch 64, INT8 graph, one run: one 2-thread session 112 ms, two 1-thread streams 87 ms
-(benchmarks/RESULTS.md has the current figures). ONNX Runtime computes each sample independently of the others in its batch, so the
-split changes no output bit (tests/test_backends.py).
+(benchmarks/RESULTS.md has the current figures). ONNX Runtime computes each sample independently
+of the others in its batch, so the split changes no output bit (tests/test_backends.py).
 """
 from __future__ import annotations
 
