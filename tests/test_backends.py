@@ -102,3 +102,15 @@ def test_streams_change_no_output_bit(bundle, rng):
     assert one.streams == 1 and two.streams == 2
     np.testing.assert_array_equal(one.predict_noise(x, t, c), two.predict_noise(x, t, c))
     two.close()
+
+
+def test_default_stream_plan_follows_the_cores_this_process_may_use(monkeypatch):
+    """A container pinned to 2 of a host's 64 cores must not start 8 streams."""
+    import os
+
+    from cytoedge.runtime.backends import onnxruntime_backend as ob
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert ob.usable_cores() == 2
+    assert ob.stream_plan(None, None) == (2, 1)

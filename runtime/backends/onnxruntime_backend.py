@@ -30,12 +30,20 @@ MAX_DEFAULT_STREAMS = 8
 copy of the weights and activations); each stream then gets cores / streams intra-op threads."""
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def session_options(threads: int | None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    opts.intra_op_num_threads = threads or usable_cores()
     opts.inter_op_num_threads = 1
     return opts
 
@@ -43,7 +51,7 @@ def session_options(threads: int | None):
 def stream_plan(threads: int | None, streams: int | None) -> tuple[int, int]:
     """(streams, intra-op threads per stream) for ``threads`` CPU cores in all."""
     if threads is None:
-        threads = os.cpu_count() or 1
+        threads = usable_cores()
     if threads < 1:
         raise BackendError(f"threads must be ≥ 1, got {threads}")
     if streams is None:
