@@ -41,8 +41,8 @@ def ddim_sample(bundle: ModelBundle, backend: DenoiserBackend, class_ids: np.nda
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     guidance = bundle.guidance_scale if guidance is None else float(guidance)
-    if not guidance >= 1.0:
-        raise ValueError(f"guidance must be >= 1 (1 = no guidance), got {guidance}")
+    if not (np.isfinite(guidance) and guidance >= 1.0):
+        raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {guidance}")
     if guidance != 1.0 and bundle.null_class_id is None:
         raise BundleError(f"{bundle.path}: guidance {guidance} needs a null class, and this network has none; "
                           "use guidance 1")

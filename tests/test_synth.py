@@ -107,8 +107,9 @@ def test_guidance_comes_from_the_bundle_and_bad_values_are_refused(bundle, ort_b
     backend = RecordingBackend()
     ddim_sample(bundle, backend, np.array([0]), steps=2)
     assert backend.calls[0].tolist() == [0, bundle.null_class_id]
-    with pytest.raises(ValueError, match="guidance must be >= 1"):
-        ddim_sample(bundle, backend, np.array([0]), steps=2, guidance=0.5)
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance must be a finite number >= 1"):
+            ddim_sample(bundle, backend, np.array([0]), steps=2, guidance=bad)
     dst = tmp_path / "b"
     shutil.copytree(bundle.path, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
@@ -136,3 +137,14 @@ def test_guided_cells_are_recognised_more_often_than_unguided(bundle, ort_backen
         pred = score_cells_fast(tiles_to_batch(list(cells)), bundle, ort_backend).decisions.class_id
         rates[w] = (pred == labels).mean()
     assert rates[bundle.guidance_scale] >= 0.9 and rates[bundle.guidance_scale] > rates[1.0]
+
+
+@pytest.mark.parametrize("value, message", [("0.5", "must be a finite number >= 1"), ("strong", "is not a number")])
+def test_synth_refuses_a_bad_guidance_scale_by_name(tmp_path, capsys, value, message):
+    from cytoedge.runtime.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["synth", "-n", "1", "--out", str(tmp_path), "--guidance", value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--guidance" in err and message in err

@@ -17,6 +17,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
 
 
+def add_guidance_argument(p: argparse.ArgumentParser) -> None:
+    def scale(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value >= 1.0 or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 1 (1 = no guidance)")
+        return value
+
+    p.add_argument("--guidance", type=scale, default=None,
+                   help="classifier-free guidance scale for drawing cells (default: the bundle's "
+                        "sampling.guidance_scale; 1 = none)")
+
+
 def load_bundle_and_backend(args: argparse.Namespace):
     from cytoedge.models import default_bundle_path
     from cytoedge.runtime.backends.select import create_backend

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import load_bundle_and_backend
+from cytoedge.runtime.commands.common import add_guidance_argument, load_bundle_and_backend
 from cytoedge.runtime.commands.score import add_scoring_arguments, score_paths
 
 # A differential with a few immature cells, so the triage has something to say.
@@ -26,8 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=100, help="white cells on the smear")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per cell")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale for drawing (default: the bundle's; 1 = none)")
+    add_guidance_argument(p)
     p.add_argument("--dicom", action="store_true", help="write and score the smear as a DICOM WSI instead of PNG")
     add_scoring_arguments(p)
     p.set_defaults(func=run)

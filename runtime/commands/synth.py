@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend
+from cytoedge.runtime.commands.common import add_guidance_argument, add_model_arguments, load_bundle_and_backend
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the bundle's sampling.guidance_scale; 1 = none)")
+    add_guidance_argument(p)
     p.add_argument("--smear", action="store_true", help="compose the cells into a smear with red cells")
     p.add_argument("--dicom", action="store_true", help="with --smear: also write a DICOM WSI (TILED_FULL, JPEG)")
     p.add_argument("--um-per-px", type=float, default=0.2, help="with --smear: pixel size of the smear")
