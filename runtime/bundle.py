@@ -101,8 +101,8 @@ def validate_manifest(manifest: dict, where: str) -> None:
     sampling = manifest.get("sampling")
     if sampling is not None:
         scale = sampling.get("guidance_scale") if isinstance(sampling, dict) else None
-        if not (_is_num(scale) and scale >= 1):
-            raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale!r}; it must be a number >= 1")
+        if not (_is_num(scale) and 1 <= scale < float("inf")):
+            raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale!r}; it must be a finite number >= 1")
         if scale != 1 and null_id is None:
             raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale}, but classifier-free guidance "
                               "needs a null class and 'null_class_id' is absent")
