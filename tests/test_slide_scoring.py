@@ -61,13 +61,13 @@ def test_same_slide_twice_gives_identical_records(bundle, ort_backend, smear_png
     assert first["status"] == "ok" and all(r["nfe"] > 0 for r in first["cells"])
 
 
-def test_stain_context_per_slide_fits_once_and_per_cell_by_default(bundle, ort_backend, smear_png):
-    per_slide = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False,
-                                                                        stain_context="slide"))
+def test_stain_map_is_fitted_once_per_slide_by_default_or_per_cell_on_request(bundle, ort_backend, smear_png):
+    per_slide = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False))
     list(per_slide.score_source(open_source(smear_png, 0.2)))
     stain = per_slide.summary()["stain"]
     assert stain["context"] == "slide" and len(stain["fitted"]["mean"]) == 3
-    per_cell = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False))
+    per_cell = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False,
+                                                                       stain_context="cell"))
     list(per_cell.score_source(open_source(smear_png, 0.2)))
     assert per_cell.summary()["stain"] == {"method": "reinhard", "context": "cell", "fitted": None}
     off = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False, stain_normalise=False))

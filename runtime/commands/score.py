@@ -23,6 +23,8 @@ def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--um-per-px", type=float, default=None,
                    help="pixel size of the input (default: DICOM pixel spacing, else estimated from red cells)")
     p.add_argument("--no-stain-normalisation", action="store_true", help="use the colours as scanned")
+    p.add_argument("--stain-context", choices=("slide", "cell"), default="slide",
+                   help="fit the Reinhard stain map once per slide (default) or on a 36-µm field around each cell")
     p.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
     p.add_argument("--tile-px", type=int, default=2048, help="tile core size in source pixels")
     p.add_argument("--batch-cells", type=int, default=256, help="cells per classification batch")
@@ -42,7 +44,8 @@ def scoring_options(args: argparse.Namespace):
     from cytoedge.runtime.slide_scoring import ScoringOptions
 
     return ScoringOptions(um_per_px=args.um_per_px, stain_normalise=not args.no_stain_normalisation,
-                          heatmaps=not args.no_heatmaps, tile_px=args.tile_px, batch_cells=args.batch_cells)
+                          stain_context=args.stain_context, heatmaps=not args.no_heatmaps, tile_px=args.tile_px,
+                          batch_cells=args.batch_cells)
 
 
 def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=None, backend=None,
