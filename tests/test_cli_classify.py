@@ -76,3 +76,15 @@ def test_evaluate_reports_metrics_on_a_generated_labelled_folder(crop_files, tmp
     assert sum(map(sum, counts)) == len(crop_files)
     assert report["accuracy"] == sum(counts[i][i] for i in range(len(counts))) / len(crop_files)
     assert 0 <= report["conformal_coverage"] <= 1 and report["nfe_mean"] >= len(bundle.class_names)
+
+
+def test_stain_normalisation_is_applied_on_request_and_recorded(crop_files, capsys):
+    """With --stain-normalise each crop's colours are matched to the reference before scoring (the
+    probabilities move), and the JSON document says which normalisation was applied."""
+    rc = main(["classify", *map(str, crop_files[:3]), "--json", "--threads", "1"])
+    plain = json.loads(capsys.readouterr().out)
+    rc_norm = main(["classify", *map(str, crop_files[:3]), "--json", "--threads", "1", "--stain-normalise"])
+    normalised = json.loads(capsys.readouterr().out)
+    assert rc == rc_norm == 0
+    assert plain["stain_normalisation"] is None and normalised["stain_normalisation"] == "reinhard-per-crop"
+    assert [r["probabilities"] for r in plain["results"]] != [r["probabilities"] for r in normalised["results"]]
