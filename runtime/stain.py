@@ -64,3 +64,9 @@ def reinhard(rgb: np.ndarray, source: LabStats, target: LabStats) -> np.ndarray:
     glass = (rgb >= GLASS_LEVEL).all(axis=2)
     out[glass] = rgb[glass]
     return out
+
+
+def normalise_crop(rgb: np.ndarray, reference: LabStats) -> np.ndarray:
+    """A single-cell crop matched to ``reference`` on its own statistics (left as is if it is mostly glass)."""
+    stats = lab_stats(rgb)
+    return rgb if stats is None else reinhard(rgb, stats, reference)

@@ -76,6 +76,11 @@ def test_evaluate_reports_metrics_on_a_generated_labelled_folder(crop_files, tmp
     assert sum(map(sum, counts)) == len(crop_files)
     assert report["accuracy"] == sum(counts[i][i] for i in range(len(counts))) / len(crop_files)
     assert 0 <= report["conformal_coverage"] <= 1 and report["nfe_mean"] >= len(bundle.class_names)
+    assert report["stain_normalisation"] is None
+    rc = main(["evaluate", "--data", str(tmp_path / "data"), "--half", "all", "--threads", "1", "--out", str(out),
+               "--stain-normalise"])
+    capsys.readouterr()
+    assert rc == 0 and json.loads(out.read_text())["stain_normalisation"] == "reinhard-per-crop"
 
 
 def test_stain_normalisation_is_applied_on_request_and_recorded(crop_files, capsys):

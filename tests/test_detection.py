@@ -11,7 +11,7 @@ import pytest
 from cytoedge.runtime.detection import detect_cells
 from cytoedge.runtime.errors import InputImageError
 from cytoedge.runtime.scale import estimate_um_per_px, resolve_scale
-from cytoedge.runtime.stain import LabStats, lab_stats, reinhard
+from cytoedge.runtime.stain import LabStats, lab_stats, normalise_crop, reinhard
 from cytoedge.runtime.synthetic_smear import PLASMA_RGB, _draw_red_cell
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -122,3 +122,13 @@ def test_bccd_white_cells_recall_on_a_sample():
 
     res = eval_bccd(SHARED, "0.0721", 40)
     assert res["recall"] >= 0.9 and res["precision"] >= 0.9
+
+
+def test_a_crop_is_normalised_on_its_own_statistics_and_glass_is_left_alone(rng):
+    rgb, _ = drawn_field(0.25, rng)
+    reference = LabStats((190.0, 140.0, 130.0), (35.0, 9.0, 12.0))
+    out = lab_stats(normalise_crop(rgb, reference))
+    np.testing.assert_allclose(out.mean, reference.mean, atol=2.0)
+    np.testing.assert_allclose(out.std, reference.std, rtol=0.1)
+    glass = np.full((40, 40, 3), 252, np.uint8)
+    np.testing.assert_array_equal(normalise_crop(glass, reference), glass)

@@ -32,6 +32,26 @@ def add_guidance_argument(p: argparse.ArgumentParser) -> None:
                         "sampling.guidance_scale; 1 = none)")
 
 
+def add_stain_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stain-normalise", action="store_true",
+                   help="match each crop's colours to the bundle's stain reference (Reinhard, fitted on the crop): "
+                        "for crops of another lab's stain or scanner. On crops of the model's own stain it costs "
+                        "accuracy (PBC: balanced accuracy 0.906 -> 0.819), so it is off by default")
+
+
+def crop_stain_reference(args: argparse.Namespace, bundle):
+    """The reference crops are normalised to under ``--stain-normalise``, else None."""
+    from cytoedge.runtime.errors import CytoedgeError
+    from cytoedge.runtime.stain import reference_stats
+
+    if not args.stain_normalise:
+        return None
+    reference = reference_stats(bundle)
+    if reference is None:
+        raise CytoedgeError(f"--stain-normalise: {bundle.path} has no stain_reference to normalise to")
+    return reference
+
+
 def load_bundle_and_backend(args: argparse.Namespace):
     from cytoedge.models import default_bundle_path
     from cytoedge.runtime.backends.select import create_backend

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend, progress_bar
+from cytoedge.runtime.commands.common import (add_model_arguments, add_stain_argument, crop_stain_reference,
+                                              load_bundle_and_backend, progress_bar)
 
 CHUNK = 64
 
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--half", choices=("fit", "held-out", "all"), default="held-out")
     p.add_argument("--per-class", type=int, default=None, help="at most this many cells per class")
     p.add_argument("--um-per-px", type=float, default=None)
+    add_stain_argument(p)
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
     p.set_defaults(func=run)
 
@@ -85,14 +87,19 @@ def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.classify_cells import score_cells_fast
     from cytoedge.runtime.labelled_data import labelled_subset
     from cytoedge.runtime.reference_estimator import classify_reference
+    from cytoedge.runtime.stain import normalise_crop
 
     bundle, backend, estimator = load_bundle_and_backend(args)
+    reference = crop_stain_reference(args, bundle)
     files, labels = labelled_subset(args.data, bundle.class_names, args.half, args.per_class)
     preds, nfes, parts = [], [], []
     start = time.perf_counter()
     with progress_bar(len(files), "cells") as bar:
         for s in range(0, len(files), CHUNK):
-            batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px,
+            crops = [read_rgb(f) for f in files[s:s + CHUNK]]
+            if reference is not None:
+                crops = [normalise_crop(rgb, reference) for rgb in crops]
+            batch = crops_to_batch(crops, bundle, args.um_per_px,
                                    [str(f) for f in files[s:s + CHUNK]])
             if estimator == "fast":
                 outcome = score_cells_fast(batch, bundle, backend)
@@ -110,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                              bundle.abnormal_classes, decisions,
                              (bundle.calibration or {}).get("settings", {}).get("abnormal_sensitivity"))
     report = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name, "estimator": estimator,
-              "data": str(args.data), "half": args.half, "per_class": args.per_class, **report}
+              "data": str(args.data), "half": args.half, "per_class": args.per_class,
+              "stain_normalisation": "reinhard-per-crop" if reference is not None else None, **report}
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
