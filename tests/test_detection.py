@@ -126,9 +126,8 @@ def test_bccd_white_cells_recall_on_a_sample():
 
 def test_a_crop_is_normalised_on_its_own_statistics_and_glass_is_left_alone(rng):
     rgb, _ = drawn_field(0.25, rng)
-    reference = LabStats((190.0, 140.0, 130.0), (35.0, 9.0, 12.0))
-    out = lab_stats(normalise_crop(rgb, reference))
-    np.testing.assert_allclose(out.mean, reference.mean, atol=2.0)
-    np.testing.assert_allclose(out.std, reference.std, rtol=0.1)
-    glass = np.full((40, 40, 3), 252, np.uint8)
-    np.testing.assert_array_equal(normalise_crop(glass, reference), glass)
+    shifted = np.clip(rgb.astype(int) * [0.85, 1.0, 1.1] + [0, 10, -5], 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(normalise_crop(shifted, lab_stats(rgb)),
+                                  reinhard(shifted, lab_stats(shifted), lab_stats(rgb)))
+    glass = np.full((40, 40, 3), 252, np.uint8)  # too few stained pixels to fit on: left as it is
+    np.testing.assert_array_equal(normalise_crop(glass, lab_stats(rgb)), glass)
