@@ -53,6 +53,11 @@ def colour_drift(drawn: np.ndarray, drawn_y: np.ndarray, real: np.ndarray, real_
             "spread": float(np.linalg.norm(d[:, 3:], axis=1).mean())}
 
 
+def worst_class(per_class: dict[str, float]) -> str:
+    name = min(per_class, key=per_class.get)
+    return "– (all 1.00)" if per_class[name] == 1.0 else f"{per_class[name]:.2f} ({name})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=default_bundle_path())
@@ -92,8 +97,8 @@ def main() -> None:
                                      "per_class": args.per_class, "rows": rows}, indent=2) + "\n")
     chosen = next((r["guidance"] for r in rows if r["recognised"] >= RECOGNITION_BAR), None)
     table = "\n".join(
-        f"| {r['guidance']:g} | {r['recognised']:.3f} | {min(r['per_class'].values()):.2f} "
-        f"({min(r['per_class'], key=r['per_class'].get)}) | {r['uncertain']:.3f} | {r['anomalous']:.3f} | "
+        f"| {r['guidance']:g} | {r['recognised']:.3f} | {worst_class(r['per_class'])} | {r['uncertain']:.3f} | "
+        f"{r['anomalous']:.3f} | "
         + (f"{r['colour_drift']['mean_colour']:.1f} / {r['colour_drift']['spread']:.1f}" if r["colour_drift"]
            else "–")
         + f" | {r['seconds_per_cell'] * 1e3:.0f} |" for r in rows)

@@ -19,6 +19,18 @@ from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import BundleError
 
 
+def guidance_scale(bundle: ModelBundle, guidance: float | None = None) -> float:
+    """The guidance scale to draw with: ``guidance``, else the bundle's; refused unless finite, >= 1,
+    and (above 1) backed by a null class."""
+    scale = bundle.guidance_scale if guidance is None else float(guidance)
+    if not (np.isfinite(scale) and scale >= 1.0):
+        raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {scale}")
+    if scale != 1.0 and bundle.null_class_id is None:
+        raise BundleError(f"{bundle.path}: guidance {scale} needs a null class, and this network has none; "
+                          "use guidance 1")
+    return scale
+
+
 def guided_noise(backend: DenoiserBackend, x: np.ndarray, t: int, class_ids: np.ndarray, null_id: int | None,
                  guidance: float) -> np.ndarray:
     """ε̂ for one sampling step: conditional, or guided by the null class in the same batch."""
@@ -40,12 +52,7 @@ def ddim_sample(bundle: ModelBundle, backend: DenoiserBackend, class_ids: np.nda
                           "but not draw them")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    guidance = bundle.guidance_scale if guidance is None else float(guidance)
-    if not (np.isfinite(guidance) and guidance >= 1.0):
-        raise ValueError(f"guidance must be a finite number >= 1 (1 = no guidance), got {guidance}")
-    if guidance != 1.0 and bundle.null_class_id is None:
-        raise BundleError(f"{bundle.path}: guidance {guidance} needs a null class, and this network has none; "
-                          "use guidance 1")
+    guidance = guidance_scale(bundle, guidance)
     rng = np.random.default_rng(seed)
     a_bar = bundle.schedule.alphas_cumprod
     size = bundle.input_size

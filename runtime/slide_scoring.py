@@ -53,8 +53,8 @@ class ScoringOptions:
     stain_normalise: bool = True
     # "slide": one Reinhard map per slide, fitted on its first tile with cells; "cell": fitted on a PBC-sized
     # field around each cell. Per slide by default: on PBC crops a map fitted on each cell's own field costs
-    # 9 points of balanced accuracy (0.906 → 0.819; one pooled map: 0.904), as the map then follows the red-cell
-    # density and the cell itself; on BCCD's foreign stain both recover the type about alike (0.339 per field,
+    # 9 points of balanced accuracy (0.906 → 0.819; one pooled map: 0.904): the map then follows each field's own
+    # framing and red-cell density (fitting it without the cell did not help); on BCCD's foreign stain both recover the type about alike (0.339 per field,
     # 0.368 per cell, 0.025 unnormalised; benchmarks/RESULTS.md, session 4).
     stain_context: str = "slide"
     stain_field_um: float = 36.0  # side of the per-cell field (a PBC crop: 360 px at ~0.1 µm/px)

@@ -23,7 +23,7 @@ def add_guidance_argument(p: argparse.ArgumentParser) -> None:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= 1.0 or value == float("inf"):
+        if not (value >= 1.0 and value != float("inf")):  # the sampler's rule (runtime.sampler.guidance_scale)
             raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 1 (1 = no guidance)")
         return value
 

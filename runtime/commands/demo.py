@@ -42,6 +42,7 @@ def demo_classes(bundle_classes: list[str], n: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cytoedge.runtime.sampler import guidance_scale
     from cytoedge.runtime.synthetic_smear import SmearSpec, generate_smear, match_truth, write_smear_files
 
     bundle, backend, estimator = load_bundle_and_backend(args)
@@ -50,9 +51,8 @@ def run(args: argparse.Namespace) -> int:
     classes = [classes[i] for i in rng.permutation(len(classes))]
     spec = SmearSpec(n_white=len(classes), classes=tuple(classes), ddim_steps=args.steps, seed=args.seed,
                      guidance=args.guidance)
-    guidance = bundle.guidance_scale if args.guidance is None else args.guidance
-    print(f"drawing {len(classes)} white cells from {bundle.name} (DDIM {args.steps} steps, guidance {guidance:g})…",
-          file=sys.stderr)
+    print(f"drawing {len(classes)} white cells from {bundle.name} (DDIM {args.steps} steps, "
+          f"guidance {guidance_scale(bundle, args.guidance):g})…", file=sys.stderr)
     smear = generate_smear(bundle, backend, spec)
     files = write_smear_files(smear, args.out / "slide", dicom=args.dicom)
     slide = next(p for p in files if p.suffix == (".dcm" if args.dicom else ".png"))

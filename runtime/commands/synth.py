@@ -32,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import cv2
 
+    from cytoedge.runtime.sampler import guidance_scale
     from cytoedge.runtime.synthetic_smear import SmearSpec, generate_smear, sample_cells, write_smear_files
 
     bundle, backend, _ = load_bundle_and_backend(args)
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         index.append({"file": path.name, "class": cls})
     (args.out / "cells.json").write_text(json.dumps({"model": bundle.name, "bundle_sha256": bundle.sha256,
                                                      "um_per_px": bundle.um_per_px, "steps": args.steps,
-                                                     "guidance": bundle.guidance_scale if args.guidance is None else args.guidance,
+                                                     "guidance": guidance_scale(bundle, args.guidance),
                                                      "seed": args.seed, "cells": index}, indent=1) + "\n")
     print(f"{len(index)} cells in {args.out}")
     return 0
