@@ -24,7 +24,7 @@ import torch
 from torch.nn import functional as F
 
 from cytoedge.runtime.schedule import NoiseSchedule
-from cytoedge.training.pbc_data import augment_batch, load_cell_set
+from cytoedge.training.pbc_data import LEGACY_AUGMENT, STRONG_AUGMENT, augment_batch, load_cell_set
 from cytoedge.training.unet import ClassConditionalUNet, UNetConfig
 
 log = logging.getLogger("cytoedge.training")
@@ -55,6 +55,8 @@ DEFAULTS = {
     # classifier-free guidance: the unconditional prediction is the image-complexity baseline the
     # anomaly score compares the best class against (a likelihood ratio, not an absolute error).
     "null_class_prob": 0.1,
+    # Augmentation strengths (training/pbc_data.py); a run config without this key used LEGACY_AUGMENT.
+    "augment": STRONG_AUGMENT,
 }
 
 
@@ -150,7 +152,8 @@ class Trainer:
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = self.rng.choice(len(self.data.labels), size=n, p=self.sample_p)
-        x = augment_batch(self.data.images[idx], self.unet_cfg.image_size, self.cfg["zoom"], self.rng)
+        x = augment_batch(self.data.images[idx], self.unet_cfg.image_size, self.cfg["zoom"], self.rng,
+                          self.cfg.get("augment", LEGACY_AUGMENT))
         x = torch.from_numpy(x).permute(0, 3, 1, 2) * 2.0 - 1.0
         return x.contiguous(), torch.from_numpy(self.data.labels[idx])
 
