@@ -107,10 +107,10 @@ def max_abs_error(backend_a: DenoiserBackend, backend_b: DenoiserBackend, bundle
 def load_labelled_cells(root: Path, bundle: ModelBundle, per_class: int | None = None,
                         seed: int = 0) -> tuple[CellBatch, np.ndarray]:
     """Labelled crops ``root/<class>/*`` as a CellBatch (at most ``per_class`` per class, seeded)."""
-    from cytoedge.runtime.cells import crops_to_batch, read_rgb
+    from cytoedge.runtime.cells import crops_to_batch, read_crop
     from cytoedge.runtime.labelled_data import list_labelled_files, stratified_subset
 
     files, labels, _ = list_labelled_files(Path(root), bundle.class_names)
     keep = stratified_subset(labels, per_class, seed)
-    images = [read_rgb(files[i]) for i in keep]
+    images = [read_crop(files[i]) for i in keep]
     return crops_to_batch(images, bundle), labels[keep]

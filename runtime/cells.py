@@ -5,8 +5,10 @@ Reading and resampling (I/O and scale) happen here, at the edge; the estimators 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -14,6 +16,7 @@ import numpy as np
 from cytoedge.kernels.cell_batch import cell_table
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import InputImageError
+from cytoedge.runtime.limits import MAX_CROP_SIDE_PX, MAX_FIELD_PIXELS, InputLimitError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -32,17 +35,69 @@ class CellBatch:
         return CellBatch(self.tiles, self.cells[index])
 
 
+def header_size(path: str | Path) -> tuple[int, int] | None:
+    """(width, height) from the image file's header, nothing decoded (Pillow opens lazily), so a size limit
+    is checked before the pixels are allocated; None where Pillow cannot identify the file (OpenCV may)."""
+    from PIL import Image, UnidentifiedImageError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # cytoedge's own limits apply
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except Image.DecompressionBombError:  # past twice Pillow's MAX_IMAGE_PIXELS, which it will not open
+            raise InputLimitError(f"{path}: more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels by its header, over "
+                                  f"the {MAX_FIELD_PIXELS:,}-pixel limit for an image file; a slide this large "
+                                  "needs a tiled format (DICOM VL Whole Slide Microscopy)") from None
+        except (UnidentifiedImageError, OSError, ValueError):
+            return None
+
+
+def _check_field_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_FIELD_PIXELS:
+        raise InputLimitError(f"{path}: {width}×{height} px ({width * height:,} pixels) is over the "
+                              f"{MAX_FIELD_PIXELS:,}-pixel limit for an image file, which is decoded whole; "
+                              "a slide this large needs a tiled format (DICOM VL Whole Slide Microscopy)")
+
+
+def _check_crop_size(path: Path, width: int, height: int) -> None:
+    _check_field_size(path, width, height)  # too large for `cytoedge score` as well: say where it belongs
+    if max(width, height) > MAX_CROP_SIDE_PX:
+        raise InputLimitError(f"{path}: {width}×{height} px is a field or a slide, not a single-cell crop (a crop "
+                              f"is at most {MAX_CROP_SIDE_PX} px a side); score it with `cytoedge score`")
+
+
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as RGB uint8 ``[H, W, 3]``; InputImageError names the file and the problem."""
-    path = Path(path)
+    """Read an image file as RGB uint8 ``[H, W, 3]``; InputImageError names the file and the problem.
+    An image over MAX_FIELD_PIXELS is refused (InputLimitError) from its header, before it is decoded."""
+    return _read_image(Path(path), _check_field_size)
+
+
+def read_crop(path: str | Path) -> np.ndarray:
+    """A single-cell crop, as ``read_rgb``. An image with a side over MAX_CROP_SIDE_PX is a field or a
+    slide, which classified as one cell comes back as a confident nonsense: it is refused
+    (InputLimitError), from its header where Pillow can read one."""
+    return _read_image(Path(path), _check_crop_size)
+
+
+def _read_image(path: Path, check_size: Callable[[Path, int, int], None]) -> np.ndarray:
+    """Decode ``path`` as RGB uint8 once ``check_size`` accepts the header's (width, height), and again the
+    decoded size (a format only OpenCV knows has no header size)."""
     if not path.is_file():
         raise InputImageError(f"{path}: no such file")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    size = header_size(path)
+    if size is not None:
+        check_size(path, *size)
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as e:
+        raise InputImageError(f"{path}: cannot be read ({e.strerror or e})") from None
     if data.size == 0:
         raise InputImageError(f"{path}: file is empty")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise InputImageError(f"{path}: not a readable image (corrupt, truncated, or an unsupported format)")
+    check_size(path, img.shape[1], img.shape[0])
     if img.dtype != np.uint8:
         if img.dtype == np.uint16:
             img = (img / 257).round().astype(np.uint8)

@@ -33,6 +33,7 @@ from cytoedge.runtime.classify_cells import classify_batch
 from cytoedge.runtime.detection import Detection, DetectionSettings, detect_cells
 from cytoedge.runtime.errors import CytoedgeError, InputImageError
 from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
+from cytoedge.runtime.limits import MAX_MODEL_SCALE_TILE_PIXELS, InputLimitError, check_um_per_px
 from cytoedge.runtime.scale import ScaleEstimate, resolve_scale
 from cytoedge.runtime.sources import FolderSource, SlideSource, Tile
 from cytoedge.runtime.stain import LabStats, lab_stats, reference_stats, reinhard
@@ -164,9 +165,10 @@ class SlideScorer:
         t = time.perf_counter()
         st.scale = self._resolve_scale(source)
         t = st.tick("scale", t)
+        check_um_per_px(st.scale.um_per_px, f"{source.name}: pixel size ({st.scale.source})")
         overlap = int(math.ceil(self.options.overlap_um / st.scale.um_per_px))
         pending = _Pending()
-        for tile in source.tiles(self.options.tile_px, overlap):
+        for tile in source.tiles(self._tile_core_px(st.scale.um_per_px, overlap), overlap):
             st.width, st.height = max(st.width, source.width), max(st.height, source.height)
             t = st.tick("read", t)
             self._add_tile(tile, st.scale.um_per_px, pending)
@@ -197,7 +199,44 @@ class SlideScorer:
         """Summary of the slide scored last (or of the tiles sent since the last reset)."""
         return summarise_slide(self.state, self.bundle, self._policy, self.options.density_bin_um)
 
+    def checkpoint(self) -> dict:
+        """What the tiles scored so far left in the slide's state, besides their records (JSON-ready,
+        full precision): with the records, ``restore`` continues the slide exactly, without the pixels."""
+        st = self.state
+        return {"name": st.name, "width": st.width, "height": st.height,
+                "scale": {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(st.scale).items()}
+                if st.scale else None,
+                "stain": {"mean": [float(v) for v in st.stain.mean], "std": [float(v) for v in st.stain.std]}
+                if st.stain else None,
+                "platelets": st.platelets, "red_cells": st.red_cells, "tiles": st.tiles, "area_px": st.area_px,
+                "explained": sorted(st.crops)}
+
+    def restore(self, checkpoint: dict, records: list[dict]) -> None:
+        """Continue a slide from ``checkpoint()`` and its records (thumbnail, gallery crops and heatmap
+        images are not restored: they feed local reports only, not records or the summary)."""
+        self.reset(checkpoint["name"])
+        st = self.state
+        st.width, st.height = checkpoint["width"], checkpoint["height"]
+        st.scale = ScaleEstimate(**checkpoint["scale"]) if checkpoint["scale"] else None
+        stain = checkpoint["stain"]
+        st.stain = LabStats(tuple(stain["mean"]), tuple(stain["std"])) if stain else None
+        st.platelets, st.red_cells = checkpoint["platelets"], checkpoint["red_cells"]
+        st.tiles, st.area_px = checkpoint["tiles"], checkpoint["area_px"]
+        st.records = list(records)
+        st.crops = {int(i): np.zeros((0, 0, 3), np.uint8) for i in checkpoint["explained"]}
+
     # ---- internals --------------------------------------------------------------------------
+    def _tile_core_px(self, um_per_px: float, overlap: int) -> int:
+        """``tile_px``, shrunk so that a tile (core and overlap on both sides) resampled to the model's scale
+        stays within MAX_MODEL_SCALE_TILE_PIXELS: a coarse scale is upsampled, and its tiles with it."""
+        factor = um_per_px / self.bundle.um_per_px
+        core = int(math.isqrt(MAX_MODEL_SCALE_TILE_PIXELS) / factor) - 2 * overlap
+        if core < 1:
+            raise InputLimitError(f"{um_per_px:g} µm/px: a tile with its {overlap}-px overlap would be over "
+                                  f"{MAX_MODEL_SCALE_TILE_PIXELS:,} pixels at the model's "
+                                  f"{self.bundle.um_per_px:g} µm/px")
+        return min(self.options.tile_px, core)
+
     def _resolve_scale(self, source: SlideSource) -> ScaleEstimate:
         user, known = self.options.um_per_px, getattr(source, "um_per_px", None)
         if user or known:

@@ -13,19 +13,24 @@ and each frame is decoded on its own through pydicom's pixel handlers.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, ContextManager, Iterator, Protocol
 
 import numpy as np
 
 from cytoedge.runtime.cells import IMAGE_SUFFIXES, read_rgb
-from cytoedge.runtime.errors import InputImageError
+from cytoedge.runtime.errors import CytoedgeError, InputImageError
+from cytoedge.runtime.limits import MAX_DICOM_SIDE_PX, MAX_FIELD_PIXELS, InputLimitError
 
 log = logging.getLogger(__name__)
+
+# Opens a file to read and yields the path a reader should open (see plain_open, and the daemon's RootGuard).
+Opener = Callable[[Path], ContextManager[str]]
 
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 VL_MICROSCOPIC_SOP_CLASSES = {
@@ -82,12 +87,16 @@ def _tile_grid(width: int, height: int, tile_size: int) -> Iterator[tuple[int, i
 
 
 class ImageFieldSource:
-    """One field from a PNG/JPEG/TIFF/BMP file. Read whole: a camera field is small."""
+    """One field from a PNG/JPEG/TIFF/BMP file. Read whole: a camera field is small (an image over
+    MAX_FIELD_PIXELS is refused from its header, before it is decoded)."""
 
-    def __init__(self, path: str | Path, um_per_px: float | None = None):
+    def __init__(self, path: str | Path, um_per_px: float | None = None, read_path: str | None = None):
         self.path = Path(path)
         self.name = str(self.path)
-        self._rgb = read_rgb(self.path)
+        try:
+            self._rgb = read_rgb(read_path or self.path)
+        except CytoedgeError as e:
+            raise _named(e, read_path, self.name) from None
         self.height, self.width = self._rgb.shape[:2]
         self.um_per_px = um_per_px
 
@@ -102,11 +111,15 @@ class ImageFieldSource:
 
 
 class FolderSource:
-    """A folder of fields, scored as one slide: each field is its own plane (records name the field)."""
+    """A folder of fields, scored as one slide: each field is its own plane (records name the field).
 
-    def __init__(self, path: str | Path, um_per_px: float | None = None):
+    A field that cannot be read is skipped and listed in ``failures`` (of the latest walk); a folder
+    none of whose fields can be read is an InputImageError naming them."""
+
+    def __init__(self, path: str | Path, um_per_px: float | None = None, opener: Opener | None = None):
         self.path = Path(path)
         self.name = str(self.path)
+        self._opener = opener or plain_open
         self.files = sorted(p for p in self.path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.files:
             raise InputImageError(f"{self.path}: folder holds no images {IMAGE_SUFFIXES}")
@@ -115,15 +128,21 @@ class FolderSource:
         self.failures: list[dict] = []
 
     def tiles(self, tile_size: int, overlap: int) -> Iterator[Tile]:
+        self.failures = []
         for path in self.files:
             try:
-                field = ImageFieldSource(path, self.um_per_px)
-            except InputImageError as e:
+                with self._opener(path) as readable:
+                    field = ImageFieldSource(path, self.um_per_px, readable)
+            except (InputImageError, InputLimitError) as e:
                 log.warning("%s", e)
                 self.failures.append({"source": str(path), "error": str(e)})
                 continue
             self.width, self.height = max(self.width, field.width), max(self.height, field.height)
             yield from field.tiles(tile_size, overlap)
+        if self.files and len(self.failures) == len(self.files):
+            shown = "; ".join(f["error"] for f in self.failures[:3])
+            raise InputImageError(f"{self.path}: none of its {len(self.files)} fields could be read ({shown}"
+                                  f"{'; …' if len(self.failures) > 3 else ''})")
 
     def close(self) -> None:
         self.files = []
@@ -178,7 +197,7 @@ def _encapsulated_index(f, path: Path, start: int, n_frames: int) -> _FrameIndex
     return _FrameIndex(offsets, lengths)
 
 
-def _pixel_data_start(path: Path, explicit_vr: bool) -> tuple[int, int]:
+def _pixel_data_start(path: Path, name: str, explicit_vr: bool) -> tuple[int, int]:
     """File offset of the Pixel Data value and its length (0xFFFFFFFF = encapsulated)."""
     import pydicom
 
@@ -187,7 +206,7 @@ def _pixel_data_start(path: Path, explicit_vr: bool) -> tuple[int, int]:
         pos = f.tell()
         head = f.read(12)
     if len(head) < 8 or struct.unpack("<HH", head[:4]) != (0x7FE0, 0x0010):
-        raise InputImageError(f"{path}: no pixel data element")
+        raise InputImageError(f"{name}: no pixel data element")
     if explicit_vr:
         return pos + 12, struct.unpack("<I", head[8:12])[0]
     return pos + 8, struct.unpack("<I", head[4:8])[0]
@@ -199,14 +218,15 @@ class DicomSlideSource:
     Frames are read one at a time; the total pixel matrix is assembled only tile by tile.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_path: str | None = None):
         import pydicom
         from pydicom.errors import InvalidDicomError
 
         self.path = Path(path)
         self.name = str(self.path)
+        read = Path(read_path or self.path)  # what is opened: a checked descriptor's link in the daemon
         try:
-            ds = pydicom.dcmread(self.path, stop_before_pixels=True)
+            ds = pydicom.dcmread(read, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError, struct.error) as e:
             raise InputImageError(f"{self.path}: not a readable DICOM file ({e})") from None
         sop = str(ds.get("SOPClassUID", ""))
@@ -221,15 +241,17 @@ class DicomSlideSource:
             raise InputImageError(f"{self.path}: only 8-bit grey or colour pixels are supported")
         self._ds = ds
         self._tsuid = tsuid
-        self.frame_rows, self.frame_cols = int(ds.Rows), int(ds.Columns)
+        self.frame_rows, self.frame_cols = self._size(ds, "Rows"), self._size(ds, "Columns")
+        if self.frame_rows * self.frame_cols > MAX_FIELD_PIXELS:  # a frame is decoded whole, as a field is
+            raise InputLimitError(f"{self.path}: DICOM frames of {self.frame_cols}×{self.frame_rows} px are over "
+                                  f"the {MAX_FIELD_PIXELS:,}-pixel limit for one decoded image")
         self.n_frames = int(ds.get("NumberOfFrames", 1) or 1)
         is_wsi = sop == WSI_SOP_CLASS
-        self.width = int(ds.get("TotalPixelMatrixColumns", self.frame_cols)) if is_wsi else self.frame_cols
-        self.height = int(ds.get("TotalPixelMatrixRows", self.frame_rows)) if is_wsi else self.frame_rows
+        self.width = self._size(ds, "TotalPixelMatrixColumns", self.frame_cols) if is_wsi else self.frame_cols
+        self.height = self._size(ds, "TotalPixelMatrixRows", self.frame_rows) if is_wsi else self.frame_rows
         self.um_per_px = _pixel_spacing_um(ds)
-        self.positions = self._frame_positions(ds, is_wsi)
-        start, length = _pixel_data_start(self.path, tsuid != "1.2.840.10008.1.2")
-        with open(self.path, "rb") as f:
+        start, length = _pixel_data_start(read, self.name, tsuid != "1.2.840.10008.1.2")
+        with open(read, "rb") as f:
             size = f.seek(0, 2)
             if tsuid in NATIVE_SYNTAXES:
                 spp = int(ds.get("SamplesPerPixel", 1))
@@ -243,9 +265,26 @@ class DicomSlideSource:
                 if length != 0xFFFFFFFF:
                     raise InputImageError(f"{self.path}: compressed pixel data is not encapsulated")
                 self._index = _encapsulated_index(f, self.path, start, self.n_frames)
+        # After the index: it has checked NumberOfFrames against the pixel data the file really holds.
+        self.positions = self._frame_positions(ds, is_wsi)
         self._grid = {(r, c): k for k, (r, c) in enumerate(self.positions)}
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._file = open(self.path, "rb")
+        self._file = open(read, "rb")
+
+    def _size(self, ds, keyword: str, default: int | None = None) -> int:
+        """A frame or total-matrix side from the header, 1 to MAX_DICOM_SIDE_PX (a zero would divide the
+        frame grid by zero); InputImageError names the file and the attribute."""
+        value = ds.get(keyword, default)
+        if value is None or value == "":
+            raise InputImageError(f"{self.path}: DICOM attribute {keyword} is missing")
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            raise InputImageError(f"{self.path}: DICOM attribute {keyword} is {value!r}, not a whole number") from None
+        if not 1 <= size <= MAX_DICOM_SIDE_PX:
+            raise InputImageError(f"{self.path}: DICOM attribute {keyword} is {size}; expected 1 to "
+                                  f"{MAX_DICOM_SIDE_PX:,}")
+        return size
 
     def _frame_positions(self, ds, is_wsi: bool) -> list[tuple[int, int]]:
         """Top-left (row, col) of each frame in total-matrix pixels (0-based)."""
@@ -331,8 +370,9 @@ class DicomSlideSource:
         return out, covered
 
     def tiles(self, tile_size: int, overlap: int) -> Iterator[Tile]:
-        """Tiles aligned to the frame grid where possible; tiles whose core no frame covers are skipped."""
-        step = max(self.frame_cols, (tile_size // self.frame_cols) * self.frame_cols)
+        """Tiles aligned to the frame grid where a tile holds whole frames (else smaller than a frame, as
+        the scorer may ask at coarse scales); tiles whose core no frame covers are skipped."""
+        step = (tile_size // self.frame_cols) * self.frame_cols or tile_size
         for core in _tile_grid(self.width, self.height, step):
             if not self._core_covered(core):
                 continue
@@ -358,37 +398,54 @@ def _pixel_spacing_um(ds) -> float | None:
         spacing = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
     except (AttributeError, IndexError):
         spacing = ds.get("PixelSpacing")
-    if not spacing:
+    try:
+        um = float(spacing[1]) * 1000.0
+    except (TypeError, ValueError, IndexError):  # absent, or not a row/column pair
         return None
-    um = float(spacing[1]) * 1000.0
     return um if um > 0 else None
 
 
-def is_dicom(path: Path) -> bool:
+def is_dicom(path: Path, read_path: str | None = None) -> bool:
     """DICOM Part 10 files carry 'DICM' after a 128-byte preamble (suffix is not required)."""
     if path.suffix.lower() in (".dcm", ".dicom"):
         return True
     try:
-        with open(path, "rb") as f:
+        with open(read_path or path, "rb") as f:
             f.seek(128)
             return f.read(4) == b"DICM"
     except OSError:
         return False
 
 
-def open_source(path: str | Path, um_per_px: float | None = None) -> SlideSource:
+@contextlib.contextmanager
+def plain_open(path: Path) -> Iterator[str]:
+    """The opener outside the daemon: read the path as it is."""
+    yield str(path)
+
+
+def _named(error: CytoedgeError, read_path: str | None, name: str) -> CytoedgeError:
+    """``error`` with the reader's path (a descriptor link) replaced by the input's name."""
+    if not read_path or read_path == name:
+        return error
+    return type(error)(str(error).replace(read_path, name))
+
+
+def open_source(path: str | Path, um_per_px: float | None = None, opener: Opener | None = None) -> SlideSource:
     """The right source for a path; InputImageError names the input when it cannot be read.
 
-    ``um_per_px`` (the user's --um-per-px) overrides whatever the file says.
+    ``um_per_px`` (the user's --um-per-px) overrides whatever the file says. ``opener`` opens each
+    file read (the daemon's root guard: the file is read through a checked descriptor).
     """
     path = Path(path)
+    opener = opener or plain_open
     if path.is_dir():
-        return FolderSource(path, um_per_px)
-    if not path.is_file():
+        return FolderSource(path, um_per_px, opener)
+    if not path.exists():
         raise InputImageError(f"{path}: no such file or folder")
-    if is_dicom(path):
-        source = DicomSlideSource(path)
-        if um_per_px:
-            source.um_per_px = um_per_px
-        return source
-    return ImageFieldSource(path, um_per_px)
+    with opener(path) as readable:
+        if is_dicom(path, readable):
+            source = DicomSlideSource(path, readable)
+            if um_per_px:
+                source.um_per_px = um_per_px
+            return source
+        return ImageFieldSource(path, um_per_px, readable)

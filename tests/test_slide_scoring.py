@@ -165,3 +165,35 @@ def test_cli_scores_good_slides_and_reports_bad_ones(smear_png, tmp_path, capsys
     assert fields["status"] == "ok" and len(fields["cells"]) == len(status["smear.png"]["cells"])
     assert "z.jpg" in fields["summary"]["failures"][0]["error"]
     assert "overlay" not in doc["run"]["outputs"][str(folder)] and "overlay" in doc["run"]["outputs"][str(smear_png)]
+
+
+def test_tiles_shrink_so_that_at_model_scale_they_stay_under_the_limit(bundle, ort_backend):
+    """A coarse scale is upsampled to the model's: the scorer asks its source for smaller cores, so that
+    no tile (overlap included) passes MAX_MODEL_SCALE_TILE_PIXELS; at a fine scale tile_px is kept."""
+    from cytoedge.runtime.limits import MAX_MODEL_SCALE_TILE_PIXELS, UM_PER_PX_MAX, UM_PER_PX_MIN, model_scale_pixels
+    from cytoedge.runtime.sources import Tile
+
+    class Glass:
+        """A blank plane that records the tile size it is asked for."""
+
+        name, width, height = "glass", 64, 64
+
+        def __init__(self, um_per_px: float):
+            self.um_per_px, self.asked = um_per_px, []
+
+        def tiles(self, tile_size, overlap):
+            self.asked.append((tile_size, overlap))
+            yield Tile(np.full((64, 64, 3), 255, np.uint8), 0, 0, (0, 0, 64, 64), self.name)
+
+        def close(self):
+            pass
+
+    scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(tile_px=12000, heatmaps=False))
+    cores = {}
+    for um in (UM_PER_PX_MIN, 0.2, 1.0, UM_PER_PX_MAX):
+        glass = Glass(um)
+        assert list(scorer.score_source(glass)) == []
+        cores[um], overlap = glass.asked[-1]
+        side = cores[um] + 2 * overlap
+        assert model_scale_pixels(side, side, um, bundle.um_per_px) <= MAX_MODEL_SCALE_TILE_PIXELS
+    assert cores[0.2] == 12000 and cores[UM_PER_PX_MAX] < 12000

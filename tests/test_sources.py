@@ -8,6 +8,7 @@ import pydicom
 import pytest
 
 from cytoedge.runtime.errors import InputImageError
+from cytoedge.runtime.limits import InputLimitError
 from cytoedge.runtime.sources import DicomSlideSource, FolderSource, ImageFieldSource, open_source
 from cytoedge.runtime.synthetic_smear import frames_of, write_wsi_dicom
 
@@ -135,3 +136,40 @@ def test_vl_microscopic_image_with_pixel_spacing(tmp_path, rng):
     src = open_source(tmp_path / "vl.dcm")
     assert (src.width, src.height) == (120, 90) and src.um_per_px == pytest.approx(0.4)
     np.testing.assert_array_equal(src.read_region(0, 0, 120, 90)[0], rgb)
+
+
+def test_tiles_smaller_than_a_frame_still_partition_the_slide(tmp_path, rng):
+    """The scorer asks for tiles smaller than a frame at coarse scales: the cores still partition the slide."""
+    rgb = _slide(rng)
+    src = open_source(write_wsi_dicom(tmp_path / "s.dcm", frames_of(rgb, 64), (200, 150), 64, 0.5,
+                                      organisation="TILED_FULL"))
+    owner = np.zeros((150, 200), int)
+    for tile in src.tiles(40, 6):
+        x0, y0, x1, y1 = tile.core
+        assert x1 - x0 <= 40 and y1 - y0 <= 40
+        owner[y0:y1, x0:x1] += 1
+        h, w = tile.rgb.shape[:2]
+        np.testing.assert_array_equal(tile.rgb, rgb[tile.y0:tile.y0 + h, tile.x0:tile.x0 + w])
+    assert (owner == 1).all()
+
+
+@pytest.mark.parametrize("keyword, value", [("Rows", 0), ("Columns", 0), ("TotalPixelMatrixRows", 0),
+                                            ("TotalPixelMatrixColumns", 2_000_000)])
+def test_zero_or_huge_dicom_dimensions_are_refused_naming_the_attribute(tmp_path, rng, keyword, value):
+    path = write_wsi_dicom(tmp_path / "s.dcm", frames_of(_slide(rng), 64), (200, 150), 64, 0.25,
+                           organisation="TILED_FULL")
+    ds = pydicom.dcmread(path)
+    setattr(ds, keyword, value)
+    ds.save_as(tmp_path / "bad.dcm")
+    with pytest.raises(InputImageError, match=rf"bad\.dcm: DICOM attribute {keyword} is {value}"):
+        open_source(tmp_path / "bad.dcm")
+
+
+def test_a_dicom_frame_over_the_decoded_image_limit_is_refused(tmp_path, rng):
+    path = write_wsi_dicom(tmp_path / "s.dcm", frames_of(_slide(rng), 64), (200, 150), 64, 0.25,
+                           organisation="TILED_FULL")
+    ds = pydicom.dcmread(path)
+    ds.Rows = ds.Columns = 13000
+    ds.save_as(tmp_path / "big.dcm")
+    with pytest.raises(InputLimitError, match=r"big\.dcm: DICOM frames of 13000×13000 px are over"):
+        open_source(tmp_path / "big.dcm")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend, progress_bar
+from cytoedge.runtime.commands.common import (add_model_arguments, add_um_per_px_argument, load_bundle_and_backend,
+                                              progress_bar)
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +28,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--half", choices=("fit", "held-out", "all"), default="fit",
                    help="which fixed half of DIR to fit on (default: fit; evaluate reports on held-out)")
     p.add_argument("--per-class", type=int, default=None, help="at most this many cells per class")
-    p.add_argument("--um-per-px", type=float, default=None, help="scale of the crops")
+    add_um_per_px_argument(p, "scale of the crops (default: the bundle's training-crop scale)")
     p.add_argument("--errors-cache", type=Path, default=None,
                    help="npz to reuse (if present) or store the measured probe errors")
     p.set_defaults(func=run)
 
 
 def measure_errors(args, bundle, backend, files, labels, probes, noise) -> np.ndarray:
-    from cytoedge.runtime.cells import crops_to_batch, read_rgb
+    from cytoedge.runtime.cells import crops_to_batch, read_crop
     from cytoedge.runtime.probe_errors import all_class_errors
 
     parts = []
     with progress_bar(len(files), "cells") as bar:
         for s in range(0, len(files), CHUNK):
-            batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px,
+            batch = crops_to_batch([read_crop(f) for f in files[s:s + CHUNK]], bundle, args.um_per_px,
                                    [str(f) for f in files[s:s + CHUNK]])
             parts.append(all_class_errors(batch, bundle, backend, probes, noise))
             bar.update(len(batch))

@@ -1,4 +1,7 @@
-"""``cytoedge classify IMAGE|DIR...``: classify single-cell crops (the cell at the image centre)."""
+"""``cytoedge classify IMAGE|DIR...``: classify single-cell crops (the cell at the image centre).
+
+An image far larger than a crop (a field or a slide) is refused alone and named; ``cytoedge score``
+reads those."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_stain_argument, crop_stain_reference,
-                                              expand_image_paths, load_bundle_and_backend, progress_bar)
+from cytoedge.runtime.commands.common import (add_model_arguments, add_stain_argument, add_um_per_px_argument,
+                                              crop_stain_reference, expand_image_paths, load_bundle_and_backend,
+                                              progress_bar)
 
 log = logging.getLogger(__name__)
 
@@ -19,15 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="classify single-cell images", description=__doc__)
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE|DIR", help="cell crops, or folders of them")
     add_model_arguments(p)
-    p.add_argument("--um-per-px", type=float, default=None,
-                   help="scale of the crops (default: the bundle's training-crop scale)")
+    add_um_per_px_argument(p, "scale of the crops (default: the bundle's training-crop scale)")
     add_stain_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cytoedge.runtime.cells import crop_to_tile, read_rgb, tiles_to_batch
+    from cytoedge.runtime.cells import crop_to_tile, read_crop, tiles_to_batch
     from cytoedge.runtime.classify_cells import classify_batch
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.stain import normalise_crop
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             chunk, tiles = [], []
             for path in paths[start:start + CHUNK]:
                 try:
-                    rgb = read_rgb(path)
+                    rgb = read_crop(path)
                     if reference is not None:
                         rgb = normalise_crop(rgb, reference)
                     tiles.append(crop_to_tile(rgb, bundle, args.um_per_px, str(path)))

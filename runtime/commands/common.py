@@ -1,10 +1,14 @@
-"""Arguments and helpers several commands share: model/backend selection, input expansion, progress."""
+"""Arguments and helpers several commands share: model/backend selection, scoring options, input
+expansion, progress. An option several commands take is defined here once, so it reaches them all."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Callable
 
 from cytoedge.runtime.cells import IMAGE_SUFFIXES
+from cytoedge.runtime.limits import MAX_FIELD_PIXELS, InputLimitError, check_um_per_px
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,6 +19,62 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--estimator", choices=("fast", "reference"), default="fast",
                    help="fast: calibrated fixed-timestep estimator; reference: CytoDiffusion's protocol")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
+
+
+def um_per_px(text: str) -> float:
+    """argparse type of --um-per-px: a finite pixel size inside the supported range (runtime/limits.py)."""
+    try:
+        return check_um_per_px(text, "um_per_px")
+    except InputLimitError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("um_per_px: ")) from None
+
+
+def add_um_per_px_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str,
+                           default: float | None = None) -> None:
+    p.add_argument("--um-per-px", type=um_per_px, default=default, help=help_text)
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
+        return value
+
+    return parse
+
+
+def add_scoring_arguments(p: argparse.ArgumentParser, scale: bool = True) -> None:
+    """The ScoringOptions flags of score, demo and serve (see ``scoring_options``). ``scale=False``
+    (serve): no --um-per-px, as each job's scale comes with its SUBMIT."""
+    g = p.add_argument_group("scoring")
+    if scale:
+        add_um_per_px_argument(g, "pixel size of the input (default: DICOM pixel spacing, else estimated from "
+                                  "red cells)")
+    else:
+        p.set_defaults(um_per_px=None)
+    g.add_argument("--no-stain-normalisation", action="store_true", help="use the colours as scanned")
+    g.add_argument("--stain-context", choices=("slide", "cell"), default="slide",
+                   help="fit the Reinhard stain map once per slide (default) or on a 36-µm field around each cell")
+    g.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
+    # A tile is read whole, like a field image, so its core is bounded as a field is (below 64 px, cores only
+    # multiply tiles).
+    g.add_argument("--tile-px", type=bounded_int(64, math.isqrt(MAX_FIELD_PIXELS)), default=2048,
+                   help="tile core size in source pixels (shrunk where the model's scale would make it too large)")
+    g.add_argument("--batch-cells", type=bounded_int(1, 65536), default=256, help="cells per classification batch")
+
+
+def scoring_options(args: argparse.Namespace):
+    """The ScoringOptions of the flags ``add_scoring_arguments`` defined."""
+    from cytoedge.runtime.slide_scoring import ScoringOptions
+
+    return ScoringOptions(um_per_px=args.um_per_px, stain_normalise=not args.no_stain_normalisation,
+                          stain_context=args.stain_context, heatmaps=not args.no_heatmaps, tile_px=args.tile_px,
+                          batch_cells=args.batch_cells)
 
 
 def add_guidance_argument(p: argparse.ArgumentParser) -> None:

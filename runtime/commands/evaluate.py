@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_stain_argument, crop_stain_reference,
-                                              load_bundle_and_backend, progress_bar)
+from cytoedge.runtime.commands.common import (add_model_arguments, add_stain_argument, add_um_per_px_argument,
+                                              crop_stain_reference, load_bundle_and_backend, progress_bar)
 
 CHUNK = 64
 
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--half", choices=("fit", "held-out", "all"), default="held-out")
     p.add_argument("--per-class", type=int, default=None, help="at most this many cells per class")
-    p.add_argument("--um-per-px", type=float, default=None)
+    add_um_per_px_argument(p, "scale of the crops (default: the bundle's training-crop scale)")
     add_stain_argument(p)
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
     p.set_defaults(func=run)
@@ -83,7 +83,7 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
 
 def run(args: argparse.Namespace) -> int:
     from cytoedge.calibration.decisions import concat_decisions
-    from cytoedge.runtime.cells import crops_to_batch, read_rgb
+    from cytoedge.runtime.cells import crops_to_batch, read_crop
     from cytoedge.runtime.classify_cells import score_cells_fast
     from cytoedge.runtime.labelled_data import labelled_subset
     from cytoedge.runtime.reference_estimator import classify_reference
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with progress_bar(len(files), "cells") as bar:
         for s in range(0, len(files), CHUNK):
-            crops = [read_rgb(f) for f in files[s:s + CHUNK]]
+            crops = [read_crop(f) for f in files[s:s + CHUNK]]
             if reference is not None:
                 crops = [normalise_crop(rgb, reference) for rgb in crops]
             batch = crops_to_batch(crops, bundle, args.um_per_px,

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from cytoedge.runtime.commands.common import add_um_per_px_argument
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a denoiser to ONNX (+ fused error graph, FP16) as a bundle",
@@ -31,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--class-names", default=None, help="comma-separated class names in one-hot order")
     g.add_argument("--abnormal-classes", default="", help="comma-separated")
     g.add_argument("--image-size", type=int, default=360)
-    g.add_argument("--um-per-px", type=float, default=None, help="micrometres per input pixel (required)")
+    add_um_per_px_argument(g, "micrometres per input pixel (required)")
     g.add_argument("--precompute-cross-attention", action="store_true",
                    help="replace cross-attention by its per-class constant (identical context tokens)")
     p.set_defaults(func=run)

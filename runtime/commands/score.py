@@ -2,7 +2,8 @@
 
 Writes DIR/results.json (the versioned result document, docs/results-format.md) and, per slide,
 cells.csv, overlay.png, gallery.png, report.html and (DICOM input) annotations.dcm. A slide that
-cannot be read, or has no white cells, gets an error entry; the others go on.
+cannot be read, or has no white cells, gets an error entry; the others go on. The exit code is 1
+whenever any input failed, a field of a folder included.
 """
 from __future__ import annotations
 
@@ -13,21 +14,14 @@ import sys
 import time
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend, progress_bar
+from cytoedge.runtime.commands.common import (add_model_arguments, add_scoring_arguments, load_bundle_and_backend,
+                                              progress_bar, scoring_options)
 
 log = logging.getLogger(__name__)
 
 
-def add_scoring_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
-    p.add_argument("--um-per-px", type=float, default=None,
-                   help="pixel size of the input (default: DICOM pixel spacing, else estimated from red cells)")
-    p.add_argument("--no-stain-normalisation", action="store_true", help="use the colours as scanned")
-    p.add_argument("--stain-context", choices=("slide", "cell"), default="slide",
-                   help="fit the Reinhard stain map once per slide (default) or on a 36-µm field around each cell")
-    p.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
-    p.add_argument("--tile-px", type=int, default=2048, help="tile core size in source pixels")
-    p.add_argument("--batch-cells", type=int, default=256, help="cells per classification batch")
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """What ``score_paths`` prints (score and demo)."""
     p.add_argument("--json", action="store_true", help="also print the result document to stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
 
@@ -36,21 +30,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score whole smears: fields, folders, DICOM slides", description=__doc__)
     p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE", help="image, folder of fields, or DICOM file")
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    add_model_arguments(p)
     add_scoring_arguments(p)
+    add_output_arguments(p)
     p.set_defaults(func=run)
-
-
-def scoring_options(args: argparse.Namespace):
-    from cytoedge.runtime.slide_scoring import ScoringOptions
-
-    return ScoringOptions(um_per_px=args.um_per_px, stain_normalise=not args.no_stain_normalisation,
-                          stain_context=args.stain_context, heatmaps=not args.no_heatmaps, tile_px=args.tile_px,
-                          batch_cells=args.batch_cells)
 
 
 def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=None, backend=None,
                 estimator: str | None = None) -> tuple[dict, list[str]]:
-    """Score each path, write its reports, return (document, error messages)."""
+    """Score each path, write its reports, return (document, error messages).
+
+    A slide that fails, for whatever reason, becomes an error entry and the others go on; each field of a
+    folder that could not be read is an error too (the slide keeps the cells of its other fields, and its
+    summary lists the failures)."""
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.reports import write_slide_reports
     from cytoedge.runtime.reports.tables import write_json
@@ -65,7 +57,7 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     entries, errors, timings, outputs = [], [], {}, {}
     for index, path in enumerate(paths):
         t0 = time.perf_counter()
-        state = None
+        source = state = None
         try:
             source = open_source(path, options.um_per_px)
             try:
@@ -86,11 +78,22 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
                                                             "scale, or not a blood smear)")
         except (CytoedgeError, OSError) as e:
             entry = slide_entry(str(path), [], None, str(e) if str(path) in str(e) else f"{path}: {e}")
+        except Exception as e:  # a bug met on one slide must not cost the others their results
+            log.exception("%s: internal error while scoring", path)
+            entry = slide_entry(str(path), [], None, f"{path}: internal error while scoring: {type(e).__name__}: {e}")
+        slide_errors = [f["error"] for f in getattr(source, "failures", [])]
         if "error" in entry:
-            errors.append(entry["error"])
-            print(f"cytoedge score: {entry['error']}", file=sys.stderr)
-        outputs[str(path)] = write_slide_reports(entry, scorer.audit, state, out, index,
-                                                 state is not None and isinstance(source, DicomSlideSource))
+            slide_errors.append(entry["error"])
+        try:
+            outputs[str(path)] = write_slide_reports(entry, scorer.audit, state, out, index,
+                                                     state is not None and isinstance(source, DicomSlideSource))
+        except Exception as e:  # results.json is still written, with this slide's entry
+            log.exception("%s: reports not written", path)
+            slide_errors.append(f"{path}: reports not written: {type(e).__name__}: {e}")
+            outputs[str(path)] = {"error": slide_errors[-1]}
+        for error in slide_errors:
+            print(f"cytoedge score: {error}", file=sys.stderr)
+        errors.extend(slide_errors)
         entries.append(entry)
         stage = dict(state.timings) if state is not None else {}
         stage["total"] = time.perf_counter() - t0

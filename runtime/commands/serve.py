@@ -12,7 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import add_model_arguments, load_bundle_and_backend
+from cytoedge.runtime.commands.common import (add_model_arguments, add_scoring_arguments, load_bundle_and_backend,
+                                              scoring_options)
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +28,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-jobs", type=int, default=None, help="unfinished jobs before SUBMIT is answered BUSY")
     p.add_argument("--max-pending-tiles", type=int, default=None, help="unscored in-band tiles before TILE is BUSY")
     p.add_argument("--window", type=int, default=None, help="default CELL credit per job")
+    p.add_argument("--stream-idle-s", type=float, default=None,
+                   help="a stream with no TILE or END_OF_SLIDE for this long fails and its tiles are freed "
+                        "(default 300)")
     p.add_argument("--curve-secret-key", type=Path, default=None, help="server certificate with its secret key")
     p.add_argument("--curve-allowed-keys", type=Path, default=None, help="folder of allowed client public keys")
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="json: one JSON object per log line")
     add_model_arguments(p)
-    p.add_argument("--no-stain-normalisation", action="store_true", help="use the colours as scanned")
-    p.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
-    p.add_argument("--tile-px", type=int, default=2048, help="tile core size in source pixels")
-    p.add_argument("--batch-cells", type=int, default=256, help="cells per classification batch")
-    p.set_defaults(func=run, um_per_px=None)  # a job's scale comes with its SUBMIT
+    add_scoring_arguments(p, scale=False)  # a job's scale comes with its SUBMIT
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from cytoedge.runtime.commands.score import scoring_options
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.service.config import JsonLogFormatter, load_config
     from cytoedge.runtime.service.daemon import Daemon
@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {"endpoint": args.endpoint, "roots": args.roots, "journal": args.journal, "max_jobs": args.max_jobs,
                  "max_pending_tiles": args.max_pending_tiles, "window": args.window,
+                 "stream_idle_s": args.stream_idle_s,
                  "curve_secret_key": args.curve_secret_key, "curve_allowed_keys": args.curve_allowed_keys,
                  "log_format": args.log_format}
     try:

@@ -2,7 +2,9 @@
 
 Streams each cell to the terminal as the daemon delivers it; with ``--json`` waits for every slide
 and prints the same result document as ``cytoedge score --json`` (the local run and the service
-agree cell for cell). Paths are sent resolved; they must lie under the daemon's roots.
+agree cell for cell). Paths are sent resolved; they must lie under the daemon's roots. A refused or
+failed slide is named with its reason and the others are still collected. Exit code: 0 every slide
+scored, 1 some slide refused or failed, 2 the daemon could not be reached or stopped answering.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from cytoedge.runtime.commands.common import add_um_per_px_argument
 from cytoedge.runtime.service.config import DEFAULT_ENDPOINT
 
 
@@ -18,7 +21,9 @@ def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default=DEFAULT_ENDPOINT, help=f"daemon endpoint (default {DEFAULT_ENDPOINT})")
     p.add_argument("--server-key", type=Path, default=None, help="CURVE: the server's public certificate")
     p.add_argument("--client-key", type=Path, default=None, help="CURVE: this client's secret certificate")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds without any answer before giving up")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds without progress (a cell or tile scored, a job's state changing) before giving up; "
+                        "the daemon's keep-alives do not count")
 
 
 def connect(args: argparse.Namespace):
@@ -35,20 +40,36 @@ def connect(args: argparse.Namespace):
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="score slides on a running daemon", description=__doc__)
     p.add_argument("slides", nargs="+", type=Path, metavar="SLIDE", help="slide files or field folders")
-    p.add_argument("--um-per-px", type=float, default=None, help="scale of the slides (overrides the files)")
+    add_um_per_px_argument(p, "scale of the slides (overrides the files)")
     p.add_argument("--json", action="store_true", help="print one result document (as `cytoedge score --json`)")
     add_client_arguments(p)
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for the daemon's first answer (HELLO) before giving up (default 5)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.errors import CytoedgeError
+    from cytoedge.runtime.service.client import ServiceError
     from cytoedge.runtime.slide_scoring import build_slides_document, slide_entry
 
+    plan: list[tuple[str, str | None, str | None]] = []  # per slide: source, job id, why it was refused
     try:
         with connect(args) as client:
-            model = dict(client.hello()["model"])
-            jobs = {client.submit_path(s, args.um_per_px): str(s.resolve()) for s in args.slides}
+            model = dict(client.hello(timeout_s=args.connect_timeout)["model"])
+            for slide in args.slides:
+                try:
+                    source = str(slide.resolve())
+                except (OSError, RuntimeError) as e:  # a symlink loop, ...
+                    plan.append((str(slide.absolute()), None, f"{slide.absolute()}: cannot be resolved ({e})"))
+                    continue
+                try:
+                    plan.append((source, client.submit_path(source, args.um_per_px), None))
+                except ServiceError as e:
+                    if e.code == "TIMEOUT":
+                        raise
+                    plan.append((source, None, f"{source}: {e}"))
+            jobs = {job_id: source for source, job_id, _ in plan if job_id is not None}
             records: dict[str, list[dict]] = {j: [] for j in jobs}
             summaries: dict[str, dict] = {}
             for event in client.events(list(jobs)):
@@ -64,19 +85,26 @@ def run(args: argparse.Namespace) -> int:
     except CytoedgeError as e:
         print(f"cytoedge submit: {e}", file=sys.stderr)
         return 2
-    failed = 0
-    entries = []
-    for job_id, source in jobs.items():
+    entries, errors = [], []
+    for source, job_id, refusal in plan:
+        if job_id is None:
+            entries.append(slide_entry(source, [], None, refusal))
+            errors.append(refusal)
+            continue
         head = summaries[job_id]
         error = (head.get("error") or {}).get("message")  # worded as `cytoedge score` words it
         if error is not None and source not in error:
             error = f"{source}: {error}"
         if error is None and not records[job_id]:
             error = f"{source}: no white cells found (empty field, wrong scale, or not a blood smear)"
-        failed += error is not None
+        errors.extend(f["error"] for f in (head.get("summary") or {}).get("failures", []))  # fields of a folder
+        if error is not None:
+            errors.append(error)
         entries.append(slide_entry(source, records[job_id], head.get("summary"), error))
+    for error in errors:
+        print(f"cytoedge submit: {error}", file=sys.stderr)
     if args.json:
         model.pop("name", None)
-        run_info = {"service": args.endpoint, "jobs": {jobs[j]: j for j in jobs}}
+        run_info = {"service": args.endpoint, "jobs": {source: job_id for job_id, source in jobs.items()}}
         print(json.dumps(build_slides_document(entries, model, run_info), indent=2))
-    return 1 if failed else 0
+    return 1 if errors else 0

@@ -9,7 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import add_guidance_argument, add_model_arguments, load_bundle_and_backend
+from cytoedge.runtime.commands.common import (add_guidance_argument, add_model_arguments, add_um_per_px_argument,
+                                              load_bundle_and_backend)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_guidance_argument(p)
     p.add_argument("--smear", action="store_true", help="compose the cells into a smear with red cells")
     p.add_argument("--dicom", action="store_true", help="with --smear: also write a DICOM WSI (TILED_FULL, JPEG)")
-    p.add_argument("--um-per-px", type=float, default=0.2, help="with --smear: pixel size of the smear")
+    add_um_per_px_argument(p, "with --smear: pixel size of the smear", default=0.2)
     add_model_arguments(p)
     p.set_defaults(func=run)
 
