@@ -34,6 +34,9 @@ class SyntheticRecordScorer:
     def identity(self) -> dict:
         return {"name": "synthetic-records", "bundle_sha256": "0" * 64, "backend": "none", "estimator": "none"}
 
+    def tile_refusal(self, height: int, width: int, um_per_px: float) -> str | None:
+        return None
+
     def new_job(self):
         return _SyntheticJob()
 
@@ -45,8 +48,10 @@ class _SyntheticJob:
     def __init__(self):
         self.n = 0
 
-    def score_path(self, path: Path, um_per_px: float | None):
-        for i in range(int(path.read_text())):
+    def score_path(self, path: Path, um_per_px: float | None, opener):
+        with opener(path) as readable:
+            n = int(Path(readable).read_text())
+        for i in range(n):
             self.n += 1
             yield {"id": i, "class": "lymphocyte", "pad": RECORD_PAD}
 
@@ -56,6 +61,12 @@ class _SyntheticJob:
 
     def summary(self) -> dict:
         return {"cells": self.n}
+
+    def checkpoint(self) -> dict:
+        return {"n": self.n}
+
+    def restore(self, checkpoint: dict, records: list[dict]) -> None:
+        self.n = checkpoint["n"]
 
 
 def free_port() -> int:

@@ -31,7 +31,7 @@ def test_submit_streams_cells_and_reports_refusals(tmp_path, capsys):
     with running_daemon(tmp_path) as daemon:
         assert main(["submit", str(path), "--endpoint", daemon.endpoint, "--timeout", "10"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert main(["submit", "/etc/hostname", "--endpoint", daemon.endpoint, "--timeout", "10"]) == 2
+        assert main(["submit", "/etc/hostname", "--endpoint", daemon.endpoint, "--timeout", "10"]) == 1
         refused = capsys.readouterr().err
     expected = block_records(rgb, (0, 0))
     assert [line.split("\t")[2] for line in out[:-1]] == [r["class"] for r in expected]

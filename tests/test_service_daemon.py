@@ -387,7 +387,7 @@ def test_heartbeats_detect_a_frozen_client_and_resume_recovers(tmp_path, caplog)
     import sys
 
     path, rgb = write_slide(tmp_path / "slides", "a.png", 31, shape=(256, 256))  # still scoring when frozen
-    caplog.set_level("INFO", logger="cytoedge.runtime.service.daemon")
+    caplog.set_level("INFO", logger="cytoedge.runtime.service")
     with running_daemon(tmp_path, PixelStatsScorer(delay_s=0.005), heartbeat_ivl_ms=100,
                         heartbeat_timeout_ms=300) as daemon:
         frozen = subprocess.Popen([sys.executable, "-c", FROZEN_CLIENT, daemon.endpoint, str(path)],

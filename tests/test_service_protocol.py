@@ -107,10 +107,13 @@ def test_journal_work_order_follows_arrival(tmp_path):
     assert not journal.add_tile(stream.job_id, 0, {"shape": [1, 1, 3]}, b"\0\0\0")
     kind, job, ordinal = journal.next_work()
     assert (kind, job.job_id) == ("tile", stream.job_id)  # the stream came first
-    journal.mark_tile_scored(ordinal)
+    journal.complete_tile(stream.job_id, ordinal, 1, [b"r1"], {"state": 1})
+    assert journal.tile_counts(stream.job_id) == (1, 1)
+    assert journal.db.execute("SELECT pixels FROM tiles WHERE ordinal = ?", (ordinal,)).fetchone()[0] is None
+    assert journal.job(stream.job_id).checkpoint == {"state": 1} and journal.job(stream.job_id).cells == 1
     assert journal.next_work()[:2][0] == "job"
     journal.set_scoring(path_job.job_id)
-    assert journal.requeue_interrupted() == 1  # what a restart does with a job caught mid-scoring
+    assert journal.requeue_interrupted(3) == (1, [])  # what a restart does with a job caught mid-scoring
     journal.set_tiles_expected(stream.job_id, 1)
     journal.request_cancel(path_job.job_id)
     assert journal.next_work()[0] == "cancel"

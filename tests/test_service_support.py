@@ -47,10 +47,12 @@ class PixelStatsJob:
             self.counts[r["class"]] += 1
         return records
 
-    def score_path(self, path: Path, um_per_px: float | None):
+    def score_path(self, path: Path, um_per_px: float | None, opener):
         if path.suffix == ".bad":
             raise InputImageError(f"{path}: not a slide this scorer reads")
-        for record in block_records(read_rgb(path), (0, 0)):
+        with opener(path) as readable:
+            rgb = read_rgb(readable)
+        for record in block_records(rgb, (0, 0)):
             if self.delay_s:
                 time.sleep(self.delay_s)
             yield self._count([record])[0]
@@ -63,6 +65,12 @@ class PixelStatsJob:
     def summary(self) -> dict:
         return {"cells": sum(self.counts.values()), "classes": dict(self.counts)}
 
+    def checkpoint(self) -> dict:
+        return {"counts": dict(self.counts)}
+
+    def restore(self, checkpoint: dict, records: list[dict]) -> None:
+        self.counts = dict(checkpoint["counts"])
+
 
 class PixelStatsScorer:
     """TEST-ONLY ScorerFactory (see the module docstring)."""
@@ -73,6 +81,9 @@ class PixelStatsScorer:
     def identity(self) -> dict:
         return {"name": "pixel-stats-test-scorer", "bundle_sha256": "0" * 64, "backend": "numpy",
                 "estimator": "block-statistics"}
+
+    def tile_refusal(self, height: int, width: int, um_per_px: float) -> str | None:
+        return None
 
     def new_job(self) -> PixelStatsJob:
         return PixelStatsJob(self.delay_s)

@@ -36,9 +36,10 @@ MAX_REPLY_HEADER = 16 * 1024 * 1024
 class ServiceError(CytoedgeError):
     """The server answered ERROR, or did not answer in time (code TIMEOUT)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
+        self.retry_after_s = retry_after_s
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class _Track:
     hasher: "hashlib._Hash | None"
     done: bool = False
     duplicates: int = 0
+    progress_mark: tuple | None = None  # the last PROGRESS's (state, cells, tiles received, tiles scored)
 
 
 class ScannerLinkClient:
@@ -121,20 +123,29 @@ class ScannerLinkClient:
             return None
         return P.decode(self.sock.recv_multipart(), "server", MAX_REPLY_HEADER)
 
-    def _request(self, command: str, header: dict, replies: tuple[str, ...], payload: tuple = ()) -> P.Message:
-        """Send one request and wait for its reply; results for other jobs that arrive meanwhile are kept."""
+    def _request(self, command: str, header: dict, replies: tuple[str, ...], payload: tuple = (),
+                 timeout_s: float | None = None) -> P.Message:
+        """Send one request and wait for its reply; results for other jobs that arrive meanwhile are kept.
+        Every request is idempotent (SUBMIT by request_id, TILE by index), so one that goes unanswered
+        for ``resume_after_s`` (lost with a dropped connection or a daemon restart) is sent again."""
         self.send(command, header, payload)
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        resend_at = time.monotonic() + self.resume_after_s
         while time.monotonic() < deadline:
             msg = self.recv(POLL_MS)
             if msg is None:
+                if time.monotonic() > resend_at:
+                    self.send(command, header, payload)
+                    resend_at = time.monotonic() + self.resume_after_s
                 continue
             if msg.command == P.ERROR and msg.header.get("command") in (command, None):
-                raise ServiceError(msg.header["code"], msg.header["message"])
+                raise ServiceError(msg.header["code"], msg.header["message"], msg.header.get("retry_after_s"))
             if msg.command in replies and self._answers(msg, header):
                 return msg
             self._inbox.append(msg)
-        raise ServiceError("TIMEOUT", f"no reply to {command} from {self.endpoint} within {self.timeout_s} s")
+        raise ServiceError("TIMEOUT", f"no reply to {command} from {self.endpoint} within {timeout_s:g} s"
+                                      + (" (is `cytoedge serve` running there?)" if command == P.HELLO else ""))
 
     @staticmethod
     def _answers(msg: P.Message, request: dict) -> bool:
@@ -145,22 +156,27 @@ class ScannerLinkClient:
         return True
 
     def _retrying(self, command: str, header: dict, replies: tuple[str, ...], payload: tuple = ()) -> P.Message:
-        """``_request`` that waits and retries while the server answers BUSY (its queue is full)."""
+        """``_request`` that waits and retries while the server answers BUSY (its queue is full), as
+        long as the server's ``retry_after_s`` says (backing off from 50 ms where it says nothing)."""
         deadline, pause = time.monotonic() + self.timeout_s, 0.05
         while True:
             try:
                 return self._request(command, header, replies, payload)
             except ServiceError as e:
-                if e.code != P.BUSY or time.monotonic() + pause > deadline:
+                if e.code != P.BUSY:
                     raise
-            time.sleep(pause)
+                wait = e.retry_after_s if e.retry_after_s is not None else pause
+                if time.monotonic() + wait > deadline:
+                    raise
+            time.sleep(wait)
             pause = min(pause * 2, 1.0)
 
     # --- requests -----------------------------------------------------------------------------
-    def hello(self, client_name: str = "cytoedge.runtime.service.client") -> dict:
-        """Negotiate the version; returns the server's HELLO (capabilities, model identity, limits)."""
+    def hello(self, client_name: str = "cytoedge.runtime.service.client", timeout_s: float | None = None) -> dict:
+        """Negotiate the version; returns the server's HELLO (capabilities, model identity, limits).
+        ``timeout_s`` (default: the client's) bounds the wait: a dead endpoint is ServiceError TIMEOUT."""
         self.server = self._request(P.HELLO, {"versions": list(P.SUPPORTED_VERSIONS), "client": client_name},
-                                    (P.HELLO,)).header
+                                    (P.HELLO,), timeout_s=timeout_s).header
         return self.server
 
     def submit_path(self, path: str | Path, um_per_px: float | None = None, request_id: str | None = None,
@@ -241,28 +257,46 @@ class ScannerLinkClient:
         for job_id, track in tracks.items():
             if (track.acked or attach) and not track.done:
                 self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
-        silent_since = time.monotonic()
-        last_resume = silent_since
+        progressed = last_resume = time.monotonic()
         while not all(t.done for t in tracks.values()):
             msg = self._inbox.popleft() if self._inbox else self.recv(0)
             if msg is None:  # the end of a burst: acknowledge it before waiting, so credit never stalls
                 self._ack_all(tracks)
                 msg = self.recv(POLL_MS)
             now = time.monotonic()
+            if now - progressed > self.timeout_s:  # keep-alives (PROGRESS with nothing new) do not count
+                raise ServiceError("TIMEOUT", f"no progress from {self.endpoint} for {self.timeout_s:g} s "
+                                              "(no cell scored, no tile scored, no state change)")
             if msg is None:
                 self._ack_all(tracks)
-                if now - silent_since > self.timeout_s:
-                    raise ServiceError("TIMEOUT", f"no results from {self.endpoint} for {self.timeout_s} s")
                 if now - last_resume > self.resume_after_s:
                     for job_id, track in tracks.items():
                         if not track.done:
                             self.send(P.RESUME, {"job_id": job_id, "last_acked_seq": track.next_seq - 1})
                     last_resume = now
                 continue
-            silent_since = last_resume = now
+            last_resume = now
+            if self._is_progress(msg, tracks):
+                progressed = now
             event = self._handle(msg, tracks, progress)
             if event is not None:
                 yield event
+
+    @staticmethod
+    def _is_progress(msg: P.Message, tracks: dict[str, _Track]) -> bool:
+        """Whether ``msg`` shows work done for one of ``tracks``: a new cell, a summary, or a PROGRESS
+        whose state, cells or scored tiles changed since the last one."""
+        track = tracks.get(msg.header.get("job_id"))
+        if track is None:
+            return False
+        if msg.command == P.CELL:
+            return msg.header["seq"] >= track.next_seq
+        if msg.command == P.PROGRESS:
+            h = msg.header
+            mark = (h["state"], h["cells"], h.get("tiles_received"), h.get("tiles_scored"))
+            changed, track.progress_mark = mark != track.progress_mark, mark
+            return changed
+        return msg.command in (P.SUMMARY, P.ERROR)
 
     def _handle(self, msg: P.Message, tracks: dict[str, _Track], progress: bool) -> JobEvent | None:
         """Apply one message to the delivery state; the event to hand to the application, if any."""

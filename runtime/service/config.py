@@ -35,6 +35,9 @@ class ServiceConfig:
     heartbeat_ivl_ms: int = 1000
     heartbeat_timeout_ms: int = 5000
     retain_s: float = 7 * 24 * 3600.0  # finished jobs stay resumable this long
+    stream_idle_s: float = 300.0  # a stream with no TILE / END_OF_SLIDE this long fails and its tiles are freed
+    max_stalls: int = 3  # restarts in a row a job may stop the daemon without a new cell before it fails
+    busy_retry_s: float = 1.0  # BUSY's retry_after_s
     curve_secret_key: Path | None = None  # zmq.auth certificate file holding the server's secret key
     curve_allowed_keys: Path | None = None  # folder of client public-key certificates (*.key)
     log_format: str = "text"
@@ -59,9 +62,14 @@ class ServiceConfig:
         if self.curve_enabled != (self.curve_allowed_keys is not None):
             raise ConfigError("curve_secret_key and curve_allowed_keys go together (server key + client allow-list)")
         for name in ("max_jobs", "max_pending_tiles", "max_tile_pixels", "max_header_bytes", "window",
-                     "heartbeat_ivl_ms", "heartbeat_timeout_ms"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                     "heartbeat_ivl_ms", "heartbeat_timeout_ms", "max_stalls"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("retain_s", "stream_idle_s", "busy_retry_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         if not 0 < self.window <= self.max_window:
             raise ConfigError(f"window {self.window} must be in 1..max_window ({self.max_window})")
         if self.log_format not in ("text", "json"):

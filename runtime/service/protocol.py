@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 import zmq
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 
 from cytoedge.runtime.errors import CytoedgeError
 
@@ -60,9 +60,18 @@ BUSY = "BUSY"
 PATH_REFUSED = "PATH_REFUSED"
 UNKNOWN_JOB = "UNKNOWN_JOB"
 WRONG_STATE = "WRONG_STATE"
+REQUEST_CONFLICT = "REQUEST_CONFLICT"
 INTERNAL = "INTERNAL"
 
-CAPABILITIES = ("submit-path", "stream-tiles", "resume", "credit-ack", "summary-digest")
+# codes a failed job's SUMMARY.error carries (besides the name of a refusal the scorer raised,
+# e.g. InputImageError); they are not ERROR codes
+FAILED_SCORING = "JOB_FAILED"  # the scorer raised while scoring the job's input
+FAILED_STREAM_IDLE = "STREAM_IDLE"  # a stream sent no TILE / END_OF_SLIDE within the idle limit
+FAILED_CRASHED = "CRASHED"  # scoring the job stopped the daemon repeatedly without progress
+JOB_ERROR_CODES = (FAILED_SCORING, FAILED_STREAM_IDLE, FAILED_CRASHED)
+
+CAPABILITIES = ("submit-path", "stream-tiles", "resume", "credit-ack", "summary-digest", "worker-health",
+                "stream-idle-limit", "request-conflict", "retry-after")
 TILE_DTYPES = {"uint8": np.uint8}
 
 
@@ -92,6 +101,20 @@ class Message:
     payload: list[bytes] = field(default_factory=list)
 
 
+def _is_integer(checker, value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(checker, value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# JSON Schema calls 2.0 an integer; a tile shape of [2.0, 2.0, 3] is not one for numpy or a C client.
+StrictValidator = validators.extend(
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many({"integer": _is_integer, "number": _is_number}))
+
+
 @lru_cache(maxsize=None)
 def validator(direction: str, command: str) -> Draft202012Validator:
     """The compiled JSON Schema of ``direction`` ('client' | 'server') ``command`` (package data)."""
@@ -99,7 +122,7 @@ def validator(direction: str, command: str) -> Draft202012Validator:
     text = schemas.joinpath(f"{direction}.{command}.json").read_text()
     schema = json.loads(text)
     Draft202012Validator.check_schema(schema)
-    return Draft202012Validator(schema)
+    return StrictValidator(schema)
 
 
 def validate_header(direction: str, command: str, header: object) -> None:
@@ -131,17 +154,53 @@ def decode(frames: list[bytes], direction: str, max_header_bytes: int) -> Messag
         raise ProtocolError(UNKNOWN_COMMAND, f"unknown command {command[:32]!r}; expected one of {list(commands)}")
     if len(body) > max_header_bytes:
         raise ProtocolError(TOO_LARGE, f"{command}: header is {len(body)} bytes; the limit is {max_header_bytes}", command)
-    try:
-        header = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(BAD_JSON, f"{command}: header is not UTF-8 JSON ({e})", command) from None
-    except RecursionError:
-        raise ProtocolError(BAD_JSON, f"{command}: header nests too deeply", command) from None
+    header = parse_header(bytes(body), command)
     validate_header(direction, command, header)
     expected = (CLIENT_PAYLOAD_FRAMES if direction == "client" else SERVER_PAYLOAD_FRAMES).get(command, 0)
     if len(frames) - 3 != expected:
         raise ProtocolError(BAD_FRAMES, f"{command}: {len(frames) - 3} payload frame(s); expected {expected}", command)
     return Message(command, header, list(frames[3:]))
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_header(body: bytes, command: str) -> object:
+    """The JSON value of a header frame: strict UTF-8 (``json.loads`` on bytes would also take
+    UTF-16 and UTF-32), no NaN or Infinity, no lone surrogates (they cannot be written to a log,
+    a path or the journal); BAD_JSON says which rule was broken."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(BAD_JSON, f"{command}: header is not UTF-8 ({e.reason} at byte {e.start})", command) from None
+    try:
+        header = json.loads(text, parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise ProtocolError(BAD_JSON, f"{command}: header is not a JSON document ({e})", command) from None
+    except RecursionError:
+        raise ProtocolError(BAD_JSON, f"{command}: header nests too deeply", command) from None
+    if _has_surrogate(header):
+        raise ProtocolError(BAD_JSON, f"{command}: header holds a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                                      "which is not a character", command)
+    return header
+
+
+def _has_surrogate(value: object) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def tile_pixels(header: dict, payload: bytes, max_tile_pixels: int) -> np.ndarray:

@@ -14,8 +14,9 @@ import numpy as np
 
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.limits import MAX_MODEL_SCALE_TILE_PIXELS, model_scale_pixels
 from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer
-from cytoedge.runtime.sources import open_source
+from cytoedge.runtime.sources import Opener, open_source
 
 
 class SlideJob:
@@ -31,11 +32,11 @@ class SlideJob:
             self.scorer = SlideScorer(f.bundle, f.backend, f.estimator, options)
         return self.scorer
 
-    def score_path(self, path: Path, um_per_px: float | None) -> Iterator[dict]:
+    def score_path(self, path: Path, um_per_px: float | None, opener: Opener) -> Iterator[dict]:
         """As ``cytoedge score --um-per-px``: the job's scale overrides the file's and the estimate."""
         options = replace(self.factory.options, um_per_px=um_per_px) if um_per_px else self.factory.options
         scorer = self._scorer(options)
-        source = open_source(path, options.um_per_px)
+        source = open_source(path, options.um_per_px, opener=opener)
         try:
             yield from scorer.score_source(source)
         finally:
@@ -46,6 +47,12 @@ class SlideJob:
 
     def summary(self) -> dict:
         return self._scorer(self.factory.options).summary()
+
+    def checkpoint(self) -> dict:
+        return self._scorer(self.factory.options).checkpoint()
+
+    def restore(self, checkpoint: dict, records: list[dict]) -> None:
+        self._scorer(self.factory.options).restore(checkpoint, records)
 
 
 class SlideScorerFactory:
@@ -59,6 +66,13 @@ class SlideScorerFactory:
         """HELLO's model identity: the scorer's audit block (what `cytoedge score --json` records)."""
         audit = SlideScorer(self.bundle, self.backend, self.estimator, self.options).audit
         return {"name": self.bundle.name, **audit}
+
+    def tile_refusal(self, height: int, width: int, um_per_px: float) -> str | None:
+        pixels = model_scale_pixels(height, width, um_per_px, self.bundle.um_per_px)
+        if pixels > MAX_MODEL_SCALE_TILE_PIXELS:
+            return (f"{width}×{height} px at {um_per_px:g} µm/px is {pixels} px at the model's "
+                    f"{self.bundle.um_per_px:g} µm/px; the limit is {MAX_MODEL_SCALE_TILE_PIXELS} px (send smaller tiles)")
+        return None
 
     def new_job(self) -> SlideJob:
         return SlideJob(self)
