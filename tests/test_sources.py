@@ -1,5 +1,6 @@
-"""Slide sources: DICOM WSI frames (native, JPEG, JPEG 2000; TILED_FULL and TILED_SPARSE) read back
-through pydicom, tiles with overlap whose cores partition the slide, and bad inputs named."""
+"""Slide sources: DICOM WSI frames from our writer (native, JPEG, JPEG 2000; TILED_FULL and TILED_SPARSE)
+read back frame by frame, tiles with overlap whose cores partition the slide, and bad inputs named. Files
+written by wsidicom, offset tables, fragments, focal planes and optical paths: test_dicom_sources.py."""
 from __future__ import annotations
 
 import cv2
