@@ -156,13 +156,55 @@ def abnormal_threshold(p: np.ndarray, anomaly: np.ndarray, y: np.ndarray, abnorm
     return 0.01
 
 
+# The A/B split keeps at least one cell of a class on each side from this many cells on (see split_ab).
+MIN_CELLS_PER_CLASS = 2
+
+
+def _cells_in_a(n: int, fraction: float) -> int:
+    """How many of a class's ``n`` cells go to A: ``fraction`` of them, rounded, but at least one in A
+    and one in B whenever the class has ``MIN_CELLS_PER_CLASS`` or more."""
+    n_a = int(round(fraction * n))
+    return min(max(n_a, 1), n - 1) if n >= MIN_CELLS_PER_CLASS else n_a
+
+
+def check_split_fraction(fraction) -> None:
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction < 1:
+        raise CalibrationError(f"split_a_fraction must be a number strictly between 0 and 1 (the share of each "
+                               f"class's cells that the probes are fitted on), got {fraction!r}")
+
+
+def check_fit_labels(y: np.ndarray, class_names: list[str], abnormal_classes: list[str] | None = None,
+                     settings: dict | None = None) -> None:
+    """Refuse labels the calibration cannot be fitted on, before any error is measured: every class
+    present, with enough cells for the A/B split to put some in each part, and an abnormal class among
+    them (its review threshold is set on B). Raises CalibrationError with one line naming what is needed."""
+    s = {**DEFAULT_SETTINGS, **(settings or {})}
+    check_split_fraction(s["split_a_fraction"])
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise CalibrationError(f"labels must be one class id per cell, got an array of shape {y.shape}")
+    counts = [int((y == c).sum()) for c in range(len(class_names))]
+    missing = [name for name, n in zip(class_names, counts) if not n]
+    if missing:
+        raise CalibrationError(f"no labelled cells of class(es) {missing}; calibration needs every class")
+    short = [f"{name} ({n})" for name, n in zip(class_names, counts) if n < MIN_CELLS_PER_CLASS]
+    if short:
+        raise CalibrationError(f"calibration needs at least {MIN_CELLS_PER_CLASS} labelled cells of every class "
+                               f"(it fits on part of each class and checks on the rest); too few in: "
+                               f"{', '.join(short)}; add labelled cells of those classes")
+    if abnormal_classes is not None and not any(c in class_names for c in abnormal_classes):
+        raise CalibrationError(f"none of the abnormal classes {list(abnormal_classes)} is among the bundle's "
+                               f"classes {list(class_names)}: the abnormal review threshold cannot be fitted")
+
+
 def split_ab(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of cell indices into A and B."""
+    """Stratified split of cell indices into A and B (each class with two or more cells has some in both)."""
+    check_split_fraction(fraction)
     rng = np.random.default_rng(seed)
     a = []
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        a.extend(idx[: int(round(fraction * len(idx)))])
+        a.extend(idx[: _cells_in_a(len(idx), fraction)])
     mask = np.zeros(len(y), bool)
     mask[a] = True
     return np.flatnonzero(mask), np.flatnonzero(~mask)
@@ -173,17 +215,20 @@ def fit_calibration(E: np.ndarray, y: np.ndarray, class_names: list[str], abnorm
     """Everything the fast estimator and the flags need, as a JSON-ready dict (without provenance).
 
     ``E [N, K, P]`` (or ``[N, K+1, P]``: the last column the null class's) masked errors of every
-    class under every candidate probe; ``y [N]`` labels.
+    class under every candidate probe; ``y [N]`` labels. The labels are checked first
+    (``check_fit_labels``, which a caller may also run before measuring ``E``).
     """
     s = {**DEFAULT_SETTINGS, **(settings or {})}
     k = len(class_names)
     if E.ndim != 3 or E.shape[0] != len(y) or E.shape[1] not in (k, k + 1):
         raise CalibrationError(f"error matrix has shape {E.shape}; expected [{len(y)}, {k} (+1 null), probes]")
     E, E_null = (E, None) if E.shape[1] == k else (E[:, :k], E[:, k])
-    missing = [class_names[c] for c in range(k) if not (y == c).any()]
-    if missing:
-        raise CalibrationError(f"no labelled cells of class(es) {missing}; calibration needs every class")
+    check_fit_labels(y, class_names, abnormal_classes, s)
+    if E.shape[2] < 1 or not np.isfinite(E).all():
+        raise CalibrationError(f"error matrix of shape {E.shape} has no probes or non-finite errors")
     a, b = split_ab(y, s["split_a_fraction"], s["seed"])
+    if not len(a) or not len(b):  # check_fit_labels rules this out; kept so a change there cannot crash here
+        raise CalibrationError(f"the A/B split left {len(a)} cells to fit on and {len(b)} to check on; both need some")
     chosen, weights = select_probes(E[a], y[a], s["max_probes"], s["min_nll_gain"])
     Ew = E[:, :, chosen]
     null_w = None if E_null is None else E_null[:, chosen]

@@ -122,6 +122,25 @@ def choose_fp32_convs(shift: dict[str, np.ndarray], macs: dict[str, int], budget
     return kept
 
 
+def check_selection_inputs(bundle: ModelBundle, candidates: list[str] | None = None) -> list[str]:
+    """What select_and_quantize refuses, checked before any work: a calibrated bundle, and candidate
+    names that are Conv nodes of its FP32 denoiser. Returns the candidates (every Conv node by default)."""
+    import onnx
+
+    if not bundle.calibration:
+        raise CalibrationError(f"{bundle.path} has no calibration: INT8 selection measures the calibrated class "
+                               f"scores; run `cytoedge calibrate --model {bundle.path}` first")
+    src = bundle.denoiser_path
+    convs = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "Conv"]
+    if not convs:
+        raise BundleError(f"{src}: the denoiser has no Conv node to quantise")
+    unknown = sorted(set(candidates or []) - set(convs))
+    if unknown:
+        raise BundleError(f"{src}: no Conv node named {unknown} (--convs takes names as in the ONNX graph, "
+                          f"e.g. {convs[0]!r})")
+    return list(candidates) if candidates is not None else convs
+
+
 def select_and_quantize(bundle: ModelBundle, x0_calibration: np.ndarray, x0_scores: np.ndarray, dst: Path,
                         settings: dict | None = None, threads: int | None = None, candidates: list[str] | None = None,
                         progress: Callable[[str], None] | None = None) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -120,6 +122,7 @@ class ModelBundle:
     sha256: str
     schedule: NoiseSchedule
     calibration: dict | None
+    domain: dict | None = None  # the out-of-domain alarm's reference (calibration/domain.py), if fitted
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelBundle":
@@ -135,8 +138,9 @@ class ModelBundle:
         validate_manifest(manifest, str(mpath))
         referenced = [manifest["networks"]["denoiser"]["file"]]
         referenced += [net["file"] for name, net in manifest["networks"].items() if name != "denoiser"]
-        if manifest.get("calibration"):
-            referenced.append(manifest["calibration"])
+        for key in ("calibration", "domain"):
+            if manifest.get(key):
+                referenced.append(manifest[key])
         for name in referenced:
             if name not in manifest["files"]:
                 raise BundleError(f"{mpath}: '{name}' is used by the manifest but has no entry in 'files'")
@@ -151,10 +155,9 @@ class ModelBundle:
                     "the file was changed or corrupted — restore it or rebuild the bundle"
                 )
         schedule = NoiseSchedule.from_config(manifest["noise_schedule"])
-        calibration = None
-        if manifest.get("calibration"):
-            calibration = json.loads((path / manifest["calibration"]).read_text())
-        return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration)
+        calibration = json.loads((path / manifest["calibration"]).read_text()) if manifest.get("calibration") else None
+        domain = json.loads((path / manifest["domain"]).read_text()) if manifest.get("domain") else None
+        return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration, domain)
 
     @property
     def name(self) -> str:
@@ -223,9 +226,52 @@ class ModelBundle:
         return ((rgb01 - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)).astype(np.float32)
 
 
-def write_manifest(path: Path, manifest: dict) -> None:
-    """Recompute every listed file's sha256, validate, and write ``manifest.json``."""
+def write_manifest(path: Path, manifest: dict, staged: dict[str, Path] | None = None) -> None:
+    """Recompute every listed file's sha256, validate, and write ``manifest.json``.
+
+    ``staged`` maps bundle file names to finished temporary files in the same folder (written there so
+    that a failed run never leaves a half-written file under the real name): they are hashed in place of
+    the current files and moved over them together with the new manifest, at the end. Everything that can
+    fail (hashing, validation, writing the new manifest) happens before anything is replaced; each file
+    and the manifest are moved with ``os.replace``, and if a move fails the files already moved are put
+    back, so the bundle keeps an old graph with the old manifest or the new graph with the new one.
+    """
+    path = Path(path)
+    staged = {name: Path(tmp) for name, tmp in (staged or {}).items()}
+    unknown = sorted(set(staged) - set(manifest["files"]))
+    if unknown:
+        raise BundleError(f"{path}: staged file(s) {unknown} are not listed in the manifest's 'files'")
     for name in manifest["files"]:
-        manifest["files"][name] = {"sha256": sha256_file(path / name)}
+        manifest["files"][name] = {"sha256": sha256_file(staged.get(name, path / name))}
     validate_manifest(manifest, str(path / MANIFEST))
-    (path / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp_manifest, backups = path / f".{MANIFEST}.{os.getpid()}.tmp", {}
+    try:
+        tmp_manifest.write_text(json.dumps(manifest, indent=2) + "\n")
+        for name, tmp in [(MANIFEST, tmp_manifest), *staged.items()]:
+            if (path / name).exists():  # keep the replaced file's permissions, as writing over it did
+                shutil.copymode(path / name, tmp)
+        for name in staged:
+            if (path / name).exists():  # a second name for the old file, to put back if a later move fails
+                backups[name] = path / f".{name}.{os.getpid()}.old"
+                backups[name].unlink(missing_ok=True)
+                try:
+                    os.link(path / name, backups[name])
+                except OSError:
+                    shutil.copy2(path / name, backups[name])
+        moved = []
+        try:
+            for name, tmp in staged.items():
+                os.replace(tmp, path / name)
+                moved.append(name)
+            os.replace(tmp_manifest, path / MANIFEST)
+        except BaseException:
+            for name in moved:
+                if name in backups:
+                    os.replace(backups[name], path / name)
+                else:
+                    (path / name).unlink(missing_ok=True)
+            raise
+    finally:
+        tmp_manifest.unlink(missing_ok=True)
+        for backup in backups.values():
+            backup.unlink(missing_ok=True)

@@ -90,3 +90,41 @@ def test_schedules_match_their_definitions():
         NoiseSchedule.from_config({"kind": "linear", "beta_start": 0.1, "beta_end": 0.01, "num_train_timesteps": 10})
     with pytest.raises(BundleError, match="kind"):
         NoiseSchedule.from_config({"kind": "cosine"})
+
+
+def test_a_staged_file_replaces_its_namesake_only_together_with_the_manifest(bundle_copy, monkeypatch):
+    """write_manifest(staged=...): a refused manifest leaves the old file and manifest; a failed move of the
+    manifest puts the old file back; a successful one moves both, and the bundle loads."""
+    import os
+
+    from cytoedge.runtime import bundle as bundle_module
+    from cytoedge.runtime.bundle import write_manifest
+
+    name = "calibration.json"
+    old = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
+    staged = bundle_copy / ".calibration.staged"
+    new = (bundle_copy / name).read_text().replace("{", '{"staged": 1, ', 1).encode()
+    staged.write_bytes(new)
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+
+    with pytest.raises(BundleError):
+        write_manifest(bundle_copy, {**manifest, "format_version": 99}, staged={name: staged})
+    real_replace = os.replace
+
+    def failing_manifest_move(src, dst):
+        if str(dst).endswith("manifest.json"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(bundle_module.os, "replace", failing_manifest_move)
+    with pytest.raises(OSError, match="disk full"):
+        write_manifest(bundle_copy, json.loads(json.dumps(manifest)), staged={name: staged})
+    monkeypatch.setattr(bundle_module.os, "replace", real_replace)
+    assert {p.name: p.read_bytes() for p in bundle_copy.iterdir() if p != staged} == old
+    ModelBundle.load(bundle_copy)
+
+    staged.write_bytes(new)  # the failed move used it up
+    write_manifest(bundle_copy, manifest, staged={name: staged})
+    assert not staged.exists() and (bundle_copy / name).read_bytes() == new
+    assert sorted(p.name for p in bundle_copy.iterdir()) == sorted(old)  # no temporary file left behind
+    assert ModelBundle.load(bundle_copy).calibration["staged"] == 1

@@ -87,6 +87,27 @@ def test_fit_refuses_data_missing_a_class(rng):
         fit_calibration(E, y, CLASSES, ["d"])
 
 
+def test_fit_refuses_a_class_too_small_to_split_before_fitting(rng):
+    """One cell of a class cannot be both fitted on (A) and checked on (B): refused by name, in one line."""
+    from cytoedge.calibration.fit import check_fit_labels, split_ab
+    from cytoedge.runtime.errors import CalibrationError
+
+    E, y = synthetic_errors(rng, n=4)
+    y = np.arange(4)  # one cell per class
+    with pytest.raises(CalibrationError, match=r"at least 2 labelled cells of every class.*a \(1\), b \(1\)") as e:
+        fit_calibration(E, y, CLASSES, ["d"])
+    assert "\n" not in str(e.value)
+    y2 = np.repeat(np.arange(4), 2)  # two per class: one on each side, whatever the fraction
+    check_fit_labels(y2, CLASSES, ["d"])
+    for fraction in (0.1, 0.6, 0.9):
+        a, b = split_ab(y2, fraction, 0)
+        assert set(y2[a]) == set(y2[b]) == {0, 1, 2, 3}
+    with pytest.raises(CalibrationError, match="split_a_fraction"):
+        split_ab(y2, 1.0, 0)
+    with pytest.raises(CalibrationError, match="abnormal"):
+        check_fit_labels(y2, CLASSES, ["zz"])
+
+
 def test_temperature_recovers_the_generating_one(rng):
     n, k, t_true = 4000, 4, 2.5
     gaps = rng.exponential(3.0, (n, k))

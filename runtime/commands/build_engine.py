@@ -33,17 +33,26 @@ def run(args: argparse.Namespace) -> int:
     from cytoedge.models import default_bundle_path
     from cytoedge.runtime.backends.select import tensorrt_availability
     from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.errors import BackendError, BundleError, CytoedgeError
 
+    try:
+        batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise CytoedgeError(f"--batches {args.batches!r} must be comma-separated batch sizes of at least 1, e.g. 1,8,64")
+    if not 0 <= args.opt_level <= 5:
+        raise CytoedgeError(f"--opt-level must be 0..5 (TensorRT builder optimisation level), got {args.opt_level}")
+    if args.workspace_mib < 1:
+        raise CytoedgeError(f"--workspace-mib must be at least 1, got {args.workspace_mib}")
     bundle = ModelBundle.load(args.model or default_bundle_path())
     status = tensorrt_availability(None)
     if not status.available:
-        print(f"error: cannot build a TensorRT engine here: {status.reason}")
-        return 2
+        raise BackendError(f"cannot build a TensorRT engine here: {status.reason}")
     onnx_path = bundle.network_path(args.network) if args.network else tensorrt_source(bundle)
     if onnx_path is None:
-        print(f"error: bundle {bundle.path} has no network {args.network!r}")
-        return 2
-    batches = tuple(int(b) for b in args.batches.split(","))
+        raise BundleError(f"bundle {bundle.path} has no network {args.network!r} "
+                          f"(it has {sorted(bundle.manifest['networks'])})")
     fused = args.network is not None and args.network.startswith("denoiser_error")
     make_spec = engine_spec.fused_error_spec if fused else engine_spec.denoiser_spec
     channels, size = bundle.denoiser_shape

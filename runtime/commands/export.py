@@ -44,13 +44,24 @@ def _csv(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    batches = tuple(int(b) for b in _csv(args.batches))
+    from cytoedge.runtime.errors import CytoedgeError
+
+    try:
+        batches = tuple(int(b) for b in _csv(args.batches))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise CytoedgeError(f"--batches {args.batches!r} must be comma-separated batch sizes of at least 1, e.g. 1,8,64")
+    if args.validate_data is not None and not args.validate_data.is_dir():  # checked before the export, not after
+        raise CytoedgeError(f"labelled data folder {args.validate_data} does not exist "
+                            f"(expected {args.validate_data}/<class>/<image>)")
     if args.cytodiffusion:
         from cytoedge.export.cytodiffusion import export_cytodiffusion_bundle
 
-        if not args.class_names or args.um_per_px is None:
-            print("error: --cytodiffusion needs --class-names and --um-per-px")
-            return 2
+        needed = [name for name, given in (("--class-names", args.class_names and _csv(args.class_names)),
+                                           ("--um-per-px", args.um_per_px is not None)) if not given]
+        if needed:
+            raise CytoedgeError(f"--cytodiffusion needs {' and '.join(needed)}")
         report = export_cytodiffusion_bundle(args.cytodiffusion, args.out, _csv(args.class_names),
                                              _csv(args.abnormal_classes), args.image_size, args.um_per_px,
                                              args.opset, args.precompute_cross_attention, batches=batches)
