@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
 import socket
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 BAND = 16
+RETAIN_S = 5.0  # soak: finished jobs are purged this soon, so the journal reaches its steady size within the run
 
 
 # ---------------------------------------------------------------- the daemon under test
@@ -387,11 +387,11 @@ def bench_soak(work: Path, jobs: int, idle_s: float = 2.0) -> dict:
 
     slides = work / "slides"
     slides.mkdir(parents=True, exist_ok=True)
-    daemon = DaemonProcess(work, max_jobs=16, stream_idle_s=idle_s, retain_s=20.0)
+    daemon = DaemonProcess(work, max_jobs=16, stream_idle_s=idle_s, retain_s=RETAIN_S)
     daemon.start()
     wait_ready(daemon.endpoint)
     rng = np.random.default_rng(11)
-    samples, abandoned, finished, bad = [], [], 0, []
+    samples, abandoned, expired, finished, bad = [], [], [], 0, []
     tile = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)  # 768 KB a tile: pixels that must not pile up
     t0 = time.perf_counter()
     try:
@@ -401,7 +401,7 @@ def bench_soak(work: Path, jobs: int, idle_s: float = 2.0) -> dict:
                 if k % 10 == 9:  # a scanner that crashed mid-slide: one tile, never an END_OF_SLIDE
                     job = client.open_stream(f"abandoned-{k}", um_per_px=0.3)
                     client.send_tile(job, 0, tile, (0, 0))
-                    abandoned.append(job)
+                    abandoned.append((job, time.monotonic()))
                 elif k % 3 == 0:
                     job = client.open_stream(f"stream-{k}", um_per_px=0.3)
                     for t in range(3):
@@ -415,14 +415,17 @@ def bench_soak(work: Path, jobs: int, idle_s: float = 2.0) -> dict:
                     records, summary = client.wait_result(client.submit_path(path))
                     finished += summary["state"] in ("scored", "delivered") and records == path_records(path.name, 50)
                     path.unlink()
+                # collect the expired streams while their results are retained (retain_s)
+                while abandoned and time.monotonic() - abandoned[0][1] > idle_s + 1.0:
+                    expired.append(client.wait_result(abandoned.pop(0)[0])[1])
                 if (k + 1) % 100 == 0:
                     samples.append((k + 1, daemon.rss_mib(), daemon.journal_mib()))
-            expired = [client.wait_result(job)[1] for job in abandoned]
+            expired += [client.wait_result(job)[1] for job, _ in abandoned]
             bad = [s for s in expired if s["state"] != "failed" or (s.get("error") or {}).get("code") != "STREAM_IDLE"]
             status = client.status()
     finally:
         rc = daemon.stop()
-    return {"jobs": jobs, "finished": finished, "abandoned": len(abandoned), "expired_wrongly": len(bad),
+    return {"jobs": jobs, "finished": finished, "abandoned": len(expired), "expired_wrongly": len(bad),
             "active_after": status["active_jobs"], "pending_tiles_after": status["pending_tiles"],
             "samples": samples, "seconds": time.perf_counter() - t0, "idle_s": idle_s, "exit_code": rc}
 
@@ -455,7 +458,7 @@ must be. 2 shared CPU cores (a training job ran beside it).
 |---|---|
 | {fuzz['frames']:,} fuzzed frames (hostile paths: symlink loops, NUL, 300-byte names, outside the roots; UTF-16/32, BOM, NaN, lone surrogates; float shapes, µm/px 0 and 1000; a reused request_id; random bytes, …) | answered {fuzz['answered']:,}, unanswered {fuzz['unanswered']}, extra replies {fuzz['extra_replies']}; **INTERNAL {fuzz['internal']}**; daemon alive {fuzz['alive']}, scores a slide afterwards {fuzz['still_serves']}, exit code on SIGTERM {fuzz['exit_code']}; codes {fuzz['codes']} |
 | {kill['kills']} × kill -9 at random moments (0.3–2 s apart) with {kill['clients']} concurrent clients running path jobs and streamed slides, restarted on the same journal | {kill['jobs']} jobs, {kill['cells']:,} cells delivered; **duplicates {kill['duplicates']}, jobs with a missing or wrong record {kill['wrong_jobs']}**, failed jobs {len(kill['failures'])}, clients hung {kill['hung_clients']} ({kill['seconds']:.0f} s) |
-| soak: {soak['jobs']} jobs (path jobs of 50 cells, streams of 3 × 512² tiles, every 10th stream abandoned after one tile; `stream_idle_s` {soak['idle_s']:g}, `retain_s` 20) | finished {soak['finished']}, abandoned {soak['abandoned']} all expired as STREAM_IDLE ({soak['expired_wrongly']} otherwise); active jobs after: {soak['active_after']}, pending tiles: {soak['pending_tiles_after']}; RSS {first[1]:.1f} → {last[1]:.1f} MiB and journal {first[2]:.1f} → {last[2]:.1f} MiB from job {first[0]} to {last[0]} ({soak['seconds']:.0f} s) |
+| soak: {soak['jobs']} jobs (path jobs of 50 cells, streams of 3 × 512² tiles, every 10th stream abandoned after one tile; `stream_idle_s` {soak['idle_s']:g}, `retain_s` {RETAIN_S:g}) | finished {soak['finished']}, abandoned {soak['abandoned']} all expired as STREAM_IDLE ({soak['expired_wrongly']} otherwise); active jobs after: {soak['active_after']}, pending tiles: {soak['pending_tiles_after']}; RSS {first[1]:.1f} → {last[1]:.1f} MiB and journal {first[2]:.1f} → {last[2]:.1f} MiB from job {first[0]} to {last[0]} ({soak['seconds']:.0f} s) |
 
 Soak samples (jobs, RSS MiB, journal MiB): {', '.join(f'({n}, {r:.1f}, {j:.1f})' for n, r, j in soak['samples'])}.
 """

@@ -20,7 +20,9 @@ class CellDecisions:
     anomaly_score: np.ndarray
     abnormal: np.ndarray
     uncertain: np.ndarray
-    anomalous: np.ndarray
+    anomalous: np.ndarray       # a novel type (anomaly score) or an atypical image (typicality)
+    typicality: np.ndarray      # NaN where the bundle has no domain reference
+    atypical: np.ndarray
 
 
 def concat_decisions(parts: list[CellDecisions]) -> CellDecisions:
@@ -70,14 +72,20 @@ def cell_temperatures(depth: np.ndarray, cal: dict) -> np.ndarray:
     return np.asarray(by_depth, np.float64)[np.clip(np.asarray(depth) - 1, 0, len(by_depth) - 1)]
 
 
-def decide(p: np.ndarray, anomaly: np.ndarray, abnormal_mask: np.ndarray, cal: dict) -> CellDecisions:
-    """Apply the calibrated thresholds (conformal, abstention, anomaly, abnormal operating point)."""
+def decide(p: np.ndarray, anomaly: np.ndarray, abnormal_mask: np.ndarray, cal: dict,
+           typicality: np.ndarray | None = None, typical_range: tuple[float, float] | None = None) -> CellDecisions:
+    """Apply the calibrated thresholds (conformal, abstention, anomaly, abnormal operating point); a
+    cell outside ``typical_range`` of typicality (calibration/domain.py) is anomalous too."""
     top2 = np.sort(p, axis=1)[:, ::-1][:, :2]
     entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
     sets = (1.0 - p) <= cal["conformal_threshold"]
     uncertain = p.max(1) < cal["abstention_threshold"]
-    anomalous = anomaly > cal["anomaly_threshold"]
+    if typicality is None or typical_range is None:
+        typicality, atypical = np.full(len(p), np.nan), np.zeros(len(p), bool)
+    else:
+        atypical = (typicality < typical_range[0]) | (typicality > typical_range[1])
+    anomalous = (anomaly > cal["anomaly_threshold"]) | atypical
     p_abn = p[:, abnormal_mask].sum(1)
     abnormal = p_abn >= cal["abnormal_threshold"]
     return CellDecisions(p, p.argmax(1), entropy, top2[:, 0] - top2[:, 1], sets, p_abn, anomaly,
-                         abnormal, uncertain, anomalous)
+                         abnormal, uncertain, anomalous, typicality, atypical)

@@ -92,9 +92,10 @@ def export_bundle(src: Path, out: Path, opset: int = OPSET, fused: bool = True, 
     manifest = json.loads(json.dumps(bundle.manifest))
     manifest["networks"] = networks
     manifest["files"] = {n["file"]: {"sha256": "0" * 64} for n in networks.values()}
-    if manifest.get("calibration"):
-        shutil.copy2(src / manifest["calibration"], out / manifest["calibration"])
-        manifest["files"][manifest["calibration"]] = {"sha256": "0" * 64}
+    for key in ("calibration", "domain"):  # fitted on this network's errors, which the export keeps
+        if manifest.get(key):
+            shutil.copy2(src / manifest[key], out / manifest[key])
+            manifest["files"][manifest[key]] = {"sha256": "0" * 64}
     manifest["provenance"] = {**manifest["provenance"], "export": report, "exported_from": str(src)}
     write_manifest(out, manifest)
     log.info("exported %s → %s: %s", src, out, report)

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         if previous.get("calibration"):
             manifest["calibration"] = previous["calibration"]
             manifest["files"][previous["calibration"]] = {"sha256": "0" * 64}
+        if previous.get("input", {}).get("crop_scale"):  # a property of the training crops, not the weights
+            manifest["input"]["crop_scale"] = previous["input"]["crop_scale"]
     write_manifest(args.out, manifest)
     log.info("wrote bundle %s (step %d)", args.out, state["step"])
 

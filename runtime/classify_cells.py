@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cytoedge.calibration.decisions import CellDecisions, anomaly_scores, cell_temperatures, decide
+from cytoedge.calibration.domain import typicality_scores
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
@@ -39,7 +40,11 @@ def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBac
     except ValueError as e:
         raise CalibrationError(f"{bundle.path}: {e}") from None
     abnormal_mask = np.array([c in bundle.abnormal_classes for c in bundle.class_names])
-    return FastOutcome(decide(p, anomaly, abnormal_mask, cal), race.nfe, temperature)
+    typicality = typical_range = None
+    if bundle.domain is not None:
+        typicality = typicality_scores(race.leader_errors, race.null_errors, bundle.domain)
+        typical_range = tuple(bundle.domain["typicality"]["range"])
+    return FastOutcome(decide(p, anomaly, abnormal_mask, cal, typicality, typical_range), race.nfe, temperature)
 
 
 def classify_batch(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast",
@@ -69,9 +74,10 @@ def fast_records(outcome: FastOutcome, names: list[str]) -> list[dict]:
         "prediction_set": [n for n, s in zip(names, d.prediction_sets[i]) if s],
         "uncertainty": {"entropy": round(float(d.entropy[i]), 6), "margin": round(float(d.margin[i]), 6)},
         "anomaly_score": round(float(d.anomaly_score[i]), 4),
+        "typicality": None if np.isnan(d.typicality[i]) else round(float(d.typicality[i]), 4),
         "abnormal_probability": round(float(d.abnormal_probability[i]), 6),
         "flags": {"abnormal": bool(d.abnormal[i]), "uncertain": bool(d.uncertain[i]),
-                  "anomalous": bool(d.anomalous[i])},
+                  "anomalous": bool(d.anomalous[i]), "atypical": bool(d.atypical[i])},
         "confidence_label": confidence_label(d, i),
         "nfe": int(outcome.nfe[i]),
         "estimator": "fast",
@@ -92,3 +98,30 @@ def _reference_records(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
         "nfe": int(res.nfe[i]),
         "estimator": "reference",
     } for i in range(len(batch))]
+
+
+def mark_unreliable(records: list[dict], verdict: dict) -> list[dict]:
+    """While the alarm is raised no cell of the run is "confident": they become "unreliable"."""
+    if not (verdict or {}).get("raised"):
+        return records
+    for r in records:
+        for holder in (r, r.get("estimator_detail") or {}):
+            if holder.get("confidence_label") == "confident":
+                holder["confidence_label"] = "unreliable"
+        r.setdefault("flags", {})["out_of_domain"] = True
+    return records
+
+
+def mark_no_cell(records: list[dict], crops: list) -> list[dict]:
+    """Crops with no stained cell near their centre (runtime/detection.holds_a_cell) are anomalous and
+    say so (``flags.no_cell``), whatever class the estimator found closest."""
+    from cytoedge.runtime.detection import holds_a_cell
+
+    for r, rgb in zip(records, crops):
+        empty = not holds_a_cell(rgb)
+        r.setdefault("flags", {})["no_cell"] = empty
+        if empty:
+            r["flags"]["anomalous"] = True
+            if "confidence_label" in r:
+                r["confidence_label"] = "anomalous"
+    return records

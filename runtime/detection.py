@@ -131,3 +131,21 @@ def red_cell_count(rgb: np.ndarray, nuclear_groups: np.ndarray, um_per_px: float
     cover = foreground_mask(rgb) & (1 - cv2.dilate(nuclear_groups, _disc(2.0 / um_per_px)))
     one_cell = np.pi * (RED_CELL_DIAMETER_UM / 2 / um_per_px) ** 2
     return int(round(cover.sum() / one_cell))
+
+
+def holds_a_cell(rgb: np.ndarray, floor: float = 12.0, min_share: float = 0.001) -> bool:
+    """Whether a single-cell crop shows stained material (a nucleus, a platelet) near its centre: a
+    blank, uniform, washed-out or plasma-only image does not, and is no cell to classify, whatever
+    the denoiser's errors say. Scale-free: a blob of at least ``min_share`` of the crop whose centre
+    lies in the crop's central 60 %."""
+    signal = cv2.GaussianBlur(nucleus_signal(rgb), (0, 0), max(1.0, max(rgb.shape[:2]) / 300))
+    clipped = np.clip(signal, 0, 255).astype(np.uint8)
+    otsu, _ = cv2.threshold(clipped, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = (signal > max(float(otsu), floor)).astype(np.uint8)
+    n, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    h, w = mask.shape
+    for k in range(1, n):
+        cx, cy = centroids[k]
+        if stats[k, cv2.CC_STAT_AREA] >= min_share * h * w and 0.2 * w <= cx <= 0.8 * w and 0.2 * h <= cy <= 0.8 * h:
+            return True
+    return False

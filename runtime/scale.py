@@ -41,32 +41,50 @@ def foreground_mask(rgb: np.ndarray) -> np.ndarray:
     return fill_holes((green < thr).astype(np.uint8))
 
 
-def granulometric_diameter_px(mask: np.ndarray, work_px: int = 256) -> tuple[float, float]:
+def granulometric_diameter_px(mask: np.ndarray, work_px: int = 256, radii: np.ndarray | None = None,
+                              factor: float | None = None) -> tuple[float, float]:
     """Typical cell diameter (px) of a mask by granulometry, and the share of the mask it explains.
 
     Opening with discs of growing radius r removes the cells narrower than 2r; the area lost per
     step (the pattern spectrum) is spread around the red-cell radius even where cells touch (a
     clump of discs of radius R survives opening by any smaller disc). Its area-weighted median is
-    taken, so a few big white cells or clumps do not win.
+    taken, so a few big white cells or clumps do not win. The mask is resampled by ``factor``
+    (default: to ``work_px`` on its long side) and opened with ``radii`` (default 1 .. work_px/6).
     """
-    f = work_px / max(mask.shape)
+    f = work_px / max(mask.shape) if factor is None else factor
     small = cv2.resize(mask, None, fx=f, fy=f, interpolation=cv2.INTER_NEAREST)
-    radii = np.arange(1, work_px // 6)
+    radii = np.arange(1, work_px // 6) if radii is None else radii
     areas = np.array([cv2.morphologyEx(small, cv2.MORPH_OPEN,
                                        cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))).sum()
                       for r in radii], np.float64)
     spectrum = -np.diff(areas)
     if areas[0] <= 0 or spectrum.sum() <= 0:
         return 0.0, 0.0
-    k = int(np.searchsorted(np.cumsum(spectrum) / spectrum.sum(), 0.5))
-    return 2.0 * (radii[k] + 0.5) / f, float(spectrum.sum() / areas[0])
+    cum = np.cumsum(spectrum) / spectrum.sum()
+    k = int(np.searchsorted(cum, 0.5))
+    # within bin k (cells of radius radii[k] .. radii[k] + 1) the median lies where the cumulative share
+    # crosses 0.5: interpolated, so the estimate does not move in whole steps of the work raster
+    below = cum[k - 1] if k else 0.0
+    within = (0.5 - below) / max(cum[k] - below, 1e-12)
+    return 2.0 * (radii[k] + within) / f, float(spectrum.sum() / areas[0])
 
 
-def estimate_um_per_px(rgb: np.ndarray, name: str = "field") -> ScaleEstimate:
-    """Scale from the typical red-cell diameter (≈ 7.5 µm), found by granulometry of the cell mask."""
+def refined_diameter_px(mask: np.ndarray, coarse_px: float, cell_px: float = 24.0) -> float:
+    """The granulometric diameter again, on the mask resampled so the cells are ``cell_px`` across and
+    with radii from half to 1.6 times theirs: the raster is the same relative to the cells at any
+    pixel size, so the estimate is, and white cells (twice as wide) no longer weigh in."""
+    half = cell_px / 2
+    diameter, _ = granulometric_diameter_px(mask, radii=np.arange(int(half * 0.5), int(half * 1.6) + 2),
+                                            factor=cell_px / coarse_px)
+    return diameter
+
+
+def estimate_um_per_px(rgb: np.ndarray, name: str = "field", work_px: int = 256) -> ScaleEstimate:
+    """Scale from the typical red-cell diameter (≈ 7.5 µm), found by granulometry of the cell mask
+    (on a ``work_px`` raster: its cost grows with about the fifth power of it)."""
     mask = foreground_mask(rgb)
     cover = float(mask.mean())
-    diameter, _ = granulometric_diameter_px(mask)
+    diameter, _ = granulometric_diameter_px(mask, work_px)
     if not (MIN_COVER <= cover <= 1 - MIN_COVER) or diameter <= 0:
         raise InputImageError(f"{name}: pixel scale unknown and no red cells to estimate it from "
                               f"({cover:.0%} of the field is cells); pass --um-per-px")

@@ -28,8 +28,8 @@ import numpy as np
 from cytoedge.kernels import cell_table
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
-from cytoedge.runtime.cells import CellBatch, to_model_scale
-from cytoedge.runtime.classify_cells import classify_batch
+from cytoedge.runtime.cells import CellBatch, on_input_lattice, to_model_scale
+from cytoedge.runtime.classify_cells import classify_batch, mark_unreliable
 from cytoedge.runtime.detection import Detection, DetectionSettings, detect_cells
 from cytoedge.runtime.errors import CytoedgeError, InputImageError
 from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
@@ -277,7 +277,9 @@ class SlideScorer:
         index = len(pending.tiles)
         pending.tiles.append(model_tile)
         for d in white:
-            pending.rows.append(cell_table(index, (d.cx + 0.5) * f - 0.5, (d.cy + 0.5) * f - 0.5)[0])
+            size = self.bundle.input_size
+            pending.rows.append(cell_table(index, on_input_lattice((d.cx + 0.5) * f - 0.5, size),
+                                           on_input_lattice((d.cy + 0.5) * f - 0.5, size))[0])
             pending.meta.append(self._cell_meta(d, tile))
         st.tick("resample", t)
 
@@ -297,8 +299,9 @@ class SlideScorer:
                 field = reinhard(field, stats, self._reference)
             model_tile = to_model_scale(field, um_per_px, self.bundle)
             f = model_tile.shape[1] / field.shape[1]
-            pending.rows.append(cell_table(len(pending.tiles), (d.cx - x0 + 0.5) * f - 0.5,
-                                           (d.cy - y0 + 0.5) * f - 0.5)[0])
+            size = self.bundle.input_size
+            pending.rows.append(cell_table(len(pending.tiles), on_input_lattice((d.cx - x0 + 0.5) * f - 0.5, size),
+                                           on_input_lattice((d.cy - y0 + 0.5) * f - 0.5, size))[0])
             pending.tiles.append(model_tile)
             pending.meta.append(self._cell_meta(d, tile))
 
@@ -403,6 +406,7 @@ def _normalise_result(res: dict, bundle: ModelBundle) -> dict:
         "probabilities": {c: round(float(p), 6) for c, p in probs.items()} if probs else None,
         "flags": {k: bool(v) for k, v in flags.items()},
         "anomaly_score": res.get("anomaly_score"),
+        "typicality": res.get("typicality"),
         "uncertainty": res.get("uncertainty"),
         "prediction_set": res.get("prediction_set") or res.get("survived") or [cls],
         "nfe": int(res.get("nfe", 0)),
@@ -415,7 +419,9 @@ def _normalise_result(res: dict, bundle: ModelBundle) -> dict:
 
 
 def slide_entry(source: str, records: list[dict], summary: dict | None, error: str | None = None) -> dict:
-    """One slide of the document: its cells and summary, or its error (with the summary if any)."""
+    """One slide of the document: its cells and summary, or its error (with the summary if any).
+    Under a raised out-of-domain alarm (the summary's) no cell is labelled confident."""
+    mark_unreliable(records, (summary or {}).get("domain_alarm"))
     if error is not None:
         entry = {"source": source, "status": "error", "error": error}
         if summary is not None:

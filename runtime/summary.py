@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cytoedge.calibration.domain import records_alarm
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import CalibrationError
 
@@ -128,6 +129,10 @@ def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePoli
         flagged_classes[r["class"]] = flagged_classes.get(r["class"], 0) + 1
     level = triage(flagged_classes, len(records), n_diff, len(abnormal), len(uncertain), len(anomalous),
                    differential, policy)
+    domain = records_alarm(records, bundle.domain)
+    if domain["raised"]:  # an urgent call from a model reading foreign cells is not one either
+        level = {"level": "review", "reasons": ["cells unlike this model's training data; results unreliable "
+                                                "until the site is adapted", *level["reasons"]]}
     out = {
         "source": state.name,
         "width_px": state.width,
@@ -145,6 +150,7 @@ def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePoli
         "uncertain_cells": [_cell_ref(r) for r in uncertain],
         "anomalous_cells": [_cell_ref(r) for r in anomalous],
         "triage": level,
+        "domain_alarm": domain,
         "density_map": density_map(records, state.width, state.height, um or 1.0, bin_um) if um else None,
         "nfe_total": int(sum(r.get("nfe", 0) for r in records)),
     }

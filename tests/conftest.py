@@ -55,8 +55,11 @@ def generated_batch(generated_cells):
 
 @pytest.fixture(scope="session")
 def crop_files(tmp_path_factory, bundle, generated_cells):
-    """The generated cells written as crop files at the bundle's source scale (like PBC crops)."""
+    """The generated cells written as crop files at the bundle's source scale (like PBC crops), each
+    declaring its pixel size (PNG pHYs) as `cytoedge synth` writes it."""
     import cv2
+
+    from cytoedge.runtime.cells import write_image_with_scale
 
     images, labels = generated_cells
     factor = float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
@@ -65,6 +68,6 @@ def crop_files(tmp_path_factory, bundle, generated_cells):
     for i, (im, y) in enumerate(zip(images, labels)):
         big = cv2.resize(im, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
         path = folder / f"cell{i:02d}_{bundle.class_names[y]}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(big, cv2.COLOR_RGB2BGR))
+        write_image_with_scale(path, big, bundle.um_per_px / factor)
         paths.append(path)
     return paths

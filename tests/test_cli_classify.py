@@ -32,11 +32,12 @@ def test_bad_files_are_named_and_the_others_go_on(crop_files, tmp_path, capsys):
 
 
 def test_a_crop_too_small_for_the_model_fails_alone(crop_files, tmp_path, capsys):
-    """One crop smaller than the model's field of view is named with the reason; its neighbours are scored."""
-    import cv2
+    """One crop smaller than the model's field of view at its declared scale is named with the reason;
+    its neighbours are scored."""
+    from cytoedge.runtime.cells import declared_um_per_px, read_rgb, write_image_with_scale
 
     tiny = tmp_path / "tiny.png"
-    cv2.imwrite(str(tiny), cv2.imread(str(crop_files[0]))[:20, :20])
+    write_image_with_scale(tiny, read_rgb(crop_files[0])[:20, :20], declared_um_per_px(crop_files[0]))
     rc = main(["classify", str(crop_files[0]), str(tiny), str(crop_files[1]), "--json", "--threads", "1"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 1

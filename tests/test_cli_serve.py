@@ -48,6 +48,19 @@ def slides(bundle, ort_backend, tmp_path_factory) -> tuple[Path, float]:
     return path, smear.um_per_px
 
 
+def wait_for_serve(proc: subprocess.Popen, endpoint: str, log: Path) -> None:
+    """Poll a starting `cytoedge serve` until it answers HELLO (its log in the message if it dies)."""
+    deadline = time.monotonic() + START_S
+    while True:
+        assert proc.poll() is None, f"serve exited with {proc.returncode}: {log.read_text()}"
+        try:
+            with ScannerLinkClient(endpoint, timeout_s=1) as client:
+                client.hello(timeout_s=1)
+            return
+        except ServiceError:
+            assert time.monotonic() < deadline, f"serve did not answer within {START_S} s"
+
+
 @pytest.fixture(scope="module")
 def daemon(slides, tmp_path_factory):
     """`cytoedge serve` with the README's options, started and polled until it answers HELLO."""
@@ -57,15 +70,7 @@ def daemon(slides, tmp_path_factory):
     stderr = (work / "serve.stderr").open("w+")
     proc = subprocess.Popen([*CLI, "serve", "--endpoint", endpoint, "--roots", str(root), "--journal",
                              str(work / "j.sqlite3"), *SCORING], stdout=subprocess.DEVNULL, stderr=stderr)
-    deadline = time.monotonic() + START_S
-    while True:
-        assert proc.poll() is None, f"serve exited with {proc.returncode}: {(work / 'serve.stderr').read_text()}"
-        try:
-            with ScannerLinkClient(endpoint, timeout_s=1) as client:
-                client.hello(timeout_s=1)
-            break
-        except ServiceError:
-            assert time.monotonic() < deadline, f"serve did not answer within {START_S} s"
+    wait_for_serve(proc, endpoint, work / "serve.stderr")
     try:
         yield proc, endpoint, work / "serve.stderr"
     finally:

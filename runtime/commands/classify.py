@@ -10,9 +10,9 @@ import logging
 import sys
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_stain_argument, add_um_per_px_argument,
-                                              crop_stain_reference, expand_image_paths, load_bundle_and_backend,
-                                              progress_bar)
+from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_stain_argument,
+                                              add_um_per_px_argument, crop_stain_reference, expand_image_paths,
+                                              load_bundle_and_backend, progress_bar)
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classify", help="classify single-cell images", description=__doc__)
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE|DIR", help="cell crops, or folders of them")
     add_model_arguments(p)
-    add_um_per_px_argument(p, "scale of the crops (default: the bundle's training-crop scale)")
+    add_um_per_px_argument(p, CROP_SCALE_HELP)
     add_stain_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     p.set_defaults(func=run)
@@ -31,39 +31,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.cells import crop_to_tile, read_crop, tiles_to_batch
-    from cytoedge.runtime.classify_cells import classify_batch
+    from cytoedge.calibration.domain import records_alarm
+    from cytoedge.runtime.classify_cells import classify_batch, mark_no_cell, mark_unreliable
+    from cytoedge.runtime.crop_scale import estimate_crop_scales
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.stain import normalise_crop
 
     bundle, backend, estimator = load_bundle_and_backend(args)
     reference = crop_stain_reference(args, bundle)
     paths, failures = expand_image_paths(args.inputs)
+    scales, unreadable = estimate_crop_scales(paths, bundle, args.um_per_px, read_crop)
+    failures += unreadable
+    bad = {f["image"] for f in unreadable}
+    paths = [p for p in paths if str(p) not in bad]
     results: list[dict] = []
     with progress_bar(len(paths), "cells", disable=len(paths) < 8 or args.json) as bar:
         for start in range(0, len(paths), CHUNK):
-            chunk, tiles = [], []
+            chunk, tiles, crops = [], [], []
             for path in paths[start:start + CHUNK]:
                 try:
                     rgb = read_crop(path)
                     if reference is not None:
                         rgb = normalise_crop(rgb, reference)
-                    tiles.append(crop_to_tile(rgb, bundle, args.um_per_px, str(path)))
+                    tiles.append(crop_to_tile(rgb, bundle, scales.scale(str(path)).um_per_px, str(path)))
                     chunk.append(path)
+                    crops.append(rgb)
                 except CytoedgeError as e:
                     failures.append({"image": str(path), "error": str(e)})
                     bar.update(1)
             if not tiles:
                 continue
             batch = tiles_to_batch(tiles)
-            for path, record in zip(chunk, classify_batch(batch, bundle, backend, estimator)):
-                results.append({"image": str(path), **record})
+            records = mark_no_cell(classify_batch(batch, bundle, backend, estimator), crops)
+            for path, record in zip(chunk, records):
+                results.append({"image": str(path), **record, "scale": scales.scale(str(path)).to_record()})
             bar.update(len(chunk))
+    verdict = records_alarm(results, bundle.domain)
+    mark_unreliable(results, verdict)
     for failure in failures:
         print(f"cytoedge classify: {failure['error']}", file=sys.stderr)
+    if verdict["raised"]:
+        print(f"cytoedge classify: WARNING: {verdict['reason']} (see README, 'A new scanner or stain')",
+              file=sys.stderr)
     if args.json:
         doc = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name,
                "estimator": estimator, "stain_normalisation": "reinhard-per-crop" if reference is not None else None,
-               "results": results, "errors": failures}
+               "scale": scales.summary(), "domain_alarm": verdict, "results": results, "errors": failures}
         print(json.dumps(doc, indent=2))
     else:
         for r in results:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_stain_argument, add_um_per_px_argument,
-                                              crop_stain_reference, load_bundle_and_backend, progress_bar)
+from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_stain_argument,
+                                              add_um_per_px_argument, crop_scales_or_raise, crop_stain_reference,
+                                              load_bundle_and_backend, progress_bar)
 
 CHUNK = 64
 
@@ -23,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--half", choices=("fit", "held-out", "all"), default="held-out")
     p.add_argument("--per-class", type=int, default=None, help="at most this many cells per class")
-    add_um_per_px_argument(p, "scale of the crops (default: the bundle's training-crop scale)")
+    add_um_per_px_argument(p, CROP_SCALE_HELP)
     add_stain_argument(p)
     p.add_argument("--out", type=Path, default=None, help="write the metrics JSON here")
     p.set_defaults(func=run)
@@ -81,10 +82,24 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
     return out
 
 
+def confidence_report(labels: np.ndarray, decisions, names: list[str], domain: dict | None) -> dict:
+    """The out-of-domain alarm over the evaluated cells, and how often the cells labelled
+    "confident" (neither uncertain nor anomalous, and no alarm raised) are right."""
+    from cytoedge.calibration.domain import run_alarm
+
+    alarm = run_alarm(decisions.anomaly_score, decisions.typicality, [names[k] for k in decisions.class_id], domain)
+    confident = ~(decisions.uncertain | decisions.anomalous) & (not alarm["raised"])
+    right = decisions.class_id == labels
+    return {"domain_alarm": alarm, "confident_cells": int(confident.sum()),
+            "confident_accuracy": round(float(right[confident].mean()), 4) if confident.any() else None,
+            "atypical_cells": int(decisions.atypical.sum())}
+
+
 def run(args: argparse.Namespace) -> int:
     from cytoedge.calibration.decisions import concat_decisions
     from cytoedge.runtime.cells import crops_to_batch, read_crop
     from cytoedge.runtime.classify_cells import score_cells_fast
+    from cytoedge.runtime.detection import holds_a_cell
     from cytoedge.runtime.labelled_data import labelled_subset
     from cytoedge.runtime.reference_estimator import classify_reference
     from cytoedge.runtime.stain import normalise_crop
@@ -92,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     bundle, backend, estimator = load_bundle_and_backend(args)
     reference = crop_stain_reference(args, bundle)
     files, labels = labelled_subset(args.data, bundle.class_names, args.half, args.per_class)
+    scales = crop_scales_or_raise(files, bundle, args.um_per_px)
     preds, nfes, parts = [], [], []
     start = time.perf_counter()
     with progress_bar(len(files), "cells") as bar:
@@ -99,10 +115,12 @@ def run(args: argparse.Namespace) -> int:
             crops = [read_crop(f) for f in files[s:s + CHUNK]]
             if reference is not None:
                 crops = [normalise_crop(rgb, reference) for rgb in crops]
-            batch = crops_to_batch(crops, bundle, args.um_per_px,
+            batch = crops_to_batch(crops, bundle, [scales.scale(str(f)).um_per_px for f in files[s:s + CHUNK]],
                                    [str(f) for f in files[s:s + CHUNK]])
             if estimator == "fast":
                 outcome = score_cells_fast(batch, bundle, backend)
+                empty = np.array([not holds_a_cell(rgb) for rgb in crops])  # as classify marks them
+                outcome.decisions.anomalous[empty] = True
                 preds.append(outcome.decisions.class_id)
                 nfes.append(outcome.nfe)
                 parts.append(outcome.decisions)
@@ -116,16 +134,20 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate_arrays(labels, np.concatenate(preds), np.concatenate(nfes), seconds, bundle.class_names,
                              bundle.abnormal_classes, decisions,
                              (bundle.calibration or {}).get("settings", {}).get("abnormal_sensitivity"))
+    if decisions is not None:
+        report.update(confidence_report(labels, decisions, bundle.class_names, bundle.domain))
     report = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name, "estimator": estimator,
               "data": str(args.data), "half": args.half, "per_class": args.per_class,
-              "stain_normalisation": "reinhard-per-crop" if reference is not None else None, **report}
+              "stain_normalisation": "reinhard-per-crop" if reference is not None else None,
+              "scale": scales.summary(), **report}
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     summary = {k: report[k] for k in ("cells", "accuracy", "balanced_accuracy", "nfe_mean", "cells_per_second")}
     for key in ("ece_15", "conformal_coverage", "conformal_mean_set_size", "abnormal_review_flag",
-                "abnormal_probability_at_target_sensitivity"):
+                "abnormal_probability_at_target_sensitivity", "confident_cells", "confident_accuracy",
+                "domain_alarm"):
         if key in report:
             summary[key] = report[key]
     print(json.dumps(summary, indent=2))

@@ -31,17 +31,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import cv2
-
+    from cytoedge.runtime.cells import write_image_with_scale
+    from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.sampler import guidance_scale
     from cytoedge.runtime.synthetic_smear import SmearSpec, generate_smear, sample_cells, write_smear_files
 
-    bundle, backend, _ = load_bundle_and_backend(args)
     if args.n < 1:
-        print("cytoedge synth: -n must be at least 1")
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
+        raise CytoedgeError(f"-n must be at least 1, got {args.n}")
+    if args.steps < 1:
+        raise CytoedgeError(f"--steps must be at least 1, got {args.steps}")
+    bundle, backend, _ = load_bundle_and_backend(args)
     pool = args.classes or [c for c in bundle.class_names if c != "platelet"]
+    unknown = sorted(set(pool) - set(bundle.class_names))
+    if unknown:  # refused before --out is created
+        raise CytoedgeError(f"unknown class {unknown}; the model knows {bundle.class_names}")
+    if not pool:
+        raise CytoedgeError(f"no class to draw: give --class (the model knows {bundle.class_names})")
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.smear:
         spec = SmearSpec(n_white=args.n, classes=tuple(pool), um_per_px=args.um_per_px, ddim_steps=args.steps,
                          seed=args.seed, guidance=args.guidance)
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     index = []
     for k, (cls, rgb) in enumerate(zip(classes, cells)):
         path = args.out / f"{k:04d}_{cls}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        write_image_with_scale(path, rgb, bundle.um_per_px)  # the PNG says its µm/px: classify reads it
         index.append({"file": path.name, "class": cls})
     (args.out / "cells.json").write_text(json.dumps({"model": bundle.name, "bundle_sha256": bundle.sha256,
                                                      "um_per_px": bundle.um_per_px, "steps": args.steps,

@@ -1,0 +1,68 @@
+"""The out-of-domain alarm (calibration/domain.py): fitted on calibration cells alone, quiet on runs
+drawn like them whatever their class mix, raised on a run whose errors moved, and per cell two-sided."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cytoedge.calibration.domain import fit_domain, records_alarm, run_alarm, typicality_scores
+
+
+def errors(rng, n, classes=4, probes=3, shift=0.0):
+    """Weighted leader and null errors of ``n`` cells whose levels depend on the class (as real ones do)."""
+    y = rng.integers(0, classes, n)
+    level = 0.05 * (1 + 0.3 * y)[:, None] * np.exp(rng.normal(shift, 0.15, (n, probes)))
+    null = level * np.exp(rng.normal(0.15, 0.05, (n, probes)))  # the null class explains cells a little worse
+    return level, null, y
+
+
+NORMALISATION = {"kind": "null_ratio", "mean": [-0.15] * 3, "std": [0.05] * 3}
+
+
+@pytest.fixture(scope="module")
+def domain():
+    leader, null, y = errors(np.random.default_rng(0), 1500)
+    return fit_domain(leader, null, [f"c{k}" for k in y], NORMALISATION, seed=1)
+
+
+def features(domain, leader, null, y):
+    from cytoedge.calibration.decisions import anomaly_scores
+
+    return anomaly_scores(leader, null, NORMALISATION), typicality_scores(leader, null, domain), [f"c{k}" for k in y]
+
+
+def test_runs_like_the_calibration_cells_rarely_raise_it_whatever_their_mix(domain):
+    rng = np.random.default_rng(5)
+    raised = 0
+    for k in range(200):
+        leader, null, y = errors(rng, 50, classes=1 + k % 4)  # one class alone, two, three, all four
+        raised += run_alarm(*features(domain, leader, null, y), domain)["raised"]
+    assert raised <= 0.05 * 200
+
+
+def test_a_run_whose_errors_moved_raises_it_with_the_reason(domain):
+    leader, null, y = errors(np.random.default_rng(6), 50, shift=0.6)  # another stain: every error 80 % larger
+    verdict = run_alarm(*features(domain, leader, null, y), domain)
+    assert verdict["raised"] and verdict["shift"] > verdict["threshold"]
+    assert "unreliable until the site is adapted" in verdict["reason"]
+
+
+def test_too_few_cells_or_no_reference_is_not_assessed(domain):
+    leader, null, y = errors(np.random.default_rng(7), 5, shift=2.0)
+    assert run_alarm(*features(domain, leader, null, y), domain) == {
+        "assessed": False, "raised": False, "cells": 5, "reason": "fewer than 10 cells"}
+    assert not run_alarm(np.zeros(40), np.zeros(40), ["c0"] * 40, None)["assessed"]
+
+
+def test_cells_with_nothing_to_denoise_or_too_much_are_atypical(domain):
+    from cytoedge.calibration.domain import atypical
+
+    leader, null, _ = errors(np.random.default_rng(8), 3)
+    blank, noise = leader * 1e-3, leader * 1e2
+    z = typicality_scores(np.concatenate([leader, blank, noise]), np.concatenate([null, blank, noise]), domain)
+    assert list(atypical(z, domain)) == [False] * 3 + [True] * 6
+
+
+def test_records_the_estimator_did_not_assess_do_not_count(domain):
+    assessed = [{"class": "c1", "anomaly_score": 0.0, "typicality": 0.0}] * 12
+    assert records_alarm(assessed + [{"class": "c1", "anomaly_score": None}] * 30, domain)["cells"] == 12
