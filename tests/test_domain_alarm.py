@@ -66,3 +66,43 @@ def test_cells_with_nothing_to_denoise_or_too_much_are_atypical(domain):
 def test_records_the_estimator_did_not_assess_do_not_count(domain):
     assessed = [{"class": "c1", "anomaly_score": 0.0, "typicality": 0.0}] * 12
     assert records_alarm(assessed + [{"class": "c1", "anomaly_score": None}] * 30, domain)["cells"] == 12
+
+
+def test_classify_of_foreign_crops_raises_the_alarm_and_labels_none_confident(bundle, tmp_path, capsys):
+    """Twelve crops of noise through `cytoedge classify`: each atypical, the run's alarm raised with
+    its reason on stderr and in the JSON, and no cell labelled confident."""
+    import json
+
+    from cytoedge.runtime.cells import write_image_with_scale
+    from cytoedge.runtime.cli import main
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for k in range(12):
+        path = tmp_path / f"noise{k:02d}.png"
+        write_image_with_scale(path, rng.integers(0, 256, (96, 96, 3), dtype=np.uint8), 0.2)
+        paths.append(str(path))
+    assert main(["classify", *paths, "--json", "--threads", "1"]) == 0
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert doc["domain_alarm"]["raised"] and "unreliable until the site is adapted" in out.err
+    assert all(r["flags"]["atypical"] and r["flags"]["anomalous"] for r in doc["results"])
+    assert not any(r["confidence_label"] == "confident" for r in doc["results"])
+
+
+def test_a_slide_that_raises_the_alarm_is_triaged_review_with_the_reason(bundle, ort_backend):
+    """Cells drawn by the model itself are smoother and more class-typical than scanned ones: the
+    slide's alarm is raised, triage says why first, and every record is marked out of domain."""
+    from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer, slide_entry
+    from cytoedge.runtime.synthetic_smear import SmearSpec, generate_smear
+
+    smear = generate_smear(bundle, ort_backend, SmearSpec(n_white=16, ddim_steps=8, seed=5))
+    scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=smear.um_per_px, heatmaps=False))
+    records = scorer.score_tile(smear.rgb, (0, 0), smear.um_per_px)
+    summary = scorer.summary()
+    assert summary["domain_alarm"]["raised"] and summary["domain_alarm"]["cells"] == len(records) >= 10
+    assert summary["triage"]["level"] == "review"
+    assert summary["triage"]["reasons"][0].startswith("cells unlike this model's training data")
+    entry = slide_entry("smear", records, summary)
+    assert all(c["flags"]["out_of_domain"] for c in entry["cells"])
+    assert not any((c.get("estimator_detail") or {}).get("confidence_label") == "confident" for c in entry["cells"])

@@ -116,3 +116,24 @@ def test_kill_9_mid_stream_then_restart_keeps_journaled_tiles(tmp_path, daemon_p
     assert events[-1].kind == "summary" and events[-1].digest_ok is True
     opened = [e for e in daemon_process.events() if e["message"] == "journal opened"]
     assert len(opened) == 2 and opened[1]["unfinished"] == 1
+
+
+def test_a_tile_that_kills_the_daemon_fails_its_job_after_max_stalls_restarts(tmp_path, daemon_process):
+    """The poison pill: the daemon dies while scoring the tile, every time it is restarted; after
+    max_stalls (3) such deaths without a new cell the job is failed and the daemon serves the rest."""
+    from test_service_support import POISON_ORIGIN
+
+    path, rgb = write_slide(tmp_path / "slides", "after.png", 23)
+    with ScannerLinkClient(daemon_process.endpoint, timeout_s=30, resume_after_s=0.5) as client:
+        job = client.open_stream("poison", um_per_px=0.25)
+        client.send_tile(job, 0, np.zeros((32, 32, 3), np.uint8), POISON_ORIGIN)
+        for _ in range(3):
+            daemon_process.proc.wait(timeout=20)  # it dies scoring the tile
+            daemon_process.start()
+        records, summary = client.wait_result(client.submit_path(path))
+        assert daemon_process.proc.poll() is None
+        cells, failed = client.wait_result(job)
+    assert records == block_records(rgb, (0, 0))
+    assert cells == [] and failed["state"] == "failed" and failed["error"]["code"] == P.FAILED_CRASHED
+    opened = [e for e in daemon_process.events() if e["message"] == "journal opened"]
+    assert [e["crashed"] for e in opened] == [[], [], [], [job]]

@@ -10,6 +10,8 @@ Run as a script, it is a daemon for the kill -9 test: ``python test_service_supp
 """
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import sys
 import time
@@ -21,6 +23,7 @@ from cytoedge.runtime.cells import read_rgb
 from cytoedge.runtime.errors import InputImageError
 
 BLOCK = 16
+POISON_ORIGIN = (6666, 6666)  # a tile placed here kills the daemon process while it is scored (TEST-ONLY)
 
 
 def block_records(rgb: np.ndarray, origin_xy: tuple[int, int]) -> list[dict]:
@@ -58,6 +61,8 @@ class PixelStatsJob:
             yield self._count([record])[0]
 
     def score_tile(self, rgb: np.ndarray, origin_xy: tuple[int, int], um_per_px: float) -> list[dict]:
+        if tuple(origin_xy) == POISON_ORIGIN:  # what a segfault in a decoder or an OOM kill does to the daemon
+            os.kill(os.getpid(), signal.SIGKILL)
         if self.delay_s:
             time.sleep(self.delay_s)
         return self._count(block_records(rgb, origin_xy))
@@ -100,7 +105,6 @@ def free_port() -> int:
 
 def main(argv: list[str]) -> int:
     import logging
-    import signal
 
     from cytoedge.runtime.service.config import JsonLogFormatter, load_config
     from cytoedge.runtime.service.daemon import Daemon

@@ -133,6 +133,22 @@ class Trainer:
         log.info("resumed from %s at step %d (%.1f min trained)", self.ckpt_path, self.step, self.elapsed / 60)
         return True
 
+    def export_weights(self, path: Path) -> None:
+        """The EMA weights in FP16 (a third of a checkpoint's size) with the run's config and step: what a
+        fresh machine continues from (``--init-from`` this file); the optimiser state is not kept."""
+        arrays = {k: v.detach().half().numpy() for k, v in self.ema.state_dict().items()}
+        meta = {"cfg": self.cfg, "step": self.step, "train_minutes": round(self.elapsed / 60, 1)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+
+    def init_from_weights(self, path: Path) -> None:
+        """Warm start from ``export_weights``' file (model and EMA both start from the EMA weights)."""
+        with np.load(path) as z:
+            state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files if k != "__meta__"}
+        self.model.load_state_dict(state)
+        self.ema.load_state_dict(state)
+        log.info("initialised from %s", path)
+
     def init_from_bundle(self, bundle_path: Path) -> None:
         """Warm start a new run from a bundle's exported weights (checkpoints are not kept across
         machines; the bundle is). A null-class row absent from the bundle starts at the class mean."""
@@ -231,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--config", type=Path, help="JSON overriding DEFAULTS (only for a new run)")
     p.add_argument("--exclude-class", action="append", default=[], help="train without this class (new run only)")
-    p.add_argument("--init-from", type=Path, help="model bundle whose weights start a new run (fine-tuning)")
+    p.add_argument("--init-from", type=Path,
+                   help="model bundle, or weights file from --export-weights, whose weights start a new run")
+    p.add_argument("--export-weights", type=Path,
+                   help="write the run's EMA weights (FP16 .npz, committable) from its checkpoint and stop")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -245,14 +264,28 @@ def main(argv: list[str] | None = None) -> None:
         cfg["exclude_classes"] = sorted(set(cfg.get("exclude_classes", [])) | set(args.exclude_class))
         args.run.mkdir(parents=True, exist_ok=True)
         cfg["data"] = str(args.data)
-        if args.init_from:
+        if args.init_from and args.init_from.suffix == ".npz":
+            with np.load(args.init_from) as z:
+                meta = json.loads(bytes(z["__meta__"]).decode())
+            cfg["init_from"] = {"weights": str(args.init_from), "steps": meta["step"],
+                                "train_minutes": meta["train_minutes"], "from_run": meta["cfg"].get("init_from")}
+        elif args.init_from:
             prov = json.loads((args.init_from / "manifest.json").read_text()).get("provenance", {})
             cfg["init_from"] = {"bundle": str(args.init_from), "steps": prov.get("steps"),
                                 "train_minutes": prov.get("train_minutes"), "code_commit": prov.get("code_commit")}
         cfg_path.write_text(json.dumps(cfg, indent=2))
     trainer = Trainer(cfg, args.data, args.run, args.cache)
+    if args.export_weights:
+        if not trainer.resume():
+            raise SystemExit(f"{args.run}: no checkpoint to export weights from")
+        trainer.export_weights(args.export_weights)
+        log.info("wrote %s (step %d)", args.export_weights, trainer.step)
+        return
     if not trainer.resume() and args.init_from:
-        trainer.init_from_bundle(args.init_from)
+        if args.init_from.suffix == ".npz":
+            trainer.init_from_weights(args.init_from)
+        else:
+            trainer.init_from_bundle(args.init_from)
     trainer.train(args.max_steps, args.max_minutes, args.ckpt_every, args.log_every)
 
 
