@@ -3,16 +3,16 @@
 A crop's scale cannot be assumed (PBC's own crops are ~0.1 µm/px as CellaVision writes them, ~0.2
 as shipped here; other analysers differ again), and a crop read at the wrong scale is misread with
 confidence. A file that declares a microscope's pixel size (PNG pHYs, TIFF resolution; `cytoedge
-synth` writes it) is read at that size. Otherwise each crop's scale is estimated from its red cells (granulometry, runtime/scale.py), or
-from the white cell's nucleus where no red cell is visible. One crop's estimate is noisy (partial
-red cells at the border, a large white cell), but an analyser writes all its crops at one scale,
-so the crops of one pixel size in a run share the median of their estimates. The estimate is
-corrected by the bundle's ``input.crop_scale`` (what the same estimator reads on the training
-crops, whose scale is known), so a crop like the training crops lands exactly on their scale.
+synth` writes it) is read at that size. Otherwise each crop's scale is estimated from its red cells
+(granulometry, runtime/scale.py), or from the white cell's nucleus where no red cell is visible.
+One crop's estimate is noisy (partial red cells at the border, a large white cell), but an analyser
+writes all its crops at one scale, so the crops of one size in a run share the median of their
+estimates. The estimate is corrected by the bundle's ``input.crop_scale`` (what the same estimator
+reads on the training crops, whose scale is known), and one within SNAP of the training crops'
+scale is taken to be it.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,6 @@ from cytoedge.runtime.detection import nucleus_signal
 from cytoedge.runtime.limits import UM_PER_PX_MAX, UM_PER_PX_MIN
 from cytoedge.runtime.scale import (MIN_COVER, RED_CELL_DIAMETER_UM, foreground_mask, granulometric_diameter_px,
                                     refined_diameter_px)
-
-log = logging.getLogger(__name__)
 
 MIN_POOL = 5  # crops of one size group whose median is trusted over each one's own estimate
 SIZE_SPREAD = 1.1  # crops whose longest sides are within 10 % are one analyser's

@@ -79,12 +79,11 @@ def refined_diameter_px(mask: np.ndarray, coarse_px: float, cell_px: float = 24.
     return diameter
 
 
-def estimate_um_per_px(rgb: np.ndarray, name: str = "field", work_px: int = 256) -> ScaleEstimate:
-    """Scale from the typical red-cell diameter (≈ 7.5 µm), found by granulometry of the cell mask
-    (on a ``work_px`` raster: its cost grows with about the fifth power of it)."""
+def estimate_um_per_px(rgb: np.ndarray, name: str = "field") -> ScaleEstimate:
+    """Scale from the typical red-cell diameter (≈ 7.5 µm), found by granulometry of the cell mask."""
     mask = foreground_mask(rgb)
     cover = float(mask.mean())
-    diameter, _ = granulometric_diameter_px(mask, work_px)
+    diameter, _ = granulometric_diameter_px(mask)
     if not (MIN_COVER <= cover <= 1 - MIN_COVER) or diameter <= 0:
         raise InputImageError(f"{name}: pixel scale unknown and no red cells to estimate it from "
                               f"({cover:.0%} of the field is cells); pass --um-per-px")
