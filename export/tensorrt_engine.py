@@ -84,10 +84,15 @@ _CHECKED_FIELDS = (("onnx_sha256", "ONNX graph"), ("tensorrt_version", "TensorRT
 
 
 def check_sidecar(sidecar: dict, expected: EngineKey, engine_path: Path) -> None:
-    """Raise BackendError naming every field where the engine's sidecar differs from this machine."""
+    """Raise BackendError naming every field where the engine's sidecar differs from this machine,
+    and if the engine file is not the one the sidecar was written for (its sha256)."""
     want = expected.to_dict()
     wrong = [f"{label}: engine has {sidecar.get(field)!r}, this machine needs {want[field]!r}"
              for field, label in _CHECKED_FIELDS if sidecar.get(field) != want[field]]
+    actual = sha256_file(Path(engine_path))
+    if sidecar.get("engine_sha256") != actual:
+        wrong.append(f"engine file: sha256 {actual[:12]}… but the sidecar records "
+                     f"{str(sidecar.get('engine_sha256'))[:12]}… (changed or corrupted since it was built)")
     if wrong:
         raise BackendError(f"{engine_path}: TensorRT engine does not match this machine ({'; '.join(wrong)}); "
                            "rebuild it here with `cytoedge build-engine`")

@@ -59,6 +59,17 @@ def test_sidecar_mismatch_is_refused_naming_both_sides(bundle, tmp_path):
     assert "cytoedge build-engine" in msg
 
 
+def test_an_engine_file_changed_after_its_sidecar_is_refused(bundle, tmp_path):
+    spec = denoiser_spec(bundle.input_size)
+    key = engine_key(spec, bundle.denoiser_path, "fp16", A100)
+    engine = tmp_path / "denoiser.engine"
+    engine.write_bytes(b"the engine as built")
+    write_sidecar(engine, key, {"spec": spec.to_dict()})
+    engine.write_bytes(b"the engine as built, then truncated or swapped")
+    with pytest.raises(BackendError, match="engine file: sha256 .*changed or corrupted"):
+        check_sidecar(read_sidecar(engine), key, engine)
+
+
 def test_engine_without_sidecar_is_refused(tmp_path):
     (tmp_path / "x.engine").write_bytes(b"")
     with pytest.raises(BackendError, match="sidecar"):
