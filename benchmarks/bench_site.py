@@ -20,6 +20,7 @@ from pathlib import Path
 import cv2
 
 FACTORS = (0.5, 0.75, 1.0, 1.5, 2.0)
+MODEL: Path | None = None  # --model: the bundle measured (default: the bundled model)
 ASSUMED = 0.2  # µm/px every crop was read at before the scale was estimated (the training crops')
 
 
@@ -28,7 +29,7 @@ def write_rescaled(data: Path, out: Path, factor: float, per_class: int) -> int:
     from cytoedge.runtime.bundle import ModelBundle
     from cytoedge.runtime.labelled_data import labelled_subset
 
-    classes = ModelBundle.load(default_bundle_path()).class_names
+    classes = ModelBundle.load(MODEL or default_bundle_path()).class_names
     files, labels = labelled_subset(data, classes, "held-out", per_class)
     for path, label in zip(files, labels):
         bgr = cv2.imread(str(path))
@@ -43,7 +44,8 @@ def write_rescaled(data: Path, out: Path, factor: float, per_class: int) -> int:
 
 def evaluate(folder: Path, extra: list[str], threads: int) -> dict:
     report = folder.parent / f"{folder.name}-{len(extra)}.json"
-    cmd = [sys.executable, "-m", "cytoedge.runtime.cli", "evaluate", "--data", str(folder), "--half", "all",
+    model = ["--model", str(MODEL)] if MODEL else []
+    cmd = [sys.executable, "-m", "cytoedge.runtime.cli", "evaluate", "--data", str(folder), "--half", "all", *model,
            "--threads", str(threads), "--out", str(report), *extra]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(report.read_text())
@@ -66,7 +68,7 @@ def bccd_cells(root: Path, threads: int) -> tuple[list[dict], list[str]]:
             kinds = [k.strip().lower() for k in row["wbc_type"].split(",") if k.strip()]
             if len(kinds) == 1:
                 labels[row["image"]] = kinds[0]
-    bundle = ModelBundle.load(default_bundle_path())
+    bundle = ModelBundle.load(MODEL or default_bundle_path())
     backend = OnnxRuntimeBackend(bundle, threads=threads)
     scorer = SlideScorer(bundle, backend, "fast", ScoringOptions(heatmaps=False))
     records, truth = [], []
@@ -95,7 +97,7 @@ def pbc_cells(data: Path, per_class: int, threads: int) -> tuple[list[dict], lis
     from cytoedge.runtime.crop_scale import estimate_crop_scales
     from cytoedge.runtime.labelled_data import labelled_subset
 
-    bundle = ModelBundle.load(default_bundle_path())
+    bundle = ModelBundle.load(MODEL or default_bundle_path())
     backend = OnnxRuntimeBackend(bundle, threads=threads)
     files, labels = labelled_subset(data, bundle.class_names, "held-out", per_class)
     scales, _ = estimate_crop_scales(files, bundle, None, read_crop)
@@ -117,7 +119,7 @@ def set_report(records: list[dict], truth: list[str], batch: int = 50, draws: in
     from cytoedge.models import default_bundle_path
     from cytoedge.runtime.bundle import ModelBundle
 
-    domain = ModelBundle.load(default_bundle_path()).domain
+    domain = ModelBundle.load(MODEL or default_bundle_path()).domain
     pred = np.array([r["class"] for r in records])
     true = np.array(truth)
     classes = sorted(set(truth))
@@ -158,7 +160,7 @@ def garbage_report() -> dict:
              "noise": rng.integers(0, 256, (180, 180, 3), dtype=np.uint8),
              "pink plasma": np.tile(np.array([228, 200, 205], np.uint8), (180, 180, 1)),
              "blurred noise": cv2.GaussianBlur(rng.integers(0, 256, (180, 180, 3), dtype=np.uint8), (0, 0), 6)}
-    bundle = ModelBundle.load(default_bundle_path())
+    bundle = ModelBundle.load(MODEL or default_bundle_path())
     backend = OnnxRuntimeBackend(bundle, threads=2)
     records = mark_no_cell(classify_batch(crops_to_batch(list(crops.values()), bundle), bundle, backend),
                            list(crops.values()))
@@ -234,8 +236,11 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=("rescale", "domain"), default=None)
+    ap.add_argument("--model", type=Path, default=None, help="bundle to measure (default: the bundled model)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
+    global MODEL
+    MODEL = args.model
     if not args.data.is_dir():
         print(f"{args.data}: not here (real data is not shipped); nothing to measure", file=sys.stderr)
         return 0
