@@ -78,7 +78,21 @@ def test_quantize_command_writes_a_checked_int8_graph_and_only_a_passed_one_runs
     b = ModelBundle.load(copy)
     net = b.manifest["networks"]["denoiser_int8"]
     q, check = net["quantization"], net["decision_check"]
-    assert rc == (0 if check["passed"] else 1) and "INT8" in out
+    # the verdict recomputed here, independently of decision_agreement: the fast estimator's class per
+    # check cell through the FP32 and the INT8 graph
+    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from cytoedge.runtime.cells import crops_to_batch, declared_um_per_px, read_crop
+    from cytoedge.runtime.classify_cells import score_cells_fast
+
+    files = sorted(labelled_dir.rglob("*.png"))
+    batch = crops_to_batch([read_crop(f) for f in files], b, [declared_um_per_px(f) for f in files])
+    fp32, int8 = OnnxRuntimeBackend(b, threads=1), OnnxRuntimeBackend(b, threads=1, precision="int8",
+                                                                       model_path=b.network_path("denoiser_int8"))
+    agreeing = int((score_cells_fast(batch, b, fp32).decisions.class_id ==
+                    score_cells_fast(batch, b, int8).decisions.class_id).sum())
+    assert (check["cells"], check["agreeing"]) == (len(files), agreeing)
+    assert check["passed"] == (agreeing / len(files) >= check["bar"]) and rc == (0 if check["passed"] else 1)
+    assert "INT8" in out
     assert sorted(q["score_shift_per_conv"]) == sorted(candidates)
     assert set(q["fp32_convs"]) == set(q["macs_per_conv"]) - set(candidates)  # budget 1e9: both candidates INT8
     probes = len(b.calibration["probes"])

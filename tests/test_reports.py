@@ -43,8 +43,13 @@ def test_images_and_html(scored):
     overlay = cv2.imread(out["overlay"])
     assert overlay.shape[:2] == scorer.state.thumbnail.shape[:2]
     assert np.any(overlay != cv2.cvtColor(scorer.state.thumbnail, cv2.COLOR_RGB2BGR))  # boxes were drawn
-    if scorer.state.crops:
-        assert cv2.imread(out["gallery"]) is not None
+    flagged = [c for c in entry["cells"] if any(c["flags"].get(k) for k in ("abnormal", "uncertain", "anomalous"))]
+    assert sorted(scorer.state.crops) == [c["id"] for c in flagged][:len(scorer.state.crops)]
+    if flagged:  # a gallery exactly when some cell is flagged
+        gallery = cv2.imread(out["gallery"])
+        assert gallery is not None and gallery.std() > 0
+    else:
+        assert "gallery" not in out
     page = open(out["html"]).read()
     assert entry["summary"]["triage"]["level"].upper() in page
     assert "data:image/png;base64," in page and "http://" not in page and "https://" not in page
