@@ -131,3 +131,24 @@ def test_a_crop_is_normalised_on_its_own_statistics_and_glass_is_left_alone(rng)
                                   reinhard(shifted, lab_stats(shifted), lab_stats(rgb)))
     glass = np.full((40, 40, 3), 252, np.uint8)  # too few stained pixels to fit on: left as it is
     np.testing.assert_array_equal(normalise_crop(glass, lab_stats(rgb)), glass)
+
+
+def test_touching_red_cells_are_separated_one_centre_each():
+    """Pale discs with a central pallor, in touching pairs and a chain of three, at 0.2 µm/px (7.5 µm = 37.5 px)."""
+    import cv2
+
+    from cytoedge.runtime.detection import detect_red_cells
+
+    rgb = np.full((300, 420, 3), (236, 226, 214), np.uint8)
+    r = 18
+    truth = [(60, 60), (60 + 2 * r - 3, 60),  # a touching pair
+             (60, 200), (60 + 2 * r - 4, 200), (60 + 4 * r - 8, 200),  # a chain of three
+             (330, 90), (300, 240)]  # two alone
+    for x, y in truth:
+        cv2.circle(rgb, (x, y), r, (205, 120, 130), -1)
+        cv2.circle(rgb, (x, y), r // 3, (222, 170, 175), -1)  # central pallor
+    centres, labels = detect_red_cells(rgb, 0.2)
+    assert len(centres) == len(truth)
+    for x, y in truth:  # each cell is found within a third of a radius of its centre, and labels it alone
+        d = np.hypot(centres[:, 0] - x, centres[:, 1] - y)
+        assert d.min() < r / 3 and labels[y, x] == 1 + int(d.argmin())
