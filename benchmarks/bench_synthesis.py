@@ -86,7 +86,7 @@ def main() -> None:
         start = time.perf_counter()
         drawn = ddim_sample(bundle, backend, labels, steps=args.steps, seed=0, guidance=w)
         seconds = time.perf_counter() - start
-        d = score_cells_fast(tiles_to_batch(list(drawn)), bundle, backend).decisions
+        d = score_cells_fast(tiles_to_batch(list(drawn), bundle.input_size), bundle, backend).decisions
         rows.append({"guidance": w, "recognised": float((d.class_id == labels).mean()),
                      "per_class": {n: float((d.class_id[labels == k] == k).mean()) for k, n in enumerate(names)},
                      "uncertain": float(d.uncertain.mean()), "anomalous": float(d.anomalous.mean()),

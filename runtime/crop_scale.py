@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cytoedge.runtime.bundle import ModelBundle
-from cytoedge.runtime.detection import nucleus_signal
+from cytoedge.runtime.detection import stained_blobs
 from cytoedge.runtime.limits import UM_PER_PX_MAX, UM_PER_PX_MIN
 from cytoedge.runtime.scale import (MIN_COVER, RED_CELL_DIAMETER_UM, foreground_mask, granulometric_diameter_px,
                                     refined_diameter_px)
@@ -54,19 +54,11 @@ class CropScale:
 
 def nucleus_um_per_px(rgb: np.ndarray, nucleus_diameter_um: float) -> float | None:
     """Scale from the central nucleus's equivalent diameter (a rough, class-dependent fallback)."""
-    import cv2
-
-    signal = cv2.GaussianBlur(nucleus_signal(rgb), (0, 0), max(1.0, max(rgb.shape[:2]) / 300))
-    clipped = np.clip(signal, 0, 255).astype(np.uint8)
-    otsu, _ = cv2.threshold(clipped, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = (signal > max(float(otsu), 12.0)).astype(np.uint8)
-    n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 1:
+    areas, centres = stained_blobs(rgb)
+    if not len(areas):
         return None
-    h, w = mask.shape
-    centre = np.array([(w - 1) / 2, (h - 1) / 2])
-    k = 1 + int(np.argmin(np.linalg.norm(centroids[1:] - centre, axis=1)))
-    area = float(stats[k, cv2.CC_STAT_AREA])
+    h, w = rgb.shape[:2]
+    area = float(areas[np.argmin(np.linalg.norm(centres - [(w - 1) / 2, (h - 1) / 2], axis=1))])
     if not 0.002 * h * w <= area <= 0.5 * h * w:  # a speck, or a crop that is all nucleus: nothing to measure
         return None
     return nucleus_diameter_um / (2.0 * np.sqrt(area / np.pi))

@@ -133,22 +133,27 @@ def red_cell_count(rgb: np.ndarray, nuclear_groups: np.ndarray, um_per_px: float
     return int(round(cover.sum() / one_cell))
 
 
-def holds_a_cell(rgb: np.ndarray, floor: float = 12.0, min_share: float = 0.001) -> bool:
-    """Whether a single-cell crop shows stained material (a nucleus, a platelet) near its centre: a
-    blank, uniform, washed-out or plasma-only image does not, and is no cell to classify, whatever
-    the denoiser's errors say. Scale-free: a blob of at least ``min_share`` of the crop whose centre
-    lies in the crop's central 60 %."""
+def stained_blobs(rgb: np.ndarray, floor: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+    """Areas ``[M]`` (px) and centroids ``[M, 2]`` of the nucleus-stained blobs of a crop, found without
+    knowing its scale (a blur of 1/300 of its side; ``nucleus_mask`` needs the scale)."""
     signal = cv2.GaussianBlur(nucleus_signal(rgb), (0, 0), max(1.0, max(rgb.shape[:2]) / 300))
     clipped = np.clip(signal, 0, 255).astype(np.uint8)
     otsu, _ = cv2.threshold(clipped, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     mask = (signal > max(float(otsu), floor)).astype(np.uint8)
-    n, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    h, w = mask.shape
-    for k in range(1, n):
-        cx, cy = centroids[k]
-        if stats[k, cv2.CC_STAT_AREA] >= min_share * h * w and 0.2 * w <= cx <= 0.8 * w and 0.2 * h <= cy <= 0.8 * h:
-            return True
-    return False
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    return stats[1:, cv2.CC_STAT_AREA].astype(np.float64), centroids[1:]
+
+
+def holds_a_cell(rgb: np.ndarray, min_share: float = 0.001) -> bool:
+    """Whether a single-cell crop shows stained material (a nucleus, a platelet) near its centre: a
+    blank, uniform, washed-out or plasma-only image does not, and is no cell to classify, whatever
+    the denoiser's errors say. Scale-free: a blob of at least ``min_share`` of the crop whose centre
+    lies in the crop's central 60 %."""
+    h, w = rgb.shape[:2]
+    areas, centres = stained_blobs(rgb)
+    central = (centres[:, 0] >= 0.2 * w) & (centres[:, 0] <= 0.8 * w) & \
+        (centres[:, 1] >= 0.2 * h) & (centres[:, 1] <= 0.8 * h)
+    return bool(np.any(central & (areas >= min_share * h * w)))
 
 
 @dataclass(frozen=True)

@@ -44,17 +44,21 @@ def test_jpeg_frames_decode_close_to_the_original(tmp_path, rng):
     assert np.abs(region.astype(int) - rgb).mean() < 3.0
 
 
-def test_tiles_cores_partition_the_slide_and_overlap_reads_neighbours(tmp_path, rng):
+@pytest.mark.parametrize("frame, tile_px, overlap", [(32, 64, 10), (64, 40, 6)])
+def test_tiles_cores_partition_the_slide_and_overlap_reads_neighbours(tmp_path, rng, frame, tile_px, overlap):
+    """Tiles larger or smaller than a frame (the scorer asks for small ones at coarse scales): the cores
+    partition the slide and each tile holds its core plus the overlap read from the neighbours."""
     rgb = _slide(rng)
-    src = open_source(write_wsi_dicom(tmp_path / "s.dcm", frames_of(rgb, 32), (200, 150), 32, 0.5,
+    src = open_source(write_wsi_dicom(tmp_path / "s.dcm", frames_of(rgb, frame), (200, 150), frame, 0.5,
                                       organisation="TILED_FULL"))
     owner = np.zeros((150, 200), int)
-    for tile in src.tiles(64, 10):
+    for tile in src.tiles(tile_px, overlap):
         x0, y0, x1, y1 = tile.core
+        assert x1 - x0 <= tile_px and y1 - y0 <= tile_px
         owner[y0:y1, x0:x1] += 1
         h, w = tile.rgb.shape[:2]
         np.testing.assert_array_equal(tile.rgb, rgb[tile.y0:tile.y0 + h, tile.x0:tile.x0 + w])
-        assert tile.x0 == max(x0 - 10, 0) and tile.y0 == max(y0 - 10, 0)
+        assert tile.x0 == max(x0 - overlap, 0) and tile.y0 == max(y0 - overlap, 0)
     assert (owner == 1).all()
 
 
@@ -137,21 +141,6 @@ def test_vl_microscopic_image_with_pixel_spacing(tmp_path, rng):
     src = open_source(tmp_path / "vl.dcm")
     assert (src.width, src.height) == (120, 90) and src.um_per_px == pytest.approx(0.4)
     np.testing.assert_array_equal(src.read_region(0, 0, 120, 90)[0], rgb)
-
-
-def test_tiles_smaller_than_a_frame_still_partition_the_slide(tmp_path, rng):
-    """The scorer asks for tiles smaller than a frame at coarse scales: the cores still partition the slide."""
-    rgb = _slide(rng)
-    src = open_source(write_wsi_dicom(tmp_path / "s.dcm", frames_of(rgb, 64), (200, 150), 64, 0.5,
-                                      organisation="TILED_FULL"))
-    owner = np.zeros((150, 200), int)
-    for tile in src.tiles(40, 6):
-        x0, y0, x1, y1 = tile.core
-        assert x1 - x0 <= 40 and y1 - y0 <= 40
-        owner[y0:y1, x0:x1] += 1
-        h, w = tile.rgb.shape[:2]
-        np.testing.assert_array_equal(tile.rgb, rgb[tile.y0:tile.y0 + h, tile.x0:tile.x0 + w])
-    assert (owner == 1).all()
 
 
 @pytest.mark.parametrize("keyword, value", [("Rows", 0), ("Columns", 0), ("TotalPixelMatrixRows", 0),

@@ -134,7 +134,7 @@ def test_guided_cells_are_recognised_more_often_than_unguided(bundle, ort_backen
     rates = {}
     for w in (1.0, bundle.guidance_scale):
         cells = sample_cells(bundle, ort_backend, names, steps=20, seed=5, guidance=w)
-        pred = score_cells_fast(tiles_to_batch(list(cells)), bundle, ort_backend).decisions.class_id
+        pred = score_cells_fast(tiles_to_batch(list(cells), bundle.input_size), bundle, ort_backend).decisions.class_id
         rates[w] = (pred == labels).mean()
     assert rates[bundle.guidance_scale] >= 0.9 and rates[bundle.guidance_scale] > rates[1.0]
 

@@ -43,12 +43,18 @@ def test_engine_key_changes_with_gpu_and_onnx(bundle):
     assert k1.onnx_sha256 == bundle.manifest["files"][bundle.denoiser_path.name]["sha256"]
 
 
-def test_sidecar_mismatch_is_refused_naming_both_sides(bundle, tmp_path):
+def stand_in_engine(bundle, tmp_path, platform):
+    """A file in an engine's place with the sidecar `build-engine` writes for it (no TensorRT here)."""
     spec = denoiser_spec(bundle.input_size)
-    built = engine_key(spec, bundle.denoiser_path, "fp16", A100)
+    key = engine_key(spec, bundle.denoiser_path, "fp16", platform)
     engine = tmp_path / "denoiser.engine"
-    engine.write_bytes(b"not a real engine")
-    write_sidecar(engine, built, {"spec": spec.to_dict()})
+    engine.write_bytes(b"the engine as built")
+    write_sidecar(engine, key, {"spec": spec.to_dict()})
+    return spec, key, engine
+
+
+def test_sidecar_mismatch_is_refused_naming_both_sides(bundle, tmp_path):
+    spec, built, engine = stand_in_engine(bundle, tmp_path, A100)
     sidecar = read_sidecar(engine)
     check_sidecar(sidecar, built, engine)  # same machine: accepted
     here = engine_key(spec, bundle.denoiser_path, "fp16", Platform("10.7.0", H100.gpu_name, "9.0"))
@@ -60,11 +66,7 @@ def test_sidecar_mismatch_is_refused_naming_both_sides(bundle, tmp_path):
 
 
 def test_an_engine_file_changed_after_its_sidecar_is_refused(bundle, tmp_path):
-    spec = denoiser_spec(bundle.input_size)
-    key = engine_key(spec, bundle.denoiser_path, "fp16", A100)
-    engine = tmp_path / "denoiser.engine"
-    engine.write_bytes(b"the engine as built")
-    write_sidecar(engine, key, {"spec": spec.to_dict()})
+    _, key, engine = stand_in_engine(bundle, tmp_path, A100)
     engine.write_bytes(b"the engine as built, then truncated or swapped")
     with pytest.raises(BackendError, match="engine file: sha256 .*changed or corrupted"):
         check_sidecar(read_sidecar(engine), key, engine)

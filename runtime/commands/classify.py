@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                     bar.update(1)
             if not tiles:
                 continue
-            batch = tiles_to_batch(tiles)
+            batch = tiles_to_batch(tiles, bundle.input_size)
             records = mark_no_cell(classify_batch(batch, bundle, backend, estimator), crops)
             for path, record in zip(chunk, records):
                 results.append({"image": str(path), **record, "scale": scales.scale(str(path)).to_record()})

@@ -44,12 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     digest TEXT,
     error TEXT,
     created REAL NOT NULL,
-    updated REAL NOT NULL,
-    request TEXT,
-    checkpoint TEXT,
-    attempt_open INTEGER NOT NULL DEFAULT 0,
-    attempt_cells INTEGER NOT NULL DEFAULT 0,
-    stalls INTEGER NOT NULL DEFAULT 0
+    updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS cells (
     job_id TEXT NOT NULL,
@@ -69,7 +64,8 @@ CREATE TABLE IF NOT EXISTS tiles (
 CREATE INDEX IF NOT EXISTS tiles_pending ON tiles (scored, ordinal);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
-# columns added since the first journal format, with their declarations (ALTER TABLE on open)
+# columns added since the first journal format, with their declarations: added on open, to a new
+# journal as to one written by an earlier cytoedge
 ADDED_JOB_COLUMNS = {"request": "TEXT", "checkpoint": "TEXT", "attempt_open": "INTEGER NOT NULL DEFAULT 0",
                      "attempt_cells": "INTEGER NOT NULL DEFAULT 0", "stalls": "INTEGER NOT NULL DEFAULT 0"}
 WAL_LIMIT_BYTES = 8 * 1024 * 1024  # the WAL is truncated to this after a checkpoint
@@ -118,7 +114,7 @@ class Journal:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
             self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file (see vacuum_if_needed)
+            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new file (an old one: maintain)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
