@@ -1,12 +1,15 @@
 """Site robustness: crops at other scanners' resolutions (PBC resampled), read with default options.
 
-  python benchmarks/bench_site.py [--data ../shared/data/pbc/calib] [--per-class 40] [--write]
+  python benchmarks/bench_site.py [--data ../shared/data/pbc/calib] [--per-class 40] [--only rescale|domain|adapt] [--write]
 
 The held-out half of pbc/calib is resampled ×0.5, ×0.75, ×1.5 and ×2 (standing in for other
 analysers' pixel sizes) into a temporary folder and scored by `cytoedge evaluate` as a user runs
 it: with default options, i.e. the crop scale estimated from the crops themselves. For contrast
 the ×0.5 and ×2 sets are also scored at the scale assumed before estimation existed (the training
-crops', 0.2 µm/px). Nothing is written to the repository but RESULTS.md.
+crops', 0.2 µm/px). The domain section measures the out-of-domain alarm on PBC held-out crops and
+BCCD fields; the adapt section runs `cytoedge adapt` on k = 5, 10, 20 labelled BCCD fields per class
+(--draws random draws) and scores the other fields with each adapted bundle. Nothing is written to the
+repository but RESULTS.md.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -51,16 +55,9 @@ def evaluate(folder: Path, extra: list[str], threads: int) -> dict:
     return json.loads(report.read_text())
 
 
-def bccd_cells(root: Path, threads: int) -> tuple[list[dict], list[str]]:
-    """Records of BCCD fields scored as `cytoedge score` does by default (scale from the red cells,
-    stain map per slide), for fields with one labelled type and exactly one white cell found."""
+def bccd_labels(root: Path) -> dict[str, str]:
+    """Field name -> WBC type, for BCCD fields labelled with one type."""
     import csv
-
-    from cytoedge.models import default_bundle_path
-    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from cytoedge.runtime.bundle import ModelBundle
-    from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer
-    from cytoedge.runtime.sources import open_source
 
     labels = {}
     with open(root / "wbc_subtypes.csv") as f:
@@ -68,7 +65,22 @@ def bccd_cells(root: Path, threads: int) -> tuple[list[dict], list[str]]:
             kinds = [k.strip().lower() for k in row["wbc_type"].split(",") if k.strip()]
             if len(kinds) == 1:
                 labels[row["image"]] = kinds[0]
-    bundle = ModelBundle.load(MODEL or default_bundle_path())
+    return labels
+
+
+def bccd_cells(root: Path, threads: int, model: Path | None = None,
+               only: set[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Records of BCCD fields scored as `cytoedge score` does by default (scale from the red cells,
+    stain map per slide), for fields with one labelled type (of ``only``, if given) and exactly one
+    white cell found."""
+    from cytoedge.models import default_bundle_path
+    from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer
+    from cytoedge.runtime.sources import open_source
+
+    labels = {k: v for k, v in bccd_labels(root).items() if only is None or k in only}
+    bundle = ModelBundle.load(model or MODEL or default_bundle_path())
     backend = OnnxRuntimeBackend(bundle, threads=threads)
     scorer = SlideScorer(bundle, backend, "fast", ScoringOptions(heatmaps=False))
     records, truth = [], []
@@ -81,7 +93,7 @@ def bccd_cells(root: Path, threads: int) -> tuple[list[dict], list[str]]:
         except Exception:  # a field whose scale cannot be estimated is simply not counted
             continue
         if len(cells) == 1:
-            records.append(cells[0])
+            records.append({**cells[0], "bccd_field": name})
             truth.append(labels[name])
     backend.close()
     return records, truth
@@ -111,7 +123,8 @@ def pbc_cells(data: Path, per_class: int, threads: int) -> tuple[list[dict], lis
     return records, [bundle.class_names[k] for k in labels]
 
 
-def set_report(records: list[dict], truth: list[str], batch: int = 50, draws: int = 200) -> dict:
+def set_report(records: list[dict], truth: list[str], batch: int = 50, draws: int = 200,
+               model: Path | None = None) -> dict:
     """Balanced accuracy, confident-cell accuracy and the alarm rate on random ``batch``-cell runs."""
     import numpy as np
 
@@ -119,7 +132,7 @@ def set_report(records: list[dict], truth: list[str], batch: int = 50, draws: in
     from cytoedge.models import default_bundle_path
     from cytoedge.runtime.bundle import ModelBundle
 
-    domain = ModelBundle.load(MODEL or default_bundle_path()).domain
+    domain = ModelBundle.load(model or MODEL or default_bundle_path()).domain
     pred = np.array([r["class"] for r in records])
     true = np.array(truth)
     classes = sorted(set(truth))
@@ -229,13 +242,71 @@ def domain_section(args) -> str:
             f"\n\nCrops with no cell (180 px at the training scale): {junk}.\n")
 
 
+def adapt_section(args) -> str:
+    """`cytoedge adapt` on k labelled BCCD fields per class (several draws), measured on the other fields."""
+    import os
+
+    import numpy as np
+
+    # Draw from the fields in which `score` finds one white cell (adapt skips the others, and a draw
+    # of k fields should give k cells).
+    records, truth = bccd_cells(args.bccd, args.threads)
+    by_class: dict[str, list[str]] = {}
+    for record, kind in zip(records, truth):
+        by_class.setdefault(kind, []).append(record["bccd_field"])
+    by_class = {c: v for c, v in by_class.items() if len(v) >= 10}  # BCCD's one basophil cannot be split
+    rows = []
+    for k in ADAPT_K:
+        for draw in range(args.draws):
+            rng = np.random.default_rng(draw)
+            chosen = {c: list(rng.permutation(v)[:min(k, len(v) // 2)]) for c, v in by_class.items()}
+            picked = {n for v in chosen.values() for n in v}
+            rest = {n for v in by_class.values() for n in v} - picked
+            with tempfile.TemporaryDirectory() as tmp:
+                data, out = Path(tmp) / "labelled", Path(tmp) / "adapted"
+                for c, names in chosen.items():
+                    (data / c).mkdir(parents=True)
+                    for n in names:
+                        os.symlink((args.bccd / "images" / f"{n}.jpg").resolve(), data / c / f"{n}.jpg")
+                model = ["--model", str(MODEL)] if MODEL else []
+                t = time.time()
+                run = subprocess.run([sys.executable, "-m", "cytoedge.runtime.cli", "adapt", "--data", str(data),
+                                      "--fields", "--out", str(out), "--threads", str(args.threads), *model],
+                                     capture_output=True, text=True)
+                if run.returncode:
+                    raise SystemExit(f"cytoedge adapt failed (k={k}, draw {draw}):\n{run.stderr[-2000:]}")
+                seconds = time.time() - t
+                report = set_report(*bccd_cells(args.bccd, args.threads, out, rest), model=out)
+            row = {"k": k, "draw": draw, "seconds": seconds, **report}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lines = ["| labelled fields per class | draws | cells measured | balanced accuracy (mean ± sd) | alarm on 50-cell runs "
+             "| confident cells (their accuracy) | adapt seconds |", "|---|---|---|---|---|---|---|"]
+    for k in ADAPT_K:
+        rk = [r for r in rows if r["k"] == k]
+        acc = np.array([r["balanced_accuracy"] for r in rk])
+        conf = [r["confident_accuracy"] for r in rk if r["confident_accuracy"] is not None]
+        right = f" ({np.mean(conf):.3f} right)" if conf else ""
+        lines.append(f"| {k} | {len(rk)} | {np.mean([r['cells'] for r in rk]):.0f} | {acc.mean():.3f} ± {acc.std():.3f} | "
+                     f"{np.mean([r['alarm_rate_50'] for r in rk]):.0%} | "
+                     f"{np.mean([r['confident_cells'] for r in rk]):.0f}{right} | {np.mean([r['seconds'] for r in rk]):.0f} |")
+    return (f"`cytoedge adapt --method features --fields` on k BCCD trainval fields per class (at most half of a "
+            f"class), drawn from the fields in which `score` finds one white cell, {args.draws} random draws per k; each adapted bundle scores the "
+            "other fields as `cytoedge score` does. Classes: " + ", ".join(f"{c} ({len(v)})" for c, v in by_class.items()) +
+            ".\n\n" + "\n".join(lines) + "\n")
+
+
+ADAPT_K = (5, 10, 20)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("../shared/data/pbc/calib"))
     ap.add_argument("--bccd", type=Path, default=Path("../shared/data/bccd"))
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=("rescale", "domain"), default=None)
+    ap.add_argument("--only", choices=("rescale", "domain", "adapt"), default=None)
+    ap.add_argument("--draws", type=int, default=3, help="random draws of the labelled cells per k (adapt)")
     ap.add_argument("--model", type=Path, default=None, help="bundle to measure (default: the bundled model)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
@@ -247,9 +318,14 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).parent))
     from results_md import write_section
 
-    for key, title, section in (("site-rescaled", "Site robustness: crops at other resolutions", rescale_section),
-                                ("site-domain", "Site robustness: the out-of-domain alarm", domain_section)):
-        if args.only and key != f"site-{args.only if args.only == 'domain' else 'rescaled'}":
+    sections = (("rescale", "site-rescaled", "Site robustness: crops at other resolutions", rescale_section),
+                ("domain", "site-domain", "Site robustness: the out-of-domain alarm", domain_section),
+                ("adapt", "site-adapt", "Site robustness: `cytoedge adapt` on BCCD", adapt_section))
+    for only, key, title, section in sections:
+        if args.only and args.only != only:
+            continue
+        if only == "adapt" and not args.bccd.is_dir():
+            print(f"{args.bccd}: not here; adapt not measured", file=sys.stderr)
             continue
         body = section(args)
         print(body)

@@ -7,7 +7,9 @@ classes), weighted, and added to the class's running score ``S_c``. After probe 
 gap to the leader exceeds the calibrated margin ``m_k`` is dropped; the race ends when one class
 is left or the probes run out. Gaps are extrapolated to the full probe set,
 ``ĝ_c = (S_c − S_lead) · W_M / W_k`` (``W`` = cumulative probe weight at the class's last probe),
-and ``softmax(−ĝ / T)`` gives the class probabilities.
+and ``softmax(−ĝ / T)`` gives the class probabilities. A site-adapted calibration (``cytoedge adapt``)
+adds a per-class, per-probe offset to each class's error before weighting: on a new scanner or stain
+a class's denoiser can be systematically better or worse than the others, whatever the cell.
 
 Where the network has a null class (trained unconditionally on a share of samples), every probe a
 cell runs also measures the null class's error: the anomaly score compares the best class with it
@@ -50,11 +52,13 @@ class Probe:
 
 @dataclass(frozen=True)
 class RaceSettings:
-    """What the sequential race needs: probe weights, elimination margins (one per probe), temperature."""
+    """What the sequential race needs: probe weights, elimination margins (one per probe), temperature,
+    and optionally class offsets ``[K, M]`` (added to class c's error at probe k; none = zeros)."""
 
     weights: np.ndarray
     margins: np.ndarray
     temperature: float
+    class_offsets: np.ndarray | None = None
 
     def __post_init__(self):
         if self.weights.ndim != 1 or self.weights.size == 0 or np.any(self.weights <= 0):
@@ -63,6 +67,10 @@ class RaceSettings:
             raise CalibrationError(f"{self.margins.size} elimination margins for {self.weights.size} probes")
         if not self.temperature > 0:
             raise CalibrationError(f"temperature must be positive, got {self.temperature}")
+        if self.class_offsets is not None and (self.class_offsets.ndim != 2 or self.class_offsets.shape[1] != self.weights.size
+                                               or not np.all(np.isfinite(self.class_offsets))):
+            raise CalibrationError(f"class offsets of shape {self.class_offsets.shape} for {self.weights.size} probes; "
+                                   "expected finite numbers [classes, probes]")
 
 
 @dataclass
@@ -107,10 +115,14 @@ def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: Error
     measured at every probe too, in the same call; it takes no part in the race.
     """
     m = settings.weights.size
+    offsets = np.zeros((n_classes, m)) if settings.class_offsets is None else settings.class_offsets
+    if offsets.shape[0] != n_classes:
+        raise CalibrationError(f"class offsets for {offsets.shape[0]} classes; the race has {n_classes}")
     alive = np.ones((n_cells, n_classes), bool)
     score = np.zeros((n_cells, n_classes))
     last = np.zeros((n_cells, n_classes), np.int64)  # probes each class has run
-    weighted = np.full((n_cells, n_classes, m), np.nan)
+    weighted = np.full((n_cells, n_classes, m), np.nan)  # the race's score terms, offsets included
+    raw = np.full((n_cells, n_classes, m), np.nan)  # weighted errors as measured: what the anomaly reads
     null_weighted = np.full((n_cells, m), np.nan) if null_class is not None else None
     nfe = np.zeros(n_cells, np.int64)
     cum_w = np.cumsum(settings.weights)
@@ -128,9 +140,10 @@ def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: Error
             null_weighted[null_cells, k] = settings.weights[k] * e[cell_idx.size:]
             np.add.at(nfe, null_cells, 1)
         e = e[:cell_idx.size]
-        w = settings.weights[k] * e
+        w = settings.weights[k] * (e + offsets[class_idx, k])
         score[cell_idx, class_idx] += w
         weighted[cell_idx, class_idx, k] = w
+        raw[cell_idx, class_idx, k] = settings.weights[k] * e
         last[cell_idx, class_idx] = k + 1
         np.add.at(nfe, cell_idx, 1)
         lead = np.where(alive, score, np.inf).min(1, keepdims=True)
@@ -144,7 +157,7 @@ def run_race(n_cells: int, n_classes: int, settings: RaceSettings, errors: Error
         lead_at_k = np.nansum(np.where(np.arange(m)[None, :] < k_c[:, None], weighted[rows, leader], 0.0), axis=1)
         gaps[:, c] = (score[:, c] - lead_at_k) * cum_w[-1] / cum_w[k_c - 1]
     gaps[rows, leader] = 0.0
-    return RaceResult(np.maximum(gaps, 0.0), last, nfe, weighted[rows, leader], null_weighted)
+    return RaceResult(np.maximum(gaps, 0.0), last, nfe, raw[rows, leader], null_weighted)
 
 
 class DenoiserErrorSource:
@@ -183,8 +196,10 @@ def probes_from_calibration(bundle: ModelBundle) -> tuple[list[Probe], RaceSetti
                                f"{bundle.path}` with labelled cells first")
     try:
         probes = [Probe.from_dict(p) for p in cal["probes"]]
+        offsets = cal.get("class_offsets")
         settings = RaceSettings(np.asarray(cal["probe_weights"], np.float64),
-                                np.asarray(cal["elimination_margins"], np.float64), float(cal["temperature"]))
+                                np.asarray(cal["elimination_margins"], np.float64), float(cal["temperature"]),
+                                None if offsets is None else np.asarray(offsets, np.float64))
     except KeyError as missing:
         raise CalibrationError(f"{bundle.path}: calibration field {missing} is missing; rerun `cytoedge calibrate`") from None
     return probes, settings

@@ -18,13 +18,14 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from cytoedge.runtime.schedule import NoiseSchedule
-from cytoedge.training.pbc_data import LEGACY_AUGMENT, STRONG_AUGMENT, augment_batch, load_cell_set
+from cytoedge.training.pbc_data import LEGACY_AUGMENT, STRONG_AUGMENT, CellSet, augment_batch, load_cell_set
 from cytoedge.training.unet import ClassConditionalUNet, UNetConfig
 
 log = logging.getLogger("cytoedge.training")
@@ -81,12 +82,14 @@ def disc_mask(size: int, radius: float) -> np.ndarray:
 
 
 class Trainer:
-    def __init__(self, cfg: dict, data_root: Path, run_dir: Path, cache_dir: Path):
+    """``data``: the cells to train on, instead of those under ``data_root`` (a site fine-tune's)."""
+
+    def __init__(self, cfg: dict, data_root: Path | None, run_dir: Path, cache_dir: Path, data: CellSet | None = None):
         self.cfg = cfg
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.classes = trained_classes(cfg)
-        self.data = load_cell_set(data_root, cache_dir, cfg["cache_size"], self.classes)
+        self.data = data if data is not None else load_cell_set(data_root, cache_dir, cfg["cache_size"], self.classes)
         counts = np.bincount(self.data.labels, minlength=len(self.classes)).astype(np.float64)
         w = counts[self.data.labels] ** (-cfg["class_balance_power"])
         self.sample_p = w / w.sum()
@@ -201,7 +204,8 @@ class Trainer:
                          scale=self.log_scale.exp().item())
         return total, stats
 
-    def train(self, max_steps: int, max_minutes: float, ckpt_every: int, log_every: int) -> None:
+    def train(self, max_steps: int, max_minutes: float, ckpt_every: int, log_every: int,
+              on_step: Callable[[int], None] | None = None) -> None:
         self.model.train()
         log_file = (self.run_dir / "train_log.jsonl").open("a")
         t_start, elapsed0 = time.time(), self.elapsed
@@ -221,6 +225,8 @@ class Trainer:
                     pe.lerp_(pm, 1 - decay)
             self.step += 1
             self.elapsed = elapsed0 + time.time() - t_start
+            if on_step is not None:
+                on_step(self.step)
             window.append(stats)
             if self.step % log_every == 0:
                 mean = {k: float(np.mean([w[k] for w in window])) for k in window[0]}

@@ -1,0 +1,241 @@
+"""`cytoedge adapt`: per-class error offsets in the race, the site fit on synthetic errors with a known
+answer, and the command run as a user runs it on cells the bundled model draws, recoloured as another
+lab's stain would."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from cytoedge.calibration.fit import fit_calibration, offline_race
+from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.errors import CalibrationError
+from cytoedge.runtime.estimator import RaceSettings, run_race
+from test_cli_commands import cytoedge, folder_digest, no_traceback
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+def test_class_offsets_move_the_race_but_not_the_measured_errors():
+    """An offset on a class's error decides the race; the leader's errors handed to the anomaly score stay
+    as measured (weighted), so an adapted bundle's anomaly statistics are of real errors."""
+    table = np.array([[[1.0, 1.0], [1.1, 1.1]]])  # one cell, class 0 better at both probes
+    w = np.array([1.0, 2.0])
+    plain = run_race(1, 2, RaceSettings(w, np.full(2, 10.0), 1.0), lambda c, k, j: table[c, k, j])
+    assert plain.gaps.argmin(1)[0] == 0
+    shifted = run_race(1, 2, RaceSettings(w, np.full(2, 10.0), 1.0, np.array([[0.2, 0.2], [0.0, 0.0]])),
+                       lambda c, k, j: table[c, k, j])
+    assert shifted.gaps.argmin(1)[0] == 1
+    np.testing.assert_allclose(shifted.gaps[0, 0], (1.2 - 1.1) * 3.0)  # (1.2·1 + 1.2·2) − (1.1·1 + 1.1·2)
+    np.testing.assert_allclose(shifted.leader_errors[0], w * 1.1)
+    with pytest.raises(CalibrationError, match="class offsets"):
+        RaceSettings(w, np.full(2, 1.0), 1.0, np.zeros((2, 3)))
+
+
+def site_errors(rng, n=300, bias=0.5):
+    """Errors of a labelled site where class c's denoiser is systematically ``bias`` better on every cell
+    (as a class conditioned on another lab's stain can be), and only classes a, b, c are labelled."""
+    y = rng.integers(0, 3, n)
+    E = np.abs(rng.normal(1.0, 0.1, (n, 4, 6)))
+    E[np.arange(n), y, :] -= 0.3
+    E[:, 2, :] -= bias
+    return E, y
+
+
+def test_site_fit_learns_the_offset_of_a_class_that_wins_everything(rng):
+    source = fit_calibration(*reference_errors(rng), CLASSES, ["d"])
+    E, y = site_errors(rng)
+    fitted = fit_calibration(E, y, CLASSES, ["d"], site_of=source)
+    chosen = fitted["chosen_candidates"]
+    offsets = np.asarray(fitted["class_offsets"])
+    assert offsets.shape == (4, len(chosen))
+    # Offsets act relative to each other (a shift common to all classes cancels): c's advantage is taken back.
+    assert np.all(offsets[2] - offsets[:2].mean(0) > 0.3)
+    assert fitted["labelled_classes"] == ["a", "b", "c"]
+    assert fitted["abnormal_threshold"] == source["abnormal_threshold"]  # no d cell: kept from the source
+    E_new, y_new = site_errors(np.random.default_rng(1))
+    race = offline_race(E_new[:, :, chosen], RaceSettings(np.asarray(fitted["probe_weights"]),
+                                                         np.asarray(fitted["elimination_margins"]), 1.0, offsets))
+    before = offline_race(E_new[:, :, chosen], RaceSettings(np.asarray(fitted["probe_weights"]),
+                                                           np.asarray(fitted["elimination_margins"]), 1.0))
+    assert (before.gaps.argmin(1) == y_new).mean() < 0.5  # c wins nearly everything unadapted
+    assert (race.gaps.argmin(1) == y_new).mean() > 0.95
+
+
+def reference_errors(rng, n=400):
+    y = rng.integers(0, 4, n)
+    E = np.abs(rng.normal(1.0, 0.1, (n, 4, 6)))
+    E[np.arange(n), y, :] -= 0.3
+    return E, y
+
+
+def test_site_fit_refuses_a_single_class(rng):
+    source = fit_calibration(*reference_errors(rng), CLASSES, ["d"])
+    E, y = site_errors(rng)
+    with pytest.raises(CalibrationError, match="at least two"):
+        fit_calibration(E, np.zeros_like(y), CLASSES, ["d"], site_of=source)
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+SITE_CLASSES = ("eosinophil", "lymphocyte", "neutrophil")
+
+
+def restain(rgb: np.ndarray) -> np.ndarray:
+    """Another lab's stain, roughly: bluer and paler (a fixed map in LAB)."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    lab[..., 0] = np.clip(lab[..., 0] * 0.9 + 25, 0, 255)
+    lab[..., 2] = np.clip(lab[..., 2] - 12, 0, 255)
+    return cv2.cvtColor(lab.astype(np.uint8), cv2.COLOR_LAB2RGB)
+
+
+@pytest.fixture(scope="module")
+def site_folder(tmp_path_factory, bundle, ort_backend) -> Path:
+    """Six drawn cells of each of three classes, recoloured, as crops in DIR/<class>/<image>."""
+    from cytoedge.runtime.cells import write_image_with_scale
+    from cytoedge.runtime.sampler import ddim_sample
+
+    per_class = 6
+    ids = [bundle.class_names.index(c) for c in SITE_CLASSES]
+    labels = np.repeat(ids, per_class)
+    images = ddim_sample(bundle, ort_backend, labels, steps=12, seed=23)
+    factor = float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
+    root = tmp_path_factory.mktemp("site")
+    for k, (im, c) in enumerate(zip(images, labels)):
+        folder = root / bundle.class_names[c]
+        folder.mkdir(exist_ok=True)
+        big = cv2.resize(restain(im), None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
+        write_image_with_scale(folder / f"cell{k:02d}.png", big, bundle.um_per_px / factor)
+    return root
+
+
+def test_adapt_writes_a_new_valid_bundle_and_leaves_the_source_alone(bundle, site_folder, tmp_path):
+    before = folder_digest(bundle.path)
+    out = tmp_path / "adapted"
+    run = cytoedge("adapt", "--data", site_folder, "--model", bundle.path, "--out", out, "--threads", "1")
+    no_traceback(run)
+    assert run.returncode == 0, run.stderr
+    assert f"adapted {bundle.name} to {site_folder}: 18 cells of 3 classes" in run.stdout
+    assert "held part (" in run.stdout and f"-> {out}" in run.stdout
+    assert folder_digest(bundle.path) == before
+    adapted = ModelBundle.load(out)  # validation and every hash
+    a = adapted.manifest["adaptation"]
+    assert a["source_bundle_sha256"] == bundle.sha256 and a["method"] == "features" and a["input"] == "crops"
+    assert a["cells"] == {c: 6 for c in SITE_CLASSES} and len(a["data_sha256"]) == 64
+    assert "denoiser_int8" not in adapted.manifest["networks"] and not (out / "denoiser_int8.onnx").exists()
+    cal = adapted.calibration
+    assert cal["labelled_classes"] == list(SITE_CLASSES)
+    assert np.asarray(cal["class_offsets"]).shape == (len(bundle.class_names), len(cal["probes"]))
+    assert adapted.domain["provenance"]["part"].startswith("B of the adaptation")
+    crop = sorted(site_folder.rglob("*.png"))[0]
+    classified = cytoedge("classify", crop, "--model", out, "--json", "--threads", "1")
+    assert classified.returncode == 0, classified.stderr
+    doc = json.loads(classified.stdout)
+    assert doc["bundle_sha256"] == adapted.sha256 and doc["results"][0]["class"] in bundle.class_names
+
+
+@pytest.mark.parametrize("case", ["too few", "one class", "unknown class", "unbalanced", "out exists"])
+def test_adapt_refuses_data_it_cannot_adapt_on_in_one_line(bundle, site_folder, tmp_path, case):
+    data = tmp_path / "data"
+    shutil.copytree(site_folder, data)
+    out = tmp_path / "out"
+    expect = {"too few": "too few labelled cells in lymphocyte (3)", "one class": "at least two classes",
+              "unknown class": "are not classes of", "unbalanced": "more than 10x apart",
+              "out exists": "already exists"}[case]
+    if case == "too few":
+        for f in sorted((data / "lymphocyte").iterdir())[3:]:
+            f.unlink()
+    elif case == "one class":
+        shutil.rmtree(data / "lymphocyte")
+        shutil.rmtree(data / "neutrophil")
+    elif case == "unknown class":
+        (data / "macrophage").mkdir()
+    elif case == "unbalanced":
+        src = sorted((data / "neutrophil").iterdir())
+        for k in range(60):
+            shutil.copy(src[k % len(src)], data / "neutrophil" / f"copy{k:02d}.png")
+    else:
+        out.mkdir()
+        (out / "keep.txt").write_text("a lab's file")
+    run = cytoedge("adapt", "--data", data, "--model", bundle.path, "--out", out, "--threads", "1")
+    no_traceback(run)
+    assert run.returncode == 2, run.stdout + run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("cytoedge adapt:")]
+    assert len(errors) == 1 and expect in errors[0], run.stderr
+    if case == "out exists":
+        assert (out / "keep.txt").read_text() == "a lab's file"
+    else:
+        assert not out.exists()
+
+
+def test_a_site_the_errors_cannot_separate_is_called_uncertain_not_confident(rng):
+    """Labels unrelated to the errors (a site whose cells the model cannot read): the adapted calibration
+    abstains on most cells instead of capping abstention as the source's fit does."""
+    source = fit_calibration(*reference_errors(rng), CLASSES, ["d"])
+    E = np.abs(rng.normal(1.0, 0.1, (300, 4, 6)))
+    y = rng.integers(0, 3, 300)
+    fitted = fit_calibration(E, y, CLASSES, ["d"], site_of=source)
+    chosen = fitted["chosen_candidates"]
+    race = offline_race(E[:, :, chosen], RaceSettings(np.asarray(fitted["probe_weights"]),
+                                                      np.asarray(fitted["elimination_margins"]),
+                                                      fitted["temperature"], np.asarray(fitted["class_offsets"])))
+    confident = race.probabilities(fitted["temperature"]).max(1) >= fitted["abstention_threshold"]
+    assert confident.mean() < 0.15
+
+
+def test_cell_windows_are_centred_on_the_cell_and_reflected_at_tile_edges():
+    from cytoedge.kernels import cell_table
+    from cytoedge.runtime.cells import CellBatch
+    from cytoedge.training.site_finetune import cell_windows
+
+    tile = np.zeros((40, 50, 3), np.uint8)
+    tile[4:6, 44:46] = 255  # a 2x2 "cell" whose centre is the pixel corner (45, 5): an even input's lattice
+    windows = cell_windows([CellBatch([tile], cell_table(np.zeros(1), np.array([44.5]), np.array([4.5])))], size=20)
+    assert windows.shape == (1, 20, 20, 3)
+    bright = np.argwhere(windows[0, :, :, 0] == 255)
+    assert {tuple(p) for p in bright} >= {(9, 9), (9, 10), (10, 9), (10, 10)}  # the cell at the window's centre
+
+
+def test_adapt_finetune_trains_the_network_and_records_it(bundle, site_folder, tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "finetuned"
+    run = cytoedge("adapt", "--data", site_folder, "--model", bundle.path, "--out", out, "--method", "finetune",
+                   "--steps", "3", "--threads", "1")
+    no_traceback(run)
+    assert run.returncode == 0, run.stderr
+    assert "method finetune" in run.stdout and "not measured before" in run.stdout
+    adapted = ModelBundle.load(out)
+    ft = adapted.manifest["adaptation"]["finetune"]
+    assert ft["steps"] == 3 and ft["cells"] < 18 and ft["export_max_abs_error_vs_torch"] < 1e-3  # part A only
+    source_hash = bundle.manifest["files"]["denoiser.onnx"]["sha256"]
+    assert adapted.manifest["files"]["denoiser.onnx"]["sha256"] != source_hash
+    assert adapted.calibration["provenance"]["command"] == "cytoedge adapt --method finetune"
+
+
+def test_adapt_on_fields_reads_them_as_score_does(bundle, ort_backend, tmp_path):
+    """Fields with one drawn white cell each (the README's `--fields`): each field's one cell is found and
+    used; a field with two white cells is skipped and named, not guessed at."""
+    from cytoedge.runtime.cells import write_image_with_scale
+    from cytoedge.runtime.synthetic_smear import SmearSpec, generate_smear
+
+    data = tmp_path / "fields"
+    for c, cls in enumerate(("lymphocyte", "neutrophil")):
+        (data / cls).mkdir(parents=True)
+        for k in range(6):  # one more than adapt needs: a drawn cell can be found as two
+            smear = generate_smear(bundle, ort_backend, SmearSpec(n_white=1, classes=(cls,), ddim_steps=5, seed=10 * c + k))
+            write_image_with_scale(data / cls / f"field{k}.png", smear.rgb, smear.um_per_px)
+    two = generate_smear(bundle, ort_backend, SmearSpec(n_white=2, classes=("neutrophil",), ddim_steps=5, seed=99))
+    write_image_with_scale(data / "neutrophil" / "two-cells.png", two.rgb, two.um_per_px)
+    out = tmp_path / "adapted"
+    run = cytoedge("adapt", "--data", data, "--fields", "--model", bundle.path, "--out", out, "--threads", "1")
+    no_traceback(run)
+    assert run.returncode == 0, run.stderr
+    assert "two-cells.png: 2 white cells found; a labelled field needs one" in run.stdout
+    a = ModelBundle.load(out).manifest["adaptation"]
+    assert a["input"] == "fields" and sum(a["cells"].values()) == 13 - a["skipped_fields"]
+    assert min(a["cells"].values()) >= 5 and set(a["cells"]) == {"lymphocyte", "neutrophil"}
+    assert f"{13 - a['skipped_fields']} cells of 2 classes" in run.stdout
