@@ -122,13 +122,19 @@ def estimator_settings(bundle: ModelBundle, estimator: str) -> dict:
             "probes": len(cal.get("probes", [])), "temperature": cal.get("temperature")}
 
 
+def run_audit(bundle: ModelBundle, backend: DenoiserBackend, estimator: str) -> dict:
+    """What decided a run's numbers: software, exact bundle, backend, estimator and its settings."""
+    from cytoedge.runtime import __version__
+
+    return {"cytoedge_version": __version__, "model": bundle.name, "bundle_sha256": bundle.sha256,
+            "backend": backend.name, "estimator": estimator, "estimator_settings": estimator_settings(bundle, estimator)}
+
+
 class SlideScorer:
     """Scores slides with one bundle, backend and estimator (see the module docstring)."""
 
     def __init__(self, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast",
                  options: ScoringOptions = ScoringOptions(), classify: ClassifyFn = classify_batch):
-        from cytoedge.runtime import __version__
-
         if options.stain_context not in ("cell", "slide"):
             raise CytoedgeError(f"stain_context {options.stain_context!r}: choose 'cell' or 'slide'")
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
@@ -141,14 +147,7 @@ class SlideScorer:
         from cytoedge.kernels import ColourTransform
 
         self._colour = ColourTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
-        self.audit = {
-            "cytoedge_version": __version__,
-            "model": bundle.name,
-            "bundle_sha256": bundle.sha256,
-            "backend": backend.name,
-            "estimator": estimator,
-            "estimator_settings": estimator_settings(bundle, estimator),
-        }
+        self.audit = run_audit(bundle, backend, estimator)
         self.reset()
 
     # ---- public API -------------------------------------------------------------------------

@@ -11,6 +11,11 @@ def test_classify_json_on_generated_crops(crop_files, capsys, bundle):
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["errors"] == []
     assert doc["bundle_sha256"] == bundle.sha256 and doc["estimator"] == "fast"
+    from cytoedge.runtime import __version__
+    from cytoedge.runtime.slide_scoring import estimator_settings
+
+    assert (doc["format"], doc["format_version"], doc["cytoedge_version"]) == ("cytoedge-classify", 1, __version__)
+    assert doc["estimator_settings"]["calibration_sha256"] == estimator_settings(bundle, "fast")["calibration_sha256"]
     assert [r["image"] for r in doc["results"]] == list(map(str, crop_files[:4]))
     for r in doc["results"]:
         assert r["class"] in bundle.class_names and r["nfe"] >= len(bundle.class_names)

@@ -29,12 +29,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# The --json document (docs/results-format.md, "classify"); renaming or removing a field raises the version.
+CLASSIFY_FORMAT = "cytoedge-classify"
+CLASSIFY_FORMAT_VERSION = 1
+
+
 def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.cells import crop_to_tile, read_crop, tiles_to_batch
     from cytoedge.calibration.domain import records_alarm
     from cytoedge.runtime.classify_cells import classify_batch, mark_no_cell, mark_unreliable
     from cytoedge.runtime.crop_scale import estimate_crop_scales
     from cytoedge.runtime.errors import CytoedgeError
+    from cytoedge.runtime.slide_scoring import run_audit
     from cytoedge.runtime.stain import normalise_crop
 
     bundle, backend, estimator = load_bundle_and_backend(args)
@@ -74,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"cytoedge classify: WARNING: {verdict['reason']} (see README, 'A new scanner or stain')",
               file=sys.stderr)
     if args.json:
-        doc = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name,
-               "estimator": estimator, "stain_normalisation": "reinhard-per-crop" if reference is not None else None,
+        doc = {"format": CLASSIFY_FORMAT, "format_version": CLASSIFY_FORMAT_VERSION,
+               **run_audit(bundle, backend, estimator), "stain_normalisation": "reinhard-per-crop" if reference is not None else None,
                "scale": scales.summary(), "domain_alarm": verdict, "results": results, "errors": failures}
         print(json.dumps(doc, indent=2))
     else:
