@@ -256,43 +256,46 @@ def adapt_section(args) -> str:
         by_class.setdefault(kind, []).append(record["bccd_field"])
     by_class = {c: v for c, v in by_class.items() if len(v) >= 10}  # BCCD's one basophil cannot be split
     rows = []
-    for k in ADAPT_K:
-        for draw in range(args.draws):
-            rng = np.random.default_rng(draw)
-            chosen = {c: list(rng.permutation(v)[:min(k, len(v) // 2)]) for c, v in by_class.items()}
-            picked = {n for v in chosen.values() for n in v}
-            rest = {n for v in by_class.values() for n in v} - picked
-            with tempfile.TemporaryDirectory() as tmp:
-                data, out = Path(tmp) / "labelled", Path(tmp) / "adapted"
-                for c, names in chosen.items():
-                    (data / c).mkdir(parents=True)
-                    for n in names:
-                        os.symlink((args.bccd / "images" / f"{n}.jpg").resolve(), data / c / f"{n}.jpg")
-                model = ["--model", str(MODEL)] if MODEL else []
-                t = time.time()
-                run = subprocess.run([sys.executable, "-m", "cytoedge.runtime.cli", "adapt", "--data", str(data),
-                                      "--fields", "--out", str(out), "--threads", str(args.threads), *model],
-                                     capture_output=True, text=True)
-                if run.returncode:
-                    raise SystemExit(f"cytoedge adapt failed (k={k}, draw {draw}):\n{run.stderr[-2000:]}")
-                seconds = time.time() - t
-                report = set_report(*bccd_cells(args.bccd, args.threads, out, rest), model=out)
-            row = {"k": k, "draw": draw, "seconds": seconds, **report}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    lines = ["| labelled fields per class | draws | cells measured | balanced accuracy (mean ± sd) | alarm on 50-cell runs "
-             "| confident cells (their accuracy) | adapt seconds |", "|---|---|---|---|---|---|---|"]
-    for k in ADAPT_K:
-        rk = [r for r in rows if r["k"] == k]
+    runs = [("features", k, draw) for k in ADAPT_K for draw in range(args.draws)]
+    runs += [("finetune", k, draw) for k in ADAPT_K for draw in range(args.finetune_draws)]
+    for method, k, draw in runs:
+        rng = np.random.default_rng(draw)
+        chosen = {c: list(rng.permutation(v)[:min(k, len(v) // 2)]) for c, v in by_class.items()}
+        picked = {n for v in chosen.values() for n in v}
+        rest = {n for v in by_class.values() for n in v} - picked
+        with tempfile.TemporaryDirectory() as tmp:
+            data, out = Path(tmp) / "labelled", Path(tmp) / "adapted"
+            for c, names in chosen.items():
+                (data / c).mkdir(parents=True)
+                for n in names:
+                    os.symlink((args.bccd / "images" / f"{n}.jpg").resolve(), data / c / f"{n}.jpg")
+            model = ["--model", str(MODEL)] if MODEL else []
+            t = time.time()
+            steps = ["--steps", str(args.finetune_steps)] if method == "finetune" else []
+            run = subprocess.run([sys.executable, "-m", "cytoedge.runtime.cli", "adapt", "--data", str(data),
+                                  "--fields", "--method", method, *steps, "--out", str(out),
+                                  "--threads", str(args.threads), *model], capture_output=True, text=True)
+            if run.returncode:
+                raise SystemExit(f"cytoedge adapt failed ({method}, k={k}, draw {draw}):\n{run.stderr[-2000:]}")
+            seconds = time.time() - t
+            report = set_report(*bccd_cells(args.bccd, args.threads, out, rest), model=out)
+        row = {"method": method, "k": k, "draw": draw, "seconds": seconds, **report}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = ["| method | labelled fields per class | draws | cells measured | balanced accuracy (mean ± sd) | alarm on "
+             "50-cell runs | confident cells (their accuracy) | adapt seconds |", "|---|---|---|---|---|---|---|---|"]
+    for method, k in dict.fromkeys((m, k) for m, k, _ in runs):
+        rk = [r for r in rows if r["k"] == k and r["method"] == method]
         acc = np.array([r["balanced_accuracy"] for r in rk])
         conf = [r["confident_accuracy"] for r in rk if r["confident_accuracy"] is not None]
         right = f" ({np.mean(conf):.3f} right)" if conf else ""
-        lines.append(f"| {k} | {len(rk)} | {np.mean([r['cells'] for r in rk]):.0f} | {acc.mean():.3f} ± {acc.std():.3f} | "
+        lines.append(f"| {method} | {k} | {len(rk)} | {np.mean([r['cells'] for r in rk]):.0f} | {acc.mean():.3f} ± {acc.std():.3f} | "
                      f"{np.mean([r['alarm_rate_50'] for r in rk]):.0%} | "
                      f"{np.mean([r['confident_cells'] for r in rk]):.0f}{right} | {np.mean([r['seconds'] for r in rk]):.0f} |")
-    return (f"`cytoedge adapt --method features --fields` on k BCCD trainval fields per class (at most half of a "
-            f"class), drawn from the fields in which `score` finds one white cell, {args.draws} random draws per k; each adapted bundle scores the "
-            "other fields as `cytoedge score` does. Classes: " + ", ".join(f"{c} ({len(v)})" for c, v in by_class.items()) +
+    return (f"`cytoedge adapt --fields` (`--method features`, and `finetune` with `--steps {args.finetune_steps}`) on "
+            f"k BCCD trainval fields per class (at most half of a "
+            f"class), drawn from the fields in which `score` finds one white cell, {args.draws} random draws per k "
+            f"({args.finetune_draws} for finetune); each adapted bundle scores the other fields as `cytoedge score` does. Classes: " + ", ".join(f"{c} ({len(v)})" for c, v in by_class.items()) +
             ".\n\n" + "\n".join(lines) + "\n")
 
 
@@ -306,7 +309,9 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=("rescale", "domain", "adapt"), default=None)
-    ap.add_argument("--draws", type=int, default=3, help="random draws of the labelled cells per k (adapt)")
+    ap.add_argument("--draws", type=int, default=3, help="random draws of the labelled cells per k (adapt, features)")
+    ap.add_argument("--finetune-draws", type=int, default=1, help="draws per k for --method finetune (minutes each)")
+    ap.add_argument("--finetune-steps", type=int, default=300)
     ap.add_argument("--model", type=Path, default=None, help="bundle to measure (default: the bundled model)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
