@@ -19,7 +19,6 @@ import numpy as np
 from results_md import write_section
 
 from cytoedge.calibration import metrics as m
-from cytoedge.calibration.decisions import concat_decisions
 from cytoedge.calibration.fit import offline_race
 from cytoedge.models import default_bundle_path
 from cytoedge.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
@@ -27,6 +26,7 @@ from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import crops_to_batch, read_rgb
 from cytoedge.runtime.classify_cells import score_cells_fast
 from cytoedge.runtime.commands.evaluate import evaluate_arrays
+from cytoedge.runtime.decisions import concat_decisions
 from cytoedge.runtime.estimator import RaceSettings, noise_bank, probes_from_calibration
 from cytoedge.runtime.labelled_data import list_labelled_files, select_half, stratified_subset
 from cytoedge.runtime.probe_errors import all_class_errors

@@ -128,9 +128,9 @@ def set_report(records: list[dict], truth: list[str], batch: int = 50, draws: in
     """Balanced accuracy, confident-cell accuracy and the alarm rate on random ``batch``-cell runs."""
     import numpy as np
 
-    from cytoedge.calibration.domain import records_alarm
     from cytoedge.models import default_bundle_path
     from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.domain_alarm import records_alarm
 
     domain = ModelBundle.load(model or MODEL or default_bundle_path()).domain
     pred = np.array([r["class"] for r in records])
@@ -235,10 +235,10 @@ def domain_section(args) -> str:
              row("BCCD trainval (fields with one typed WBC, `score` defaults)", bccd)]
     junk = "; ".join(f"{k}: {'anomalous' if v['anomalous'] else 'NOT anomalous'} ({v['label']}, typicality "
                      f"{v['typicality']})" for k, v in garbage.items())
-    return ("The out-of-domain alarm (calibration/domain.py; reference fitted on the fit half of pbc/calib "
-            "only, `cytoedge calibrate --domain-only`). A run's cells in the confident column are neither "
-            "uncertain nor anomalous; under a raised alarm none is labelled confident, so on sets where it "
-            "is raised the column counts the cells that would have been.\n\n" + "\n".join(lines) +
+    return ("The out-of-domain alarm (runtime/domain_alarm.py; reference fitted by calibration/domain.py on the "
+            "fit half of pbc/calib only, `cytoedge calibrate --domain-only`). A run's cells in the confident "
+            "column are neither uncertain nor anomalous; under a raised alarm none is labelled confident, so "
+            "on sets where it is raised the column counts the cells that would have been.\n\n" + "\n".join(lines) +
             f"\n\nCrops with no cell (180 px at the training scale): {junk}.\n")
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize
 
-from cytoedge.calibration.decisions import anomaly_scores, anomaly_values, cell_temperatures, decide
+from cytoedge.runtime.decisions import anomaly_scores, anomaly_values, cell_temperatures, decide
 from cytoedge.runtime.errors import CalibrationError
 from cytoedge.runtime.estimator import RaceSettings, run_race
 

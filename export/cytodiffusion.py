@@ -190,9 +190,9 @@ def export_cytodiffusion_bundle(folder: Path, out: Path, class_names: list[str],
     Returns the export report (max |ORT − PyTorch| per network), also stored in the manifest.
     """
     torch, _ = _torch()
-    from cytoedge.export import engine_spec
     from cytoedge.export.make_bundle import git_commit
     from cytoedge.export.onnx_export import export_network
+    from cytoedge.runtime.backends import engine_spec
     from cytoedge.runtime.bundle import FORMAT_VERSION, write_manifest
 
     unet, vae, sched = load_cytodiffusion(folder)

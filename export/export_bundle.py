@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.export import engine_spec
 from cytoedge.export.fp16 import convert_to_fp16
 from cytoedge.export.onnx_export import OPSET, denoiser_error_module, export_fused_error_onnx, export_network
+from cytoedge.runtime.backends import engine_spec
 from cytoedge.runtime.bundle import MANIFEST, ModelBundle, write_manifest
 from cytoedge.runtime.errors import BundleError
 

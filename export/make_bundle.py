@@ -93,9 +93,9 @@ def build_manifest(cfg: dict, state: dict, train_images: np.ndarray, name: str) 
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from cytoedge.runtime.backends.torch_unet import ClassConditionalUNet, UNetConfig
     from cytoedge.training.pbc_data import load_cell_set
     from cytoedge.training.train_denoiser import conditioning_ids, trained_classes
-    from cytoedge.training.unet import ClassConditionalUNet, UNetConfig
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True)

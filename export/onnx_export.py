@@ -1,6 +1,6 @@
 """PyTorch denoiser → ONNX with the bundle's contract: dynamic batch, per-sample timestep and class.
 
-``export_network`` exports any module against its :mod:`cytoedge.export.engine_spec` spec;
+``export_network`` exports any module against its :mod:`cytoedge.runtime.backends.engine_spec` spec;
 ``DenoiserError`` wraps a denoiser into the fused graph (x0, noise, t, class, weight) → masked
 per-sample error, so an engine returns ``[B]`` scalars instead of ``[B,3,H,W]`` noise predictions.
 """
@@ -102,7 +102,7 @@ def export_fused_error_onnx(denoiser, path: Path, image_size: int, alphas_cumpro
     """Export the fused error graph; its spec is ``engine_spec.fused_error_spec``."""
     import torch
 
-    from cytoedge.export.engine_spec import fused_error_spec
+    from cytoedge.runtime.backends.engine_spec import fused_error_spec
 
     spec = fused_error_spec(image_size, channels)
     g = torch.Generator().manual_seed(0)

@@ -122,7 +122,7 @@ class ModelBundle:
     sha256: str
     schedule: NoiseSchedule
     calibration: dict | None
-    domain: dict | None = None  # the out-of-domain alarm's reference (calibration/domain.py), if fitted
+    domain: dict | None = None  # the out-of-domain alarm's reference (runtime/domain_alarm.py), if fitted
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelBundle":

@@ -1,7 +1,7 @@
 """Where a cell's class is decided: run the chosen estimator, apply calibration, build records.
 
 ``fast`` (default): the calibrated probe race (runtime/estimator.py), then probabilities, conformal
-set and flags (calibration/decisions.py). ``reference``: CytoDiffusion's protocol
+set and flags (runtime/decisions.py). ``reference``: CytoDiffusion's protocol
 (runtime/reference_estimator.py), uncalibrated scores only.
 """
 from __future__ import annotations
@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cytoedge.calibration.decisions import CellDecisions, anomaly_scores, cell_temperatures, decide
-from cytoedge.calibration.domain import typicality_scores
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.cells import CellBatch
+from cytoedge.runtime.decisions import CellDecisions, anomaly_scores, cell_temperatures, decide
+from cytoedge.runtime.domain_alarm import typicality_scores
 from cytoedge.runtime.errors import CalibrationError, CytoedgeError
 
 ESTIMATORS = ("fast", "reference")

@@ -183,3 +183,14 @@ def estimate_crop_scales(paths: list[Path], bundle: ModelBundle, user_um_per_px:
         except CytoedgeError as e:
             failures.append({"image": str(path), "error": str(e)})
     return estimator, failures
+
+
+def crop_scales_or_raise(files: list[Path], bundle: ModelBundle, user_um_per_px: float | None) -> CropScaleEstimator:
+    """The crop scales of a labelled set (evaluate, calibrate, adapt): the first unreadable crop stops the run."""
+    from cytoedge.runtime.cells import read_crop
+    from cytoedge.runtime.errors import InputImageError
+
+    scales, failures = estimate_crop_scales(files, bundle, user_um_per_px, read_crop)
+    if failures:
+        raise InputImageError(failures[0]["error"] + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
+    return scales

@@ -13,7 +13,7 @@ a class's denoiser can be systematically better or worse than the others, whatev
 
 Where the network has a null class (trained unconditionally on a share of samples), every probe a
 cell runs also measures the null class's error: the anomaly score compares the best class with it
-(calibration/decisions.py), one extra denoiser call per probe.
+(runtime/decisions.py), one extra denoiser call per probe.
 
 All the numbers (probes, weights, margins, temperature) come from the bundle's calibration.
 """

@@ -56,7 +56,7 @@ def data_sha256(files: list[Path], labels: np.ndarray, class_names: list[str]) -
 def crop_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, um_per_px: float | None) -> SiteCells:
     """Single-cell crops, each at its estimated scale, as ``classify`` reads them."""
     from cytoedge.runtime.cells import crops_to_batch, read_crop
-    from cytoedge.runtime.commands.common import crop_scales_or_raise
+    from cytoedge.runtime.crop_scale import crop_scales_or_raise
 
     scales = crop_scales_or_raise(files, bundle, um_per_px)
     batches = [crops_to_batch([read_crop(f) for f in files[s:s + CHUNK]], bundle,

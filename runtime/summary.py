@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from cytoedge.calibration.domain import records_alarm
 from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.domain_alarm import records_alarm
 from cytoedge.runtime.errors import CalibrationError
 
 if TYPE_CHECKING:

@@ -39,8 +39,8 @@ def test_fitted_calibration_is_complete_and_sane(rng):
 def test_null_ratio_anomaly_score_flags_cells_no_class_explains(rng):
     """Known cells: the true class beats the null prediction; 'unseen' cells: no class does, and
     they are *easier* to denoise overall (lower errors everywhere), which fools the plain error."""
-    from cytoedge.calibration.decisions import anomaly_scores
     from cytoedge.calibration.fit import offline_race
+    from cytoedge.runtime.decisions import anomaly_scores
 
     E, y = synthetic_errors(rng, n=600, informative=(1, 2), strength=0.3)
     null = E.mean(1) + 0.2
@@ -63,8 +63,8 @@ def test_null_ratio_anomaly_score_flags_cells_no_class_explains(rng):
 
 def test_temperatures_by_race_depth_recover_each_depths_scale(rng):
     """Gaps drawn at temperature 3 for cells decided after one probe, 1 for deeper races."""
-    from cytoedge.calibration.decisions import cell_temperatures
     from cytoedge.calibration.fit import fit_depth_temperatures
+    from cytoedge.runtime.decisions import cell_temperatures
 
     n, k = 3000, 4
     depth = rng.choice([1, 2, 3, 4], n, p=[0.6, 0.2, 0.1, 0.1])
@@ -151,8 +151,8 @@ def test_specificity_at_sensitivity_takes_the_highest_threshold_that_reaches_it(
 
 
 def test_evaluation_names_the_normal_classes_an_abnormal_screen_would_flag():
-    from cytoedge.calibration.decisions import decide
     from cytoedge.runtime.commands.evaluate import evaluate_arrays
+    from cytoedge.runtime.decisions import decide
 
     names = ["normal_a", "normal_b", "abn"]
     y = np.array([0, 0, 1, 1, 2, 2])

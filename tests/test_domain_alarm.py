@@ -1,11 +1,13 @@
-"""The out-of-domain alarm (calibration/domain.py): fitted on calibration cells alone, quiet on runs
-drawn like them whatever their class mix, raised on a run whose errors moved, and per cell two-sided."""
+"""The out-of-domain alarm (fitted by calibration/domain.py, applied by runtime/domain_alarm.py): fitted
+on calibration cells alone, quiet on runs drawn like them whatever their class mix, raised on a run whose
+errors moved, and per cell two-sided."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cytoedge.calibration.domain import fit_domain, records_alarm, run_alarm, typicality_scores
+from cytoedge.calibration.domain import fit_domain
+from cytoedge.runtime.domain_alarm import records_alarm, run_alarm, typicality_scores
 
 
 def errors(rng, n, classes=4, probes=3, shift=0.0):
@@ -26,7 +28,7 @@ def domain():
 
 
 def features(domain, leader, null, y):
-    from cytoedge.calibration.decisions import anomaly_scores
+    from cytoedge.runtime.decisions import anomaly_scores
 
     return anomaly_scores(leader, null, NORMALISATION), typicality_scores(leader, null, domain), [f"c{k}" for k in y]
 
@@ -55,7 +57,7 @@ def test_too_few_cells_or_no_reference_is_not_assessed(domain):
 
 
 def test_cells_with_nothing_to_denoise_or_too_much_are_atypical(domain):
-    from cytoedge.calibration.domain import atypical
+    from cytoedge.runtime.domain_alarm import atypical
 
     leader, null, _ = errors(np.random.default_rng(8), 3)
     blank, noise = leader * 1e-3, leader * 1e2

@@ -9,9 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from cytoedge.export.engine_spec import BatchProfile, denoiser_spec, profiles_for_batches
-from cytoedge.export.tensorrt_engine import (EngineKey, Platform, check_sidecar, engine_key, engine_paths,
-                                             find_cached_engine, read_sidecar, write_sidecar)
+from cytoedge.runtime.backends.engine_cache import (EngineKey, Platform, check_sidecar, engine_key, engine_paths,
+                                                    find_cached_engine, read_sidecar, write_sidecar)
+from cytoedge.runtime.backends.engine_spec import BatchProfile, denoiser_spec
 from cytoedge.runtime.errors import BackendError
 
 H100 = Platform("10.3.0", "NVIDIA H100 80GB HBM3", "9.0")

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from cytoedge.runtime.backends.torch_unet import ClassConditionalUNet, UNetConfig
 from cytoedge.runtime.schedule import NoiseSchedule
 from cytoedge.training.pbc_data import LEGACY_AUGMENT, STRONG_AUGMENT, CellSet, augment_batch, load_cell_set
-from cytoedge.training.unet import ClassConditionalUNet, UNetConfig
 
 log = logging.getLogger("cytoedge.training")
 

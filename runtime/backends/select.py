@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cytoedge.runtime.backends import DenoiserBackend
+from cytoedge.runtime.backends.engine_cache import (current_platform, default_cache_dir, find_cached_engine,
+                                                    tensorrt_source)
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import BackendError
 
@@ -52,9 +54,6 @@ def tensorrt_availability(bundle: ModelBundle | None, cache_dir: Path | None = N
         import pycuda.driver  # noqa: F401
     except ImportError as e:
         return Availability("tensorrt", False, f"pycuda is not installed ({e}); pip install 'cytoedge[gpu]'")
-    from cytoedge.export.tensorrt_engine import (current_platform, default_cache_dir, find_cached_engine,
-                                                 tensorrt_source)
-
     try:
         platform = current_platform()
     except BackendError as e:

@@ -21,6 +21,8 @@ from typing import Any, Callable
 import numpy as np
 
 from cytoedge.runtime.backends.checks import check_batch, check_output
+from cytoedge.runtime.backends.engine_cache import check_sidecar, current_platform, engine_key, read_sidecar
+from cytoedge.runtime.backends.engine_spec import NetworkSpec
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import BackendError
 
@@ -66,9 +68,6 @@ class TensorRTBackend:
     """Runs the bundle's denoiser engine (see ``cytoedge build-engine``) on GPU 0."""
 
     def __init__(self, bundle: ModelBundle, engine_path: Path, cuda_graphs: bool = False):
-        from cytoedge.export.engine_spec import NetworkSpec
-        from cytoedge.export.tensorrt_engine import read_sidecar
-
         self.bundle = bundle
         self.engine_path = Path(engine_path)
         self.cuda_graphs = cuda_graphs
@@ -88,8 +87,6 @@ class TensorRTBackend:
         """Check the sidecar against this GPU/TensorRT and deserialise the engine."""
         import pycuda.driver as cuda
         import tensorrt as trt
-
-        from cytoedge.export.tensorrt_engine import check_sidecar, current_platform, engine_key
 
         onnx_path = self.bundle.path / sidecar.get("onnx_file", self.bundle.denoiser_path.name)
         if not onnx_path.is_file():

@@ -19,7 +19,7 @@ def load_torch_denoiser(bundle: ModelBundle):
         import torch
         from onnx import numpy_helper
 
-        from cytoedge.training.unet import ClassConditionalUNet, UNetConfig
+        from cytoedge.runtime.backends.torch_unet import ClassConditionalUNet, UNetConfig
     except ImportError as e:
         raise BackendError(f"the PyTorch backend needs the 'torch' extra (pip install 'cytoedge[torch]'): {e}") from e
     arch = bundle.manifest.get("architecture")

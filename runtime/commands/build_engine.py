@@ -28,9 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cytoedge.export import engine_spec
-    from cytoedge.export.tensorrt_engine import build_engine, tensorrt_source
+    from cytoedge.export.tensorrt_engine import build_engine
     from cytoedge.models import default_bundle_path
+    from cytoedge.runtime.backends import engine_spec
+    from cytoedge.runtime.backends.engine_cache import tensorrt_source
     from cytoedge.runtime.backends.select import tensorrt_availability
     from cytoedge.runtime.bundle import ModelBundle
     from cytoedge.runtime.errors import BackendError, BundleError, CytoedgeError

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_um_per_px_argument,
-                                              crop_scales_or_raise, load_bundle_and_backend, progress_bar)
+                                              load_bundle_and_backend, progress_bar)
+from cytoedge.runtime.crop_scale import crop_scales_or_raise
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ CLASSIFY_FORMAT_VERSION = 1
 
 def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.cells import crop_to_tile, read_crop, tiles_to_batch
-    from cytoedge.calibration.domain import records_alarm
     from cytoedge.runtime.classify_cells import classify_batch, mark_no_cell, mark_unreliable
     from cytoedge.runtime.crop_scale import estimate_crop_scales
+    from cytoedge.runtime.domain_alarm import records_alarm
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.slide_scoring import run_audit
     from cytoedge.runtime.stain import normalise_crop

@@ -38,18 +38,6 @@ CROP_SCALE_HELP = ("scale of the crops (default: estimated from their red cells,
                    "pixel size; the bundle's training-crop scale where nothing can be measured)")
 
 
-def crop_scales_or_raise(files: list[Path], bundle, user_um_per_px: float | None):
-    """The crop scales of a labelled set (evaluate, calibrate): the first unreadable crop stops the run."""
-    from cytoedge.runtime.cells import read_crop
-    from cytoedge.runtime.crop_scale import estimate_crop_scales
-    from cytoedge.runtime.errors import InputImageError
-
-    scales, failures = estimate_crop_scales(files, bundle, user_um_per_px, read_crop)
-    if failures:
-        raise InputImageError(failures[0]["error"] + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""))
-    return scales
-
-
 def bounded_int(low: int, high: int) -> Callable[[str], int]:
     """argparse type: a whole number in [low, high]."""
     def parse(text: str) -> int:

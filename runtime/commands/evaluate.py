@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_stain_argument,
-                                              add_um_per_px_argument, crop_scales_or_raise, crop_stain_reference,
-                                              load_bundle_and_backend, progress_bar)
+                                              add_um_per_px_argument, crop_stain_reference, load_bundle_and_backend,
+                                              progress_bar)
+from cytoedge.runtime.crop_scale import crop_scales_or_raise
 
 CHUNK = 64
 
@@ -85,7 +86,7 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
 def confidence_report(labels: np.ndarray, decisions, names: list[str], domain: dict | None) -> dict:
     """The out-of-domain alarm over the evaluated cells, and how often the cells labelled
     "confident" (neither uncertain nor anomalous, and no alarm raised) are right."""
-    from cytoedge.calibration.domain import run_alarm
+    from cytoedge.runtime.domain_alarm import run_alarm
 
     alarm = run_alarm(decisions.anomaly_score, decisions.typicality, [names[k] for k in decisions.class_id], domain)
     confident = ~(decisions.uncertain | decisions.anomalous) & (not alarm["raised"])
@@ -96,9 +97,9 @@ def confidence_report(labels: np.ndarray, decisions, names: list[str], domain: d
 
 
 def run(args: argparse.Namespace) -> int:
-    from cytoedge.calibration.decisions import concat_decisions
     from cytoedge.runtime.cells import crops_to_batch, read_crop
     from cytoedge.runtime.classify_cells import score_cells_fast
+    from cytoedge.runtime.decisions import concat_decisions
     from cytoedge.runtime.detection import holds_a_cell
     from cytoedge.runtime.labelled_data import labelled_subset
     from cytoedge.runtime.reference_estimator import classify_reference

@@ -4,6 +4,9 @@ Small enough to run a denoiser evaluation in a few milliseconds on two CPU cores
 DDPM/ADM UNet: residual blocks with GroupNorm and SiLU, time + class embedding added in every
 block, self-attention at the coarsest resolutions. Inputs follow the bundle's ONNX contract:
 ``x_t [B,3,H,W] float32``, ``timestep [B] int64``, ``class_id [B] int64`` → ``eps [B,3,H,W]``.
+
+Here because the PyTorch backend (torch_backend.py) runs it; training/train_denoiser.py trains it.
+It imports torch, which the base install lacks: runtime code imports it only inside functions.
 """
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def cell_temperatures(depth: np.ndarray, cal: dict) -> np.ndarray:
 def decide(p: np.ndarray, anomaly: np.ndarray, abnormal_mask: np.ndarray, cal: dict,
            typicality: np.ndarray | None = None, typical_range: tuple[float, float] | None = None) -> CellDecisions:
     """Apply the calibrated thresholds (conformal, abstention, anomaly, abnormal operating point); a
-    cell outside ``typical_range`` of typicality (calibration/domain.py) is anomalous too."""
+    cell outside ``typical_range`` of typicality (runtime/domain_alarm.py) is anomalous too."""
     top2 = np.sort(p, axis=1)[:, ::-1][:, :2]
     entropy = -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
     sets = (1.0 - p) <= cal["conformal_threshold"]
