@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 RECORD_PAD = "x" * 900  # a real cell record (class, probabilities, flags, audit…) is about 1 KB of JSON
 

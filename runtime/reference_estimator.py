@@ -113,7 +113,7 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
             ts.append(r.timesteps[len(r.errors)])
         x0 = encoder.encode(prepare_batch(batch.tiles, np.stack(rows), size)[0])
         xt = bundle.schedule.add_noise(x0, np.stack(noises), np.asarray(ts))
-        xin, tin, nin = [], [], []
+        xin = []
         for j, i in enumerate(active):
             for c in np.flatnonzero(races[i].alive):
                 xin.append(j)
