@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -53,16 +54,23 @@ def data_sha256(files: list[Path], labels: np.ndarray, class_names: list[str]) -
     return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
 
 
+def crop_batches(bundle: ModelBundle, files: list[Path], scales) -> Iterator[CellBatch]:
+    """The crops of ``files`` as CellBatches of CHUNK, each at its estimated scale (``scales``: a
+    CropScaleEstimator), read lazily (calibrate streams them; adapt keeps them)."""
+    from cytoedge.runtime.cells import crops_to_batch, read_crop
+
+    for s in range(0, len(files), CHUNK):
+        chunk = files[s:s + CHUNK]
+        yield crops_to_batch([read_crop(f) for f in chunk], bundle, [scales.scale(str(f)).um_per_px for f in chunk],
+                             [str(f) for f in chunk])
+
+
 def crop_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, um_per_px: float | None) -> SiteCells:
     """Single-cell crops, each at its estimated scale, as ``classify`` reads them."""
-    from cytoedge.runtime.cells import crops_to_batch, read_crop
     from cytoedge.runtime.crop_scale import crop_scales_or_raise
 
     scales = crop_scales_or_raise(files, bundle, um_per_px)
-    batches = [crops_to_batch([read_crop(f) for f in files[s:s + CHUNK]], bundle,
-                              [scales.scale(str(f)).um_per_px for f in files[s:s + CHUNK]],
-                              [str(f) for f in files[s:s + CHUNK]]) for s in range(0, len(files), CHUNK)]
-    return SiteCells(batches, labels, list(files), scale=scales.summary())
+    return SiteCells(list(crop_batches(bundle, files, scales)), labels, list(files), scale=scales.summary())
 
 
 def field_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, backend, options) -> SiteCells:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import shutil
@@ -118,10 +119,6 @@ def source_race_on(E: np.ndarray, bundle, candidates) -> np.ndarray | None:
     return offline_race(E[:, :k, chosen], settings).gaps
 
 
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(np.mean([(pred[y == c] == c).mean() for c in np.unique(y)]))
-
-
 def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.labelled_data import stratified_subset
     from cytoedge.runtime.site_cells import crop_cells, field_cells, labelled_folder
@@ -132,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
     if bundle.calibration is None:
         raise CalibrationError(f"{bundle.path} has no calibration to adapt; run `cytoedge calibrate` on it first")
     prepare_out(args.out, bundle.path)
+    if args.method == "finetune" and importlib.util.find_spec("torch") is None:
+        raise CytoedgeError("--method finetune needs the torch extra (pip install 'cytoedge[torch]')")
     files, labels = labelled_folder(args.data, bundle)
     keep = stratified_subset(labels, args.per_class, args.seed)
     files, labels = [files[i] for i in keep], labels[keep]
@@ -175,11 +174,8 @@ def build_adapted(args, bundle, backend, cells, work: Path):
     out = copy_bundle(bundle, work)
     if args.method == "features":
         return out, backend, None
-    try:
-        from cytoedge.export.onnx_export import export_denoiser_onnx, max_abs_error_vs_torch
-        from cytoedge.training.site_finetune import cell_windows, finetune_denoiser
-    except ImportError as e:
-        raise CytoedgeError(f"--method finetune needs the torch extra (pip install 'cytoedge[torch]'): {e}") from None
+    from cytoedge.export.onnx_export import export_denoiser_onnx, max_abs_error_vs_torch
+    from cytoedge.training.site_finetune import FINETUNE_SETTINGS, cell_windows, finetune_denoiser
     from cytoedge.runtime.bundle import MANIFEST, write_manifest
 
     part_a, _ = split_ab(cells.labels, DEFAULT_SETTINGS["split_a_fraction"], DEFAULT_SETTINGS["seed"])
@@ -199,7 +195,7 @@ def build_adapted(args, bundle, backend, cells, work: Path):
 
     out = ModelBundle.load(work)
     record = {"cells": int(len(part_a)), "steps": int(steps), "minutes": round(minutes, 2),
-              "export_max_abs_error_vs_torch": error, "settings": "training/site_finetune.py FINETUNE_SETTINGS"}
+              "export_max_abs_error_vs_torch": error, "settings": FINETUNE_SETTINGS}
     return out, create_backend(out, args.backend, threads=args.threads), record
 
 
@@ -208,21 +204,17 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
     from cytoedge.calibration.artefact import DEFAULT_CANDIDATES, candidate_probes, write_calibration
     from cytoedge.calibration.domain import fit_domain, write_domain
     from cytoedge.calibration.fit import fit_calibration, offline_race, split_ab
+    from cytoedge.calibration.metrics import balanced_accuracy
     from cytoedge.runtime.bundle import MANIFEST, ModelBundle, write_manifest
     from cytoedge.runtime.estimator import noise_bank, probes_from_calibration
-    from cytoedge.runtime.probe_errors import all_class_errors
+    from cytoedge.runtime.commands.calibrate import measure_errors
     from cytoedge.runtime.site_cells import data_sha256
 
     names, y = source.class_names, cells.labels
     candidates = candidate_probes(DEFAULT_CANDIDATES["timesteps"], DEFAULT_CANDIDATES["replicas"])
     noise = noise_bank(out, len(candidates), DEFAULT_CANDIDATES["noise_seed"])
-    parts = []
-    with progress_bar(len(y), "cells") as bar:
-        for batch in cells.batches:
-            parts.append(all_class_errors(batch, out, backend, candidates, noise))
-            bar.update(len(batch))
+    E = measure_errors(out, backend, cells.batches, len(y), candidates, noise)
     backend.close()
-    E = np.concatenate(parts)
     fitted = fit_calibration(E, y, names, source.abnormal_classes, site_of=source.calibration)
     _, part_b = split_ab(y, fitted["settings"]["split_a_fraction"], fitted["settings"]["seed"])
     # 'before' is the source network and calibration on the same cells: only measurable here when the
@@ -257,6 +249,6 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
         "data": str(args.data), "part": "B of the adaptation's A/B split", "cells": int(len(part_b)),
         "calibration_sha256": out.manifest["files"][out.manifest["calibration"]]["sha256"],
         "command": adaptation["command"]}})
-    report = {"held_cells": int(len(part_b)), "after": balanced_accuracy(y[part_b], race_b.gaps.argmin(1)),
-              "before": "not measured" if before is None else f"{balanced_accuracy(y[part_b], before.argmin(1)):.3f}"}
+    report = {"held_cells": int(len(part_b)), "after": balanced_accuracy(y[part_b], race_b.gaps.argmin(1), k),
+              "before": "not measured" if before is None else f"{balanced_accuracy(y[part_b], before.argmin(1), k):.3f}"}
     return ModelBundle.load(out.path), report

@@ -18,10 +18,10 @@ import numpy as np
 from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_um_per_px_argument,
                                               load_bundle_and_backend, progress_bar)
 from cytoedge.runtime.crop_scale import crop_scales_or_raise
+from cytoedge.runtime.site_cells import crop_batches
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,22 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def crop_batches(bundle, files, scales):
-    """The crops of ``files`` as CellBatches of CHUNK, at their estimated scales."""
-    from cytoedge.runtime.cells import crops_to_batch, read_crop
-
-    for s in range(0, len(files), CHUNK):
-        chunk = files[s:s + CHUNK]
-        yield crops_to_batch([read_crop(f) for f in chunk], bundle, [scales.scale(str(f)).um_per_px for f in chunk],
-                             [str(f) for f in chunk])
-
-
-def measure_errors(bundle, backend, files, scales, probes, noise) -> np.ndarray:
+def measure_errors(bundle, backend, batches, cells: int, probes, noise) -> np.ndarray:
+    """``E [N, K(+1), P]`` of ``cells`` cells arriving as CellBatches, with a progress bar (calibrate, adapt)."""
     from cytoedge.runtime.probe_errors import all_class_errors
 
     parts = []
-    with progress_bar(len(files), "cells") as bar:
-        for batch in crop_batches(bundle, files, scales):
+    with progress_bar(cells, "cells") as bar:
+        for batch in batches:
             parts.append(all_class_errors(batch, bundle, backend, probes, noise))
             bar.update(len(batch))
     return np.concatenate(parts)
@@ -115,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         if E.shape != (len(files), bundle.num_class_ids, len(probes)):
             raise SystemExit(f"{args.errors_cache}: cached errors have shape {E.shape}, not those of this data")
     else:
-        E = measure_errors(bundle, backend, files, scales, probes, noise)
+        E = measure_errors(bundle, backend, crop_batches(bundle, files, scales), len(files), probes, noise)
         if args.errors_cache:
             np.savez(args.errors_cache, errors=E, labels=labels)
     fitted = fit_calibration(E, labels, bundle.class_names, bundle.abnormal_classes)
