@@ -43,7 +43,8 @@ class Detection:
     cy: float
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1 in the input's pixels
     nucleus_area_um2: float
-    contour: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))  # nucleus outline, input px
+    # Convex hull of the cell's nuclear pixels (all its lobes), input px: where the cell is, for the reports.
+    contour: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
 
 
 @dataclass
@@ -111,9 +112,8 @@ def detect_cells(rgb: np.ndarray, um_per_px: float, settings: DetectionSettings 
             if max(x1 - x0, y1 - y0) * px_um > settings.white_max_diameter_um:
                 continue
             box = (max(x0, 0) * sx, max(y0, 0) * sy, min(x1, w) * sx, min(y1, h) * sy)
-            contours, _ = cv2.findContours(inside.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE,
-                                           offset=(int(bx), int(by)))
-            outline = max(contours, key=cv2.contourArea).reshape(-1, 2).astype(np.float32) * (sx, sy)
+            hull = cv2.convexHull(np.column_stack([xs, ys]).astype(np.float32))
+            outline = ((hull.reshape(-1, 2) + 0.5) * (sx, sy) - 0.5).astype(np.float32)
             white.append(Detection("white", (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5, box, area, outline))
         elif settings.platelet_area_um2[0] <= area <= settings.platelet_area_um2[1]:
             r = np.sqrt(area / np.pi) / px_um + 1

@@ -28,6 +28,7 @@ import numpy as np
 from cytoedge.kernels import cell_table
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.cell_views import CellView, cut_cell_view, heatmap_overlay, mass_inside, png_bytes, view_side_px
 from cytoedge.runtime.cells import CellBatch, on_input_lattice, to_model_scale
 from cytoedge.runtime.classify_cells import classify_batch, mark_unreliable
 from cytoedge.runtime.detection import Detection, DetectionSettings, detect_cells
@@ -63,8 +64,9 @@ class ScoringOptions:
     overlap_um: float = 32.0  # ≥ the largest white cell, so a border cell is whole in some tile
     batch_cells: int = 256
     heatmaps: bool = True
-    max_heatmaps: int = 64  # per slide; flagged cells beyond this get none
-    gallery_px: int = 96  # side of the kept crop of each flagged cell (for the gallery)
+    heatmap_cells: str = "flagged"  # or "all": which cells get a heatmap
+    max_heatmaps: int = 64  # per slide; cells beyond this get none
+    review_cells: int = 5000  # cells per slide whose views (a few kB each) are kept for the review page
     thumbnail_px: int = 2048  # longest side of the slide thumbnail the overlay is drawn on
     density_bin_um: float = 200.0
     detection: DetectionSettings = field(default_factory=DetectionSettings)
@@ -89,8 +91,10 @@ class SlideState:
     thumbnail: np.ndarray | None = None  # not kept for a folder: its fields have their own coordinates
     single_plane: bool = True
     thumb_scale: float = 1.0
-    crops: dict[int, np.ndarray] = field(default_factory=dict)
-    heatmaps: dict[int, np.ndarray] = field(default_factory=dict)
+    views: dict[int, CellView] = field(default_factory=dict)  # the first ``review_cells`` cells
+    explained: set[int] = field(default_factory=set)  # flagged cells given a heatmap (or its turn, without a plan)
+    heatmaps: dict[int, np.ndarray] = field(default_factory=dict)  # [S, S] maps, model input frame
+    overlays: dict[int, bytes] = field(default_factory=dict)  # RGBA PNG of each map on its cell's view
     failures: list[dict] = field(default_factory=list)
 
     def tick(self, stage: str, since: float) -> float:
@@ -104,6 +108,7 @@ class _Pending:
     tiles: list[np.ndarray] = field(default_factory=list)
     rows: list[np.ndarray] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
+    views: list[CellView] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -137,6 +142,8 @@ class SlideScorer:
                  options: ScoringOptions = ScoringOptions(), classify: ClassifyFn = classify_batch):
         if options.stain_context not in ("cell", "slide"):
             raise CytoedgeError(f"stain_context {options.stain_context!r}: choose 'cell' or 'slide'")
+        if options.heatmap_cells not in ("flagged", "all"):
+            raise CytoedgeError(f"heatmap_cells {options.heatmap_cells!r}: choose 'flagged' or 'all'")
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self._classify = classify
         self._reference = reference_stats(bundle) if options.stain_normalise else None
@@ -208,10 +215,10 @@ class SlideScorer:
                 "stain": {"mean": [float(v) for v in st.stain.mean], "std": [float(v) for v in st.stain.std]}
                 if st.stain else None,
                 "platelets": st.platelets, "red_cells": st.red_cells, "tiles": st.tiles, "area_px": st.area_px,
-                "explained": sorted(st.crops)}
+                "explained": sorted(st.explained)}
 
     def restore(self, checkpoint: dict, records: list[dict]) -> None:
-        """Continue a slide from ``checkpoint()`` and its records (thumbnail, gallery crops and heatmap
+        """Continue a slide from ``checkpoint()`` and its records (thumbnail, cell views and heatmap
         images are not restored: they feed local reports only, not records or the summary)."""
         self.reset(checkpoint["name"])
         st = self.state
@@ -222,7 +229,7 @@ class SlideScorer:
         st.platelets, st.red_cells = checkpoint["platelets"], checkpoint["red_cells"]
         st.tiles, st.area_px = checkpoint["tiles"], checkpoint["area_px"]
         st.records = list(records)
-        st.crops = {int(i): np.zeros((0, 0, 3), np.uint8) for i in checkpoint["explained"]}
+        st.explained = {int(i) for i in checkpoint["explained"]}
 
     # ---- internals --------------------------------------------------------------------------
     def _tile_core_px(self, um_per_px: float, overlap: int) -> int:
@@ -260,8 +267,11 @@ class SlideScorer:
         self._update_thumbnail(tile)
         if not white:
             return
+        side = view_side_px(self.bundle.input_size * self.bundle.um_per_px, um_per_px)
+        views = [cut_cell_view(tile.rgb, d, side, um_per_px) for d in white]  # as scanned: before stain
         if st.stain_context == "cell":
             self._add_cells_normalised_each(tile, white, um_per_px, pending)
+            pending.views.extend(views)
             st.tick("stain", t)
             return
         rgb = tile.rgb
@@ -280,6 +290,7 @@ class SlideScorer:
             pending.rows.append(cell_table(index, on_input_lattice((d.cx + 0.5) * f - 0.5, size),
                                            on_input_lattice((d.cy + 0.5) * f - 0.5, size))[0])
             pending.meta.append(self._cell_meta(d, tile))
+        pending.views.extend(views)
         st.tick("resample", t)
 
     def _add_cells_normalised_each(self, tile: Tile, white: list[Detection], um_per_px: float,
@@ -327,32 +338,36 @@ class SlideScorer:
             record = {"id": len(st.records), **meta, **_normalise_result(res, self.bundle), "audit": self.audit}
             st.records.append(record)
             out.append((i, record))
-        self._explain(batch, out, names)
+            if len(st.views) < self.options.review_cells:
+                st.views[record["id"]] = pending.views[i].without_mask()
+        self._explain(batch, out, names, pending.views)
         st.tick("heatmap", t)
-        pending.tiles, pending.rows, pending.meta = [], [], []
+        pending.tiles, pending.rows, pending.meta, pending.views = [], [], [], []
         yield from (r for _, r in out)
 
-    def _explain(self, batch: CellBatch, out: list[tuple[int, dict]], names: list[str]) -> None:
-        """Heatmaps and gallery crops for flagged cells (up to the per-slide limits)."""
+    def _explain(self, batch: CellBatch, out: list[tuple[int, dict]], names: list[str],
+                 views: list[CellView]) -> None:
+        """Heatmaps of flagged (or all) cells, up to ``max_heatmaps`` per slide, and their overlays on the
+        cells' views."""
         st, opt = self.state, self.options
-        flagged = [(i, r) for i, r in out if any(r["flags"].get(k) for k in ("abnormal", "uncertain", "anomalous"))]
-        room = max(0, opt.max_heatmaps - len(st.crops))
+        flagged = [(i, r) for i, r in out if opt.heatmap_cells == "all"
+                   or any(r["flags"].get(k) for k in ("abnormal", "uncertain", "anomalous"))]
+        room = max(0, opt.max_heatmaps - len(st.explained))
         flagged = flagged[:room]
-        if not flagged:
+        st.explained.update(r["id"] for _, r in flagged)
+        if not flagged or self._plan is None:
             return
-        idx = np.array([i for i, _ in flagged])
-        sub = batch.subset(idx)
-        for (i, r), row in zip(flagged, sub.cells):
-            st.crops[r["id"]] = _crop(batch.tiles[int(row[0])], row[1], row[2], self.bundle.input_size, opt.gallery_px)
-        if self._plan is None:
-            return
+        sub = batch.subset(np.array([i for i, _ in flagged]))
         pred = np.array([names.index(r["class"]) for _, r in flagged])
         runner = np.array([names.index(r["runner_up"]) for _, r in flagged])
         maps = counterfactual_heatmaps(sub, pred, runner, self.bundle, self.backend, self._plan, self._colour)
-        for (_, r), m in zip(flagged, maps):
+        for (i, r), m in zip(flagged, maps):
             st.heatmaps[r["id"]] = m
+            mask = views[i].mask
+            st.overlays[r["id"]] = png_bytes(heatmap_overlay(m, mask))
             r["heatmap"] = {"runner_up": r["runner_up"], "timesteps": self._plan.timesteps.tolist(),
                             "plan": self._plan.source, "mean_gain": round(float(m.mean()), 6),
+                            "inside_cell_fraction": round(mass_inside(m, mask), 4),
                             "nfe": int(2 * len(self._plan.timesteps))}
 
     def _update_thumbnail(self, tile: Tile) -> None:
@@ -372,15 +387,6 @@ class SlideScorer:
             return
         core = tile.rgb[cy0 - tile.y0:cy1 - tile.y0, cx0 - tile.x0:cx1 - tile.x0]
         st.thumbnail[ty0:ty1, tx0:tx1] = cv2.resize(core, (tx1 - tx0, ty1 - ty0), interpolation=cv2.INTER_AREA)
-
-
-def _crop(tile: np.ndarray, cx: float, cy: float, size: int, out_px: int) -> np.ndarray:
-    """The model's field of view around a cell, enlarged for the gallery."""
-    h = size / 2
-    m = np.float32([[1, 0, cx - h + 0.5], [0, 1, cy - h + 0.5]])
-    crop = cv2.warpAffine(tile, m, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=(255, 255, 255))
-    return cv2.resize(crop, (out_px, out_px), interpolation=cv2.INTER_CUBIC)
 
 
 def _normalise_result(res: dict, bundle: ModelBundle) -> dict:

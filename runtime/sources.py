@@ -14,6 +14,7 @@ fragments) over pydicom's decoders; see DicomSlideSource for focal planes and op
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import struct
@@ -24,6 +25,7 @@ from typing import Callable, ContextManager, Iterator, Protocol
 
 import numpy as np
 
+from cytoedge.runtime.bundle import sha256_file
 from cytoedge.runtime.cells import IMAGE_SUFFIXES, read_rgb
 from cytoedge.runtime.errors import CytoedgeError, InputImageError
 from cytoedge.runtime.limits import MAX_DICOM_SIDE_PX, MAX_FIELD_PIXELS, InputLimitError
@@ -589,3 +591,15 @@ def open_source(path: str | Path, um_per_px: float | None = None, opener: Opener
                 source.um_per_px = um_per_px
             return source
         return ImageFieldSource(path, um_per_px, readable)
+
+
+def source_sha256(path: str | Path) -> str:
+    """The slide's identity for review exports and audits: sha256 of the file's bytes, or for a folder of
+    fields, sha256 over each image's relative path and its own sha256 (sorted)."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES):
+        h.update(f"{p.relative_to(path).as_posix()}\0{sha256_file(p)}\n".encode())
+    return h.hexdigest()

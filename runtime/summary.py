@@ -107,7 +107,7 @@ def density_map(records: list[dict], width: int, height: int, um_per_px: float, 
 def _cell_ref(r: dict) -> dict:
     p = (r.get("probabilities") or {}).get(r["class"])
     return {"id": r["id"], "class": r["class"], "centre": r["centre"], "bbox": r["bbox"], "field": r.get("field", ""),
-            "probability": p}
+            "probability": p, "abnormal_probability": (r.get("estimator_detail") or {}).get("abnormal_probability")}
 
 
 def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePolicy, bin_um: float) -> dict:

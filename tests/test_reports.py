@@ -44,7 +44,8 @@ def test_images_and_html(scored):
     assert overlay.shape[:2] == scorer.state.thumbnail.shape[:2]
     assert np.any(overlay != cv2.cvtColor(scorer.state.thumbnail, cv2.COLOR_RGB2BGR))  # boxes were drawn
     flagged = [c for c in entry["cells"] if any(c["flags"].get(k) for k in ("abnormal", "uncertain", "anomalous"))]
-    assert sorted(scorer.state.crops) == [c["id"] for c in flagged][:len(scorer.state.crops)]
+    assert sorted(scorer.state.explained) == [c["id"] for c in flagged][:len(scorer.state.explained)]
+    assert sorted(scorer.state.views) == [c["id"] for c in entry["cells"]]  # every cell kept for review
     if flagged:  # a gallery exactly when some cell is flagged
         gallery = cv2.imread(out["gallery"])
         assert gallery is not None and gallery.std() > 0

@@ -197,3 +197,20 @@ def test_tiles_shrink_so_that_at_model_scale_they_stay_under_the_limit(bundle, o
         side = cores[um] + 2 * overlap
         assert model_scale_pixels(side, side, um, bundle.um_per_px) <= MAX_MODEL_SCALE_TILE_PIXELS
     assert cores[0.2] == 12000 and cores[UM_PER_PX_MAX] < 12000
+
+
+@pytest.mark.parametrize("angle,flip", [(np.pi / 2, False), (np.pi / 2, True), (np.pi, False), (0.7, True)])
+def test_unview_puts_a_probe_views_map_back_on_the_cell(bundle, rng, angle, flip):
+    from cytoedge.kernels import prepare_batch
+    from cytoedge.runtime.heatmap import unview
+
+    size = bundle.input_size
+    tile = cv2.GaussianBlur(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), (0, 0), 2)
+    cells = np.array([[0, 31.5, 31.5, 0.0, 0.0, 1.0], [0, 31.5, 31.5, angle, float(flip), 1.0]], np.float32)
+    x, _ = prepare_batch([tile], cells, size)
+    back = unview(x[1:, 0], angle, flip)[0]
+    inner = slice(4, size - 4)  # a rotation by a non-right angle loses the corners
+    right_angle = abs(angle / (np.pi / 2) - round(angle / (np.pi / 2))) < 1e-9
+    # A right angle maps the pixel lattice onto itself (exact); another angle interpolates twice.
+    np.testing.assert_allclose(back[inner, inner], x[0, 0][inner, inner], atol=1e-4 if right_angle else 0.1)
+    assert not np.allclose(x[1, 0][inner, inner], x[0, 0][inner, inner], atol=0.1)  # the view did move it

@@ -65,6 +65,9 @@ def add_scoring_arguments(p: argparse.ArgumentParser, scale: bool = True) -> Non
     g.add_argument("--stain-context", choices=("slide", "cell"), default="slide",
                    help="fit the Reinhard stain map once per slide (default) or on a 36-µm field around each cell")
     g.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
+    g.add_argument("--heatmaps-for", choices=("flagged", "all"), default="flagged",
+                   help="cells given a heatmap (up to --max-heatmaps a slide); each costs 2 denoiser calls a probe")
+    g.add_argument("--max-heatmaps", type=bounded_int(0, 100000), default=64, help="heatmaps per slide at most")
     # A tile is read whole, like a field image, so its core is bounded as a field is (below 64 px, cores only
     # multiply tiles).
     g.add_argument("--tile-px", type=bounded_int(64, math.isqrt(MAX_FIELD_PIXELS)), default=2048,
@@ -78,7 +81,8 @@ def scoring_options(args: argparse.Namespace):
 
     return ScoringOptions(um_per_px=args.um_per_px, stain_normalise=not args.no_stain_normalisation,
                           stain_context=args.stain_context, heatmaps=not args.no_heatmaps, tile_px=args.tile_px,
-                          batch_cells=args.batch_cells)
+                          batch_cells=args.batch_cells, heatmap_cells=args.heatmaps_for,
+                          max_heatmaps=args.max_heatmaps)
 
 
 def add_guidance_argument(p: argparse.ArgumentParser) -> None:

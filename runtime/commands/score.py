@@ -8,6 +8,7 @@ whenever any input failed, a field of a folder included.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -47,7 +48,7 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     from cytoedge.runtime.reports import write_slide_reports
     from cytoedge.runtime.reports.tables import write_json
     from cytoedge.runtime.slide_scoring import (SlideScorer, build_slides_document, options_dict, slide_entry)
-    from cytoedge.runtime.sources import DicomSlideSource, open_source
+    from cytoedge.runtime.sources import DicomSlideSource, open_source, source_sha256
 
     if bundle is None:
         bundle, backend, estimator = load_bundle_and_backend(args)
@@ -81,6 +82,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
         except Exception as e:  # a bug met on one slide must not cost the others their results
             log.exception("%s: internal error while scoring", path)
             entry = slide_entry(str(path), [], None, f"{path}: internal error while scoring: {type(e).__name__}: {e}")
+        with contextlib.suppress(OSError):
+            entry["source_sha256"] = source_sha256(path)
         slide_errors = [f["error"] for f in getattr(source, "failures", [])]
         if "error" in entry:
             slide_errors.append(entry["error"])

@@ -11,6 +11,11 @@ import numpy as np
 TRIAGE_COLOURS = {"routine": "#2a7", "review": "#d90", "urgent": "#c22"}
 
 
+def _jpeg_img(jpeg: bytes, alt: str, side: int) -> str:
+    return (f'<img alt="{html.escape(alt)}" width="{side}" height="{side}" '
+            f'src="data:image/jpeg;base64,{base64.b64encode(jpeg).decode()}">')
+
+
 def _img(rgb: np.ndarray | None, alt: str, width: str = "100%") -> str:
     if rgb is None:
         return ""
@@ -21,9 +26,18 @@ def _img(rgb: np.ndarray | None, alt: str, width: str = "100%") -> str:
             f'src="data:image/png;base64,{base64.b64encode(buf.tobytes()).decode()}">')
 
 
+def _fmt(p: float | None) -> str:
+    return "" if p is None else f"{p:.3f}"
+
+
+class Markup(str):
+    """A table cell's HTML, inserted as is (everything else is escaped)."""
+
+
 def _table(rows: list[list], head: list[str]) -> str:
     th = "".join(f"<th>{html.escape(str(h))}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(f"<td>{v if isinstance(v, Markup) else html.escape(str(v))}</td>" for v in r)
+                   + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
@@ -36,7 +50,11 @@ def density_rgb(grid: list[list[int]], side: int = 320) -> np.ndarray:
     return cv2.resize(heat, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_NEAREST)
 
 
-def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, gallery_rgb: np.ndarray | None) -> str:
+def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, gallery_rgb: np.ndarray | None,
+                views: dict | None = None, review_href: str | None = None) -> str:
+    """The report; ``views`` (the scorer's cell views) put a picture beside each abnormal cell, and
+    ``review_href`` links the slide's review page."""
+    views = views or {}
     s = entry.get("summary") or {}
     tri = s.get("triage", {"level": "error", "reasons": [entry.get("error", "")]})
     colour = TRIAGE_COLOURS.get(tri["level"], "#555")
@@ -53,6 +71,9 @@ def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, galler
         f"<p><span class='tri' style='background:{colour}'>{html.escape(tri['level'].upper())}</span></p><ul>",
         *[f"<li>{html.escape(r)}</li>" for r in tri["reasons"]], "</ul>",
     ]
+    if review_href:
+        parts.append(f"<p><a href='{html.escape(review_href)}'><b>Review every cell</b></a> (grouped by class; "
+                     "reclassify with the number keys; export the corrections)</p>")
     if entry.get("error"):
         parts.append(f"<p><b>Error:</b> {html.escape(entry['error'])}</p>")
     if s:
@@ -67,16 +88,18 @@ def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, galler
         abn = s.get("abnormal_cells", [])
         if abn:
             parts += ["<h2>Abnormal cells</h2>",
-                      _table([[a["id"], a["class"], a["probability"], a["centre"], a.get("field", "")] for a in abn],
-                             ["id", "class", "p", "centre (px)", "field"])]
+                      _table([[Markup(_jpeg_img(views[a["id"]].jpeg, f"cell {a['id']}", 64)) if a["id"] in views else "",
+                               a["id"], a["class"], _fmt(a.get("abnormal_probability")), _fmt(a["probability"]),
+                               a["centre"], a.get("field", "")] for a in abn],
+                             ["cell", "id", "class", "P(abnormal)", "P(class)", "centre (px)", "field"])]
         dm = s.get("density_map")
         if dm:
             parts += [f"<h2>Abnormal-cell density ({dm['bin_um']:.0f} µm bins)</h2>",
                       _img(density_rgb(dm["abnormal"]), "abnormal density", "320px")]
     parts += ["<h2>Overlay</h2><p>red: abnormal, orange: anomalous, yellow: uncertain, green: other</p>",
               _img(overlay_rgb, "overlay"),
-              "<h2>Flagged cells</h2><p>left: the model's view; right: where the predicted class explains the "
-              "pixels better (red) or the runner-up does (blue)</p>", _img(gallery_rgb, "gallery") or "<p>none</p>",
+              "<h2>Flagged cells</h2><p>left: the cell as scanned; right: where the predicted class explains the "
+              "pixels better (red) or the runner-up does (blue), inside the cell</p>", _img(gallery_rgb, "gallery") or "<p>none</p>",
               "<h2>Audit</h2>", _table([[k, v] for k, v in audit.items()], ["", ""]),
               "<p><small>Research software: a decision aid, not a diagnosis.</small></p></body></html>"]
     return "\n".join(parts)

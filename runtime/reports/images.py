@@ -1,5 +1,5 @@
 """Overlay (boxes on the slide thumbnail, coloured by flag) and the gallery of flagged cells
-(crop | counterfactual heatmap, labelled with class, runner-up and probability)."""
+(the cell as scanned | the same with its counterfactual heatmap, labelled with class, runner-up and probability)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,30 +32,29 @@ def overlay(thumbnail: np.ndarray, scale: float, cells: list[dict]) -> np.ndarra
     return img
 
 
-def heatmap_rgb(m: np.ndarray, size: int) -> np.ndarray:
-    """Diverging map: red where the predicted class explains the pixels better, blue where the runner-up does."""
-    scale = float(np.abs(m).max()) or 1.0
-    v = np.clip(m / scale, -1, 1)
-    rgb = np.empty(m.shape + (3,), np.float32)
-    rgb[..., 0] = 255 * np.where(v > 0, 1.0, 1.0 + v)
-    rgb[..., 2] = 255 * np.where(v < 0, 1.0, 1.0 - v)
-    rgb[..., 1] = 255 * (1.0 - np.abs(v))
-    return cv2.resize(rgb.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+def on_view(view_rgb: np.ndarray, overlay_png: bytes | None) -> np.ndarray:
+    """The cell's view with its heatmap overlay (RGBA PNG) blended on, or the view itself."""
+    if overlay_png is None:
+        return view_rgb
+    rgba = cv2.cvtColor(cv2.imdecode(np.frombuffer(overlay_png, np.uint8), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGRA2RGBA)
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    return (view_rgb * (1 - a) + rgba[..., :3] * a).round().astype(np.uint8)
 
 
-def gallery(cells: list[dict], crops: dict[int, np.ndarray], heatmaps: dict[int, np.ndarray], per_row: int = 4
+def gallery(cells: list[dict], views: dict, overlays: dict[int, bytes], per_row: int = 4, side: int = 128
             ) -> np.ndarray | None:
-    """One panel per flagged cell with a kept crop: crop, heatmap (if any), caption."""
+    """One panel per cell with a kept view: the cell as scanned, the same with its heatmap (if any), caption."""
     panels = []
     for c in cells:
-        crop = crops.get(c["id"])
-        if crop is None:
+        view = views.get(c["id"])
+        if view is None:
             continue
-        side = crop.shape[0]
-        hm = heatmaps.get(c["id"])
-        right = heatmap_rgb(hm, side) if hm is not None else np.full_like(crop, 255)
+        rgb = view.rgb()
+        left = cv2.resize(rgb, (side, side), interpolation=cv2.INTER_AREA if rgb.shape[0] > side else cv2.INTER_CUBIC)
+        right = cv2.resize(on_view(rgb, overlays.get(c["id"])), (side, side),
+                           interpolation=cv2.INTER_AREA if rgb.shape[0] > side else cv2.INTER_CUBIC)
         panel = np.full((side + 30, 2 * side + 4, 3), 255, np.uint8)
-        panel[:side, :side] = crop
+        panel[:side, :side] = left
         panel[:side, side + 4:] = right
         p = (c.get("probabilities") or {}).get(c["class"])
         text1 = f"#{c['id']} {c['class']}" + (f" {p:.2f}" if p is not None else "")

@@ -1,4 +1,5 @@
-"""Write every per-slide output into one folder per slide and return what was written."""
+"""Write every per-slide output into one folder per slide (CSV, overlay, gallery, review page, report,
+DICOM annotations) and return what was written."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ from pathlib import Path
 from cytoedge.runtime.errors import CytoedgeError
 from cytoedge.runtime.reports.html import render_html, write_html
 from cytoedge.runtime.reports.images import gallery, overlay, write_png
+from cytoedge.runtime.reports.review import render_review
 from cytoedge.runtime.reports.tables import write_csv
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ def slide_folder_name(source: str, index: int) -> str:
 def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: int, dicom_source: bool) -> dict:
     """CSV, overlay, gallery, HTML (and DICOM annotations for DICOM input) for one document entry.
 
-    ``state`` is the scorer's SlideState (thumbnail, crops, heatmaps) or None for a slide that failed.
+    ``state`` is the scorer's SlideState (thumbnail, cell views, heatmap overlays) or None for a slide that failed.
     """
     folder = out_dir / slide_folder_name(entry["source"], index)
     folder.mkdir(parents=True, exist_ok=True)
@@ -34,11 +36,17 @@ def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: i
         overlay_rgb = overlay(state.thumbnail, state.thumb_scale, cells)
         written["overlay"] = str(write_png(overlay_rgb, folder / "overlay.png"))
     if state is not None:
-        flagged = [c for c in cells if c["id"] in state.crops]
-        gallery_rgb = gallery(flagged, state.crops, state.heatmaps)
+        flagged = [c for c in cells if c["id"] in state.explained]
+        gallery_rgb = gallery(flagged, state.views, state.overlays)
         if gallery_rgb is not None:
             written["gallery"] = str(write_png(gallery_rgb, folder / "gallery.png"))
-    written["html"] = str(write_html(render_html(entry, audit, overlay_rgb, gallery_rgb), folder / "report.html"))
+    views = state.views if state is not None else {}
+    if state is not None and cells:
+        written["review"] = str(write_html(render_review(entry, audit, state.views, state.overlays),
+                                           folder / "review.html"))
+    written["html"] = str(write_html(render_html(entry, audit, overlay_rgb, gallery_rgb, views,
+                                                 "review.html" if "review" in written else None),
+                                     folder / "report.html"))
     if dicom_source and cells:
         from cytoedge.runtime.reports.dicom_annotations import write_annotations
 
