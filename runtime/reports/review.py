@@ -162,20 +162,42 @@ const lazy = new IntersectionObserver(entries => { for (const e of entries) if (
   lazy.unobserve(e.target); } }, {rootMargin: "600px"});
 function rank(c) { const i = ["abnormal", "anomalous", "uncertain"].findIndex(f => c.flags.includes(f));
   return [i < 0 ? 3 : i, c.p == null ? 1 : c.p]; }
+function before(a, b) { const x = rank(a), y = rank(b); return x[0] - y[0] || x[1] - y[1] || a.id - b.id; }
+const figOf = id => document.querySelector(`figure[data-id="${id}"]`);
+function section(k) {  // the class's group, made (in class order) when a first cell moves in
+  let sec = document.getElementById("class-" + k);
+  if (sec) return sec;
+  sec = document.createElement("section"); sec.id = "class-" + k;
+  sec.innerHTML = `<h2>${esc(k)} <span class="small count"></span></h2><div class="grid"></div>`;
+  const later = K.slice(K.indexOf(k) + 1).map(j => document.getElementById("class-" + j)).find(Boolean);
+  document.getElementById("groups").insertBefore(sec, later || null); return sec;
+}
+function recount(k) {
+  const sec = document.getElementById("class-" + k); if (!sec) return;
+  const n = sec.querySelectorAll("figure").length;
+  if (!n) { sec.remove(); return; }
+  sec.querySelector(".count").textContent = `(${n}; key ${K.indexOf(k) + 1})`;
+}
+function place(c, f) {  // into its group, in rank order
+  const grid = section(current(c)).querySelector(".grid");
+  const next = [...grid.children].find(g => before(c, byId.get(+g.dataset.id)) < 0);
+  grid.insertBefore(f, next || null);
+}
 function render() {
-  const main = document.getElementById("groups"); main.textContent = ""; order = [];
-  for (const k of K) {
-    const members = D.cells.filter(c => current(c) === k).sort((a, b) => { const x = rank(a), y = rank(b);
-      return x[0] - y[0] || x[1] - y[1] || a.id - b.id; });
-    if (!members.length) continue;
-    const sec = document.createElement("section"); sec.id = "class-" + k;
-    sec.innerHTML = `<h2>${esc(k)} <span class="small">(${members.length}; key ${K.indexOf(k) + 1})</span></h2>`;
-    const grid = document.createElement("div"); grid.className = "grid";
-    for (const c of members) { grid.appendChild(figure(c)); order.push(c.id); }
-    sec.appendChild(grid); main.appendChild(sec);
-  }
+  document.getElementById("groups").textContent = "";
+  for (const c of [...D.cells].sort(before)) section(current(c)).querySelector(".grid").appendChild(figure(c));
+  for (const k of K) recount(k);
+  order = [...document.querySelectorAll("figure")].map(f => +f.dataset.id);
   document.body.classList.toggle("heat", heat);
   select(selected ?? order[0] ?? null, false); differential();
+}
+function update(id, s) {  // one cell's review changed: move its figure, not the page
+  const c = byId.get(id), was = current(c), f = figOf(id);
+  state.set(id, s); save();
+  f.className = s.status; f.querySelector("figcaption").innerHTML = caption(c);
+  if (current(c) !== was) { place(c, f); recount(was); recount(current(c)); }
+  order = [...document.querySelectorAll("figure")].map(g => +g.dataset.id);
+  differential();
 }
 function differential() {
   const dk = D.differential_classes, model = {}, read = {};
@@ -195,7 +217,7 @@ function differential() {
 function select(id, scroll = true) {
   if (id == null) return; selected = id;
   for (const f of document.querySelectorAll("figure.sel")) f.classList.remove("sel");
-  const f = document.querySelector(`figure[data-id="${id}"]`); if (!f) return;
+  const f = figOf(id); if (!f) return;
   f.classList.add("sel"); if (scroll) { f.focus({preventScroll: true}); f.scrollIntoView({block: "nearest"}); }
   const c = byId.get(id), s = state.get(id);
   const top = c.top.map(([k, p]) => `${esc(k)} ${p.toFixed(3)}`).join("<br>");
@@ -212,8 +234,8 @@ function select(id, scroll = true) {
 function save() { try { localStorage.setItem(store, JSON.stringify([...state])); } catch (e) {} }
 function assign(id, k) {
   const c = byId.get(id), pos = order.indexOf(id), next = order[pos + 1] ?? order[pos - 1] ?? id;
-  state.set(id, {label: k, status: k === c.predicted ? "confirmed" : "reclassified"});
-  save(); selected = next; render();
+  update(id, {label: k, status: k === c.predicted ? "confirmed" : "reclassified"});
+  select(next);
 }
 function exportDocument() {
   const counts = {}; for (const k of K) counts[k] = 0;
@@ -238,7 +260,7 @@ document.addEventListener("keydown", e => {
   const pos = order.indexOf(selected);
   if (/^[1-9]$/.test(e.key) && +e.key <= K.length) { assign(selected, K[+e.key - 1]); e.preventDefault(); }
   else if (e.key === "Enter" || e.key === "c") { assign(selected, current(byId.get(selected))); e.preventDefault(); }
-  else if (e.key === "Backspace") { state.set(selected, {label: null, status: "unreviewed"}); save(); render(); e.preventDefault(); }
+  else if (e.key === "Backspace") { update(selected, {label: null, status: "unreviewed"}); select(selected); e.preventDefault(); }
   else if (e.key === "ArrowRight" || e.key === "ArrowDown") { select(order[Math.min(pos + 1, order.length - 1)]); e.preventDefault(); }
   else if (e.key === "ArrowLeft" || e.key === "ArrowUp") { select(order[Math.max(pos - 1, 0)]); e.preventDefault(); }
   else if (e.key === "h") { document.getElementById("heat").click(); }
