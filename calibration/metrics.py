@@ -1,4 +1,5 @@
-"""Classification and calibration metrics, pure numpy (probabilities ``[N,K]``, labels ``[N]``)."""
+"""Classification, agreement and calibration metrics, pure numpy (probabilities ``[N,K]``, labels ``[N]``;
+scipy.stats only for the exact binomial interval)."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,6 +19,54 @@ def per_class_recall(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
 
 def balanced_accuracy(y: np.ndarray, pred: np.ndarray, k: int) -> float:
     return float(np.nanmean(per_class_recall(y, pred, k)))
+
+
+def per_class_specificity(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
+    """One class against the rest: of the cells whose true class is not c, the share not called c
+    (NaN where every cell is of class c)."""
+    cm = confusion_matrix(y, pred, k)
+    negatives = cm.sum() - cm.sum(1)
+    false_positives = cm.sum(0) - np.diag(cm)
+    return np.where(negatives > 0, (negatives - false_positives) / np.maximum(negatives, 1), np.nan)
+
+
+def cohens_kappa(cm: np.ndarray) -> tuple[float, float]:
+    """Cohen's unweighted κ of a square table of two raters' counts (rows one rater, columns the other)
+    and its large-sample standard error (Fleiss, Cohen & Everitt 1969: the non-null variance, SAS PROC
+    FREQ's ASE). Both NaN where κ is undefined: no cells, or chance agreement 1 (both raters used one
+    and the same class throughout)."""
+    cm = np.asarray(cm, np.float64)
+    n = cm.sum()
+    if n == 0:
+        return float("nan"), float("nan")
+    p = cm / n
+    rows, cols = p.sum(1), p.sum(0)
+    observed, chance = float(np.trace(p)), float(rows @ cols)
+    if chance >= 1.0:
+        return float("nan"), float("nan")
+    kappa = (observed - chance) / (1.0 - chance)
+    diagonal = float(np.sum(np.diag(p) * (1.0 - (rows + cols) * (1.0 - kappa)) ** 2))
+    off = p * (cols[:, None] + rows[None, :]) ** 2  # p_ij (p_.i + p_j.)^2
+    np.fill_diagonal(off, 0.0)
+    variance = (diagonal + (1.0 - kappa) ** 2 * float(off.sum()) - (kappa - chance * (1.0 - kappa)) ** 2) \
+        / ((1.0 - chance) ** 2 * n)
+    return float(kappa), float(np.sqrt(max(variance, 0.0)))
+
+
+def rumke_interval(count: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The exact binomial (Clopper–Pearson) interval of a proportion ``count / n``, as fractions: the
+    limits of Rümke's table that CLSI H20-A2 gives for a differential count (5 of 100 cells: 1.6-11.3 %).
+    NaN for n = 0."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return float("nan"), float("nan")
+    if not 0 <= count <= n:
+        raise ValueError(f"count {count} is outside 0-{n}")
+    alpha = 1.0 - level
+    lo = float(beta.ppf(alpha / 2, count, n - count + 1)) if count > 0 else 0.0
+    hi = float(beta.ppf(1 - alpha / 2, count + 1, n - count)) if count < n else 1.0
+    return lo, hi
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:

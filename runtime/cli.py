@@ -15,6 +15,7 @@ COMMANDS = [
     "cytoedge.runtime.commands.classify",
     "cytoedge.runtime.commands.calibrate",
     "cytoedge.runtime.commands.evaluate",
+    "cytoedge.runtime.commands.compare",
     "cytoedge.runtime.commands.adapt",
     "cytoedge.runtime.commands.serve",
     "cytoedge.runtime.commands.submit",

@@ -114,6 +114,16 @@ class ImageFieldSource:
             x1, y1 = min(core[2] + overlap, self.width), min(core[3] + overlap, self.height)
             yield Tile(self._rgb[y0:y1, x0:x1], x0, y0, core, self.name)
 
+    def read_region(self, x0: int, y0: int, x1: int, y1: int) -> tuple[np.ndarray, bool]:
+        """Pixels of a rectangle (background outside the field) and whether any lie in the field, as
+        DicomSlideSource.read_region."""
+        out = np.full((y1 - y0, x1 - x0, 3), BACKGROUND, np.uint8)
+        xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x1, self.width), min(y1, self.height)
+        if xb <= xa or yb <= ya:
+            return out, False
+        out[ya - y0:yb - y0, xa - x0:xb - x0] = self._rgb[ya:yb, xa:xb]
+        return out, True
+
     def close(self) -> None:
         self._rgb = np.zeros((0, 0, 3), np.uint8)
 

@@ -1,0 +1,155 @@
+"""Review exports (``cytoedge-review``, docs/review-format.md): a reader's corrections of one slide.
+
+The review page writes one per slide; `cytoedge compare` reads them as the reader's labels, and
+calibrate/adapt may take them as labelled cells. They are written by a browser page and edited or
+renamed by people, so each is checked whole before any cell is used: a wrong file fails with its name
+and the field that is wrong, never halfway through a comparison. Keys this version does not know are
+ignored (a newer page may add some); a newer ``format_version`` is refused.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from cytoedge.runtime.errors import CytoedgeError
+
+REVIEW_FORMAT = "cytoedge-review"
+REVIEW_FORMAT_VERSION = 1
+STATUSES = ("confirmed", "reclassified", "unreviewed")
+LABELLED = ("confirmed", "reclassified")  # the statuses whose label is the reader's
+
+
+class ReviewExportError(CytoedgeError):
+    """A review export is unreadable, of another format, or has a missing or malformed field."""
+
+
+@dataclass(frozen=True)
+class ReviewedCell:
+    id: int
+    predicted: str
+    label: str | None  # None: not reviewed
+    status: str  # one of STATUSES
+
+
+@dataclass(frozen=True)
+class ReviewExport:
+    path: Path
+    source: str  # the slide entry's source, exactly as in results.json
+    bundle_sha256: str
+    calibration_sha256: str | None
+    model: str
+    cytoedge_version: str
+    results_created: str | None  # run.created of the results.json reviewed
+    reviewer: str
+    exported: str
+    cells: tuple[ReviewedCell, ...]
+    differential: dict[str, int]
+
+    def labels(self) -> dict[int, str]:
+        """The reader's label of each confirmed or reclassified cell, by cell id."""
+        return {c.id: c.label for c in self.cells if c.status in LABELLED}
+
+
+def _fail(name: str, field: str, what: str) -> ReviewExportError:
+    return ReviewExportError(f"{name}: review export field {field!r} {what}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(doc: dict, key: str, name: str, optional: bool = False, empty: bool = True) -> str | None:
+    """``doc[key]`` as a string (``optional``: absent or null give None; ``empty``: "" is allowed)."""
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if key not in doc:
+        raise _fail(name, key, "is missing")
+    if not isinstance(value, str) or not (empty or value):
+        kind = "a string" if empty else "a non-empty string"
+        raise _fail(name, key, f"must be {kind}{' or null' if optional else ''}, not {value!r}")
+    return value
+
+
+def _cell(item, index: int, name: str) -> ReviewedCell:
+    where = f"cells[{index}]"
+    if not isinstance(item, dict):
+        raise _fail(name, where, f"must be an object, not {type(item).__name__}")
+    for key in ("id", "predicted", "label", "status"):
+        if key not in item:
+            raise _fail(name, f"{where}.{key}", "is missing")
+    cid, predicted, label, status = item["id"], item["predicted"], item["label"], item["status"]
+    if not _is_int(cid) or cid < 0:
+        raise _fail(name, f"{where}.id", f"must be a cell id (a whole number >= 0), not {cid!r}")
+    if not isinstance(predicted, str) or not predicted:
+        raise _fail(name, f"{where}.predicted", f"must be a class name, not {predicted!r}")
+    if status not in STATUSES:
+        raise _fail(name, f"{where}.status", f"must be one of {list(STATUSES)}, not {status!r}")
+    if status == "unreviewed":
+        if label is not None:
+            raise _fail(name, f"{where}.label", f"must be null for an unreviewed cell, not {label!r}")
+    elif not isinstance(label, str) or not label:
+        raise _fail(name, f"{where}.label", f"must be a class name for a {status} cell, not {label!r}")
+    elif status == "confirmed" and label != predicted:
+        raise _fail(name, f"{where}.label", f"is {label!r} but the cell is 'confirmed' as {predicted!r}; "
+                                            "a changed class is 'reclassified'")
+    return ReviewedCell(cid, predicted, label, status)
+
+
+def validate(doc, name: str | Path) -> ReviewExport:
+    """The export ``doc`` (parsed JSON) as a ReviewExport; ReviewExportError naming ``name`` and the
+    field otherwise. Also checks that ``differential`` counts the reviewed labels."""
+    name = str(name)
+    if not isinstance(doc, dict):
+        raise ReviewExportError(f"{name}: a review export is a JSON object, not {type(doc).__name__}")
+    if doc.get("format") != REVIEW_FORMAT:
+        hint = " (a result document: the model's calls, not a reader's)" \
+            if doc.get("format") in ("cytoedge-result", "cytoedge-classify") else ""
+        raise _fail(name, "format", f"must be {REVIEW_FORMAT!r}, not {doc.get('format')!r}{hint}")
+    version = doc.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise _fail(name, "format_version", f"must be a whole number >= 1, not {version!r}")
+    if version > REVIEW_FORMAT_VERSION:
+        raise _fail(name, "format_version", f"is {version}, newer than this cytoedge reads "
+                                            f"({REVIEW_FORMAT_VERSION}); update cytoedge")
+    cells = doc.get("cells")
+    if not isinstance(cells, list):
+        raise _fail(name, "cells", "is missing" if "cells" not in doc else "must be a list of cell objects")
+    parsed = tuple(_cell(item, k, name) for k, item in enumerate(cells))
+    seen: dict[int, int] = {}
+    for k, c in enumerate(parsed):
+        if c.id in seen:
+            raise _fail(name, f"cells[{k}].id", f"repeats cell {c.id} of cells[{seen[c.id]}]")
+        seen[c.id] = k
+    differential = doc.get("differential", {})
+    if not isinstance(differential, dict) or not all(isinstance(k, str) and _is_int(v) and v >= 0
+                                                     for k, v in differential.items()):
+        raise _fail(name, "differential", "must be an object of class name -> count")
+    counted = Counter(c.label for c in parsed if c.status in LABELLED)
+    stated = {k: v for k, v in differential.items() if v}
+    if "differential" in doc and stated != dict(counted):
+        raise _fail(name, "differential", f"is {stated} but the reviewed cells count {dict(counted)}")
+    return ReviewExport(
+        path=Path(name), source=_text(doc, "source", name, empty=False),
+        bundle_sha256=_text(doc, "bundle_sha256", name, empty=False),
+        calibration_sha256=_text(doc, "calibration_sha256", name, optional=True),
+        model=_text(doc, "model", name), cytoedge_version=_text(doc, "cytoedge_version", name),
+        results_created=_text(doc, "results_created", name, optional=True),
+        reviewer=_text(doc, "reviewer", name), exported=_text(doc, "exported", name),
+        cells=parsed, differential=dict(differential))
+
+
+def load_review_export(path: str | Path) -> ReviewExport:
+    """Read and validate one review export file (ReviewExportError names the file and what is wrong)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReviewExportError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ReviewExportError(f"{path}: cannot be read ({e})") from None
+    except json.JSONDecodeError as e:
+        raise ReviewExportError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return validate(doc, path)
