@@ -31,12 +31,15 @@ class ReviewedCell:
     predicted: str
     label: str | None  # None: not reviewed
     status: str  # one of STATUSES
+    centre: tuple[float, float] | None = None  # slide pixels, where calibrate/adapt cut the cell again
+    field: str | None = None  # the field of a folder slide the cell lies in
 
 
 @dataclass(frozen=True)
 class ReviewExport:
     path: Path
     source: str  # the slide entry's source, exactly as in results.json
+    source_sha256: str | None  # the slide file's sha256 (results.json's), to check it is the same slide
     bundle_sha256: str
     calibration_sha256: str | None
     model: str
@@ -95,7 +98,14 @@ def _cell(item, index: int, name: str) -> ReviewedCell:
     elif status == "confirmed" and label != predicted:
         raise _fail(name, f"{where}.label", f"is {label!r} but the cell is 'confirmed' as {predicted!r}; "
                                             "a changed class is 'reclassified'")
-    return ReviewedCell(cid, predicted, label, status)
+    centre, cell_field = item.get("centre"), item.get("field")
+    if centre is not None and not (isinstance(centre, list) and len(centre) == 2
+                                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in centre)):
+        raise _fail(name, f"{where}.centre", f"must be [x, y] in slide pixels or null, not {centre!r}")
+    if cell_field is not None and not isinstance(cell_field, str):
+        raise _fail(name, f"{where}.field", f"must be a string or null, not {cell_field!r}")
+    return ReviewedCell(cid, predicted, label, status, None if centre is None else (float(centre[0]), float(centre[1])),
+                        cell_field)
 
 
 def validate(doc, name: str | Path) -> ReviewExport:
@@ -133,6 +143,7 @@ def validate(doc, name: str | Path) -> ReviewExport:
         raise _fail(name, "differential", f"is {stated} but the reviewed cells count {dict(counted)}")
     return ReviewExport(
         path=Path(name), source=_text(doc, "source", name, empty=False),
+        source_sha256=_text(doc, "source_sha256", name, optional=True),
         bundle_sha256=_text(doc, "bundle_sha256", name, empty=False),
         calibration_sha256=_text(doc, "calibration_sha256", name, optional=True),
         model=_text(doc, "model", name), cytoedge_version=_text(doc, "cytoedge_version", name),

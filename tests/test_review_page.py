@@ -147,4 +147,20 @@ def test_keyboard_review_updates_the_differential_and_exports_corrections(demo, 
     assert all(by_id[c["id"]]["status"] == "confirmed" and by_id[c["id"]]["label"] == c["class"] for c in cells[5:7])
     assert sum(c["status"] == "unreviewed" for c in export["cells"]) == len(cells) - 7
     browser.save_screenshot(str(demo / "review_screenshot.png"))
-    (demo / "review_export.json").write_text(json.dumps(export))
+    # The export is the reader's labels for the silent-mode pilot.
+    exported = next(browser.downloads.glob("review_*.json"))
+    run = subprocess.run(CLI + ["compare", str(demo / "results.json"), "--labels", str(exported), "--json",
+                                "--out", str(demo / "pilot")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    reader = [changed.get(c["id"], c["class"]) for c in cells[:7]]
+    model = [c["class"] for c in cells[:7]]
+    p_o = sum(a == b for a, b in zip(reader, model)) / 7
+    p_e = sum(reader.count(k) * model.count(k) for k in classes) / 49
+    assert report["matching"]["matched"] == 7 and p_o == pytest.approx(2 / 7)
+    assert report["agreement"]["accuracy"] == pytest.approx(p_o)
+    assert report["agreement"]["kappa"]["value"] == pytest.approx((p_o - p_e) / (1 - p_e))
+    slide = report["slides"][0]
+    neutro = slide["classes"]["neutrophil"]
+    assert neutro["difference_pp"] == pytest.approx(neutro["model_percent"] - neutro["reader_percent"])
+    assert (demo / "pilot" / "disagreements.html").exists()

@@ -17,8 +17,8 @@ import base64
 import html
 import json
 
-REVIEW_FORMAT = "cytoedge-review"
-REVIEW_FORMAT_VERSION = 1
+from cytoedge.runtime.review_export import REVIEW_FORMAT, REVIEW_FORMAT_VERSION
+
 FLAG_ORDER = ("abnormal", "anomalous", "uncertain")
 
 
@@ -245,7 +245,7 @@ function exportDocument() {
     cytoedge_version: D.cytoedge_version, reviewer: document.getElementById("reviewer").value,
     exported: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
     cells: D.cells.map(c => { const s = state.get(c.id);
-      return {id: c.id, predicted: c.predicted, label: s.label, status: s.status}; }),
+      return {id: c.id, predicted: c.predicted, label: s.label, status: s.status, centre: c.centre, field: c.field}; }),
     differential: counts};
 }
 let heat = false;
