@@ -21,6 +21,7 @@ COMMANDS = [
     "cytoedge.runtime.commands.submit",
     "cytoedge.runtime.commands.watch",
     "cytoedge.runtime.commands.score",
+    "cytoedge.runtime.commands.monitor",
     "cytoedge.runtime.commands.synth",
     "cytoedge.runtime.commands.demo",
     "cytoedge.runtime.commands.export",

@@ -1,6 +1,9 @@
-"""Shared fixtures: the bundled model, its ONNX Runtime backend, and small generated cell batches."""
+"""Shared fixtures: the bundled model, its ONNX Runtime backend, small generated cell batches, and a
+temporary run log for every test."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,20 @@ from cytoedge.models import default_bundle_path
 from cytoedge.runtime.bundle import ModelBundle
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_log_in_tmp(tmp_path_factory) -> Iterator[Path]:
+    """Every `score` and `serve` of the tests (in process, or in a subprocess, which inherits the variable)
+    logs to a temporary run log, never to the home folder's."""
+    path = tmp_path_factory.mktemp("run-log") / "runlog.sqlite"
+    before = os.environ.get("CYTOEDGE_RUN_LOG")
+    os.environ["CYTOEDGE_RUN_LOG"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["CYTOEDGE_RUN_LOG"]
+    else:
+        os.environ["CYTOEDGE_RUN_LOG"] = before
 
 
 @pytest.fixture(scope="session")

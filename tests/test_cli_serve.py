@@ -69,7 +69,8 @@ def daemon(slides, tmp_path_factory):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     stderr = (work / "serve.stderr").open("w+")
     proc = subprocess.Popen([*CLI, "serve", "--endpoint", endpoint, "--roots", str(root), "--journal",
-                             str(work / "j.sqlite3"), *SCORING], stdout=subprocess.DEVNULL, stderr=stderr)
+                             str(work / "j.sqlite3"), "--run-log", str(work / "runlog.sqlite"), *SCORING],
+                            stdout=subprocess.DEVNULL, stderr=stderr)
     wait_for_serve(proc, endpoint, work / "serve.stderr")
     try:
         yield proc, endpoint, work / "serve.stderr"
@@ -81,17 +82,27 @@ def daemon(slides, tmp_path_factory):
 
 
 def test_submit_json_matches_score_json(daemon, slides, tmp_path):
-    _, endpoint, _ = daemon
+    from cytoedge.runtime.run_log import read_runs
+
+    _, endpoint, stderr = daemon
     path, um_per_px = slides
     scale = ["--um-per-px", str(um_per_px)]
     submitted = cytoedge("submit", path, "--endpoint", endpoint, "--json", "--timeout", "120", *scale)
-    scored = cytoedge("score", path, "--out", tmp_path / "out", "--json", "--quiet", *SCORING, *scale)
+    scored = cytoedge("score", path, "--out", tmp_path / "out", "--json", "--quiet", "--run-log",
+                      tmp_path / "runlog.sqlite", *SCORING, *scale)
     assert submitted.returncode == 0, submitted.stderr
     assert scored.returncode == 0, scored.stderr
     served, local = json.loads(submitted.stdout), json.loads(scored.stdout)
     assert local["slides"][0]["cells"], "the field should have white cells"
     assert served["slides"][0]["cells"] == local["slides"][0]["cells"]  # record for record
     assert without_run(served) == without_run(local)
+    # both logged the slide alike, but for when, how long and which command
+    [served_row], [local_row] = read_runs(stderr.parent / "runlog.sqlite"), read_runs(tmp_path / "runlog.sqlite")
+    assert (served_row["command"], local_row["command"]) == ("serve", "score")
+    volatile = ("time", "seconds", "command")
+    assert {k: v for k, v in served_row.items() if k not in volatile} == \
+           {k: v for k, v in local_row.items() if k not in volatile}
+    assert served_row["source_name"] == "smear.png" and served_row["white_cells"] == len(local["slides"][0]["cells"])
 
 
 def test_one_refused_path_does_not_abandon_the_others(daemon, slides, tmp_path):

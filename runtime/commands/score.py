@@ -3,7 +3,8 @@
 Writes DIR/results.json (the versioned result document, docs/results-format.md) and, per slide,
 cells.csv, overlay.png, gallery.png, report.html and (DICOM input) annotations.dcm. A slide that
 cannot be read, or has no white cells, gets an error entry; the others go on. The exit code is 1
-whenever any input failed, a field of a folder included.
+whenever any input failed, a field of a folder included. Each slide is also appended to the run log
+that ``cytoedge monitor`` reads (counts and rates, no patient identifier: docs/monitoring.md).
 """
 from __future__ import annotations
 
@@ -34,19 +35,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_scoring_arguments(p)
     add_output_arguments(p)
+    g = p.add_argument_group("run log (read by `cytoedge monitor`)")
+    g.add_argument("--run-log", type=Path, default=None, metavar="PATH",
+                   help="append one row per slide here (default: $CYTOEDGE_RUN_LOG, else "
+                        "~/.local/share/cytoedge/runlog.sqlite)")
+    g.add_argument("--no-run-log", action="store_true", help="do not log this run")
     p.set_defaults(func=run)
 
 
 def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=None, backend=None,
-                estimator: str | None = None) -> tuple[dict, list[str]]:
+                estimator: str | None = None, run_log: Path | None = None) -> tuple[dict, list[str]]:
     """Score each path, write its reports, return (document, error messages).
 
     A slide that fails, for whatever reason, becomes an error entry and the others go on; each field of a
     folder that could not be read is an error too (the slide keeps the cells of its other fields, and its
-    summary lists the failures)."""
+    summary lists the failures). With ``run_log``, each slide is appended to that run log as it finishes."""
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.reports import write_slide_reports
     from cytoedge.runtime.reports.tables import write_json
+    from cytoedge.runtime.run_log import record_slide
     from cytoedge.runtime.slide_scoring import (SlideScorer, build_slides_document, options_dict, slide_entry)
     from cytoedge.runtime.sources import DicomSlideSource, open_source, source_sha256
 
@@ -101,6 +108,7 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
         stage = dict(state.timings) if state is not None else {}
         stage["total"] = time.perf_counter() - t0
         timings[str(path)] = {k: round(v, 4) for k, v in stage.items()}
+        record_slide(run_log, entry, scorer.audit, stage["total"], "score")
     run = {"options": options_dict(options), "timings_s": timings, "outputs": outputs,
            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     document = build_slides_document(entries, scorer.audit, run)
@@ -121,7 +129,10 @@ def print_timings(timings: dict, entries: list[dict]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    document, errors = score_paths(list(args.slides), args.out, args)
+    from cytoedge.runtime.run_log import resolve_run_log
+
+    document, errors = score_paths(list(args.slides), args.out, args,
+                                   run_log=resolve_run_log(args.run_log, args.no_run_log))
     if args.json:
         print(json.dumps(document, indent=1))
     else:

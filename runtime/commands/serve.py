@@ -34,6 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-secret-key", type=Path, default=None, help="server certificate with its secret key")
     p.add_argument("--curve-allowed-keys", type=Path, default=None, help="folder of allowed client public keys")
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="json: one JSON object per log line")
+    p.add_argument("--run-log", type=Path, default=None, metavar="PATH",
+                   help="append one row per scored slide here, for `cytoedge monitor` (default: $CYTOEDGE_RUN_LOG, "
+                        "else ~/.local/share/cytoedge/runlog.sqlite)")
+    p.add_argument("--no-run-log", action="store_true", help="do not log scored slides")
     add_model_arguments(p)
     add_scoring_arguments(p, scale=False)  # a job's scale comes with its SUBMIT
     p.set_defaults(func=run)
@@ -49,12 +53,14 @@ def run(args: argparse.Namespace) -> int:
                  "max_pending_tiles": args.max_pending_tiles, "window": args.window,
                  "stream_idle_s": args.stream_idle_s,
                  "curve_secret_key": args.curve_secret_key, "curve_allowed_keys": args.curve_allowed_keys,
-                 "log_format": args.log_format}
+                 "log_format": args.log_format, "run_log": args.run_log}
     try:
         config = load_config(args.config, overrides)
     except CytoedgeError as e:
         print(f"cytoedge serve: {e}", file=sys.stderr)
         return 2
+    if args.no_run_log:
+        config.run_log = None
     root_logger = logging.getLogger()
     root_logger.setLevel(min(root_logger.level, logging.INFO))
     if config.log_format == "json":

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.run_log import default_run_log
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5590"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -41,6 +42,7 @@ class ServiceConfig:
     curve_secret_key: Path | None = None  # zmq.auth certificate file holding the server's secret key
     curve_allowed_keys: Path | None = None  # folder of client public-key certificates (*.key)
     log_format: str = "text"
+    run_log: Path | None = field(default_factory=default_run_log)  # one row per scored slide; None: off
 
     @property
     def max_message_bytes(self) -> int:
@@ -98,7 +100,7 @@ def load_config(path: Path | None, overrides: dict) -> ServiceConfig:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown configuration key(s) {unknown}; known: {sorted(known)}")
-    for key in ("journal", "curve_secret_key", "curve_allowed_keys"):
+    for key in ("journal", "curve_secret_key", "curve_allowed_keys", "run_log"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
     if "roots" in values:

@@ -5,7 +5,9 @@ stream) runs under an *attempt* mark in the journal, so a restart can tell a job
 daemon from one that was merely interrupted. Whatever a scorer raises fails that job — with an
 error that names the job, its input and the cause, and the traceback in the log — and the worker
 goes on with the next item. The socket thread supervises the thread itself: ``ensure_running``
-restarts it if it ever ends, and ``health`` is what STATUS reports.
+restarts it if it ever ends, and ``health`` is what STATUS reports. A slide scored to its end is
+appended to the run log (runtime/run_log.py, the ``run_log`` setting) once its final state is
+journaled, so a job is logged once even if the daemon stops around it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 import zmq
 
 from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.run_log import record_slide
 from cytoedge.runtime.service import journal as J
 from cytoedge.runtime.service import protocol as P
 from cytoedge.runtime.service.config import ServiceConfig
@@ -238,6 +241,9 @@ class _Items:
                  notify: Callable[[str], None], health: WorkerHealth):
         self.journal, self.factory, self.config, self.notify, self.health = journal, factory, config, notify, health
         self.streams: dict[str, _JobRun] = {}
+        self._busy_s: dict[str, float] = {}  # per unfinished job, seconds its earlier work items took
+        self._item_started, self._finished = time.monotonic(), None  # this work item's start; the job it finished
+        self._identity: dict | None = None
 
     def step(self, stop: threading.Event, idle_before: float | None) -> bool:
         """Do one piece of work; False when there was none."""
@@ -246,7 +252,8 @@ class _Items:
             return False
         kind, job, ordinal = work
         what = job.input_name if kind != "tile" else f"{job.input_name} tile #{ordinal}"
-        self.health.job_id, self.health.input, self.health.busy_since = job.job_id, what, time.monotonic()
+        self._item_started, self._finished = time.monotonic(), None
+        self.health.job_id, self.health.input, self.health.busy_since = job.job_id, what, self._item_started
         self.journal.begin_attempt(job.job_id)
         try:
             if kind == "cancel":
@@ -269,6 +276,8 @@ class _Items:
             self._fail(job, P.FAILED_SCORING, f"scoring failed: {type(e).__name__}: {e}", what)
         finally:
             self.health.job_id = self.health.input = self.health.busy_since = None
+            if self._finished != job.job_id:
+                self._busy_s[job.job_id] = self._busy_s.get(job.job_id, 0.0) + time.monotonic() - self._item_started
         self.journal.end_attempt(job.job_id)
         return True
 
@@ -302,9 +311,23 @@ class _Items:
         if run is not None and state != J.FAILED:
             self._flush(run)
         digest = P.records_digest(self.journal.all_records(job_id))
+        seconds = self._busy_s.pop(job_id, 0.0) + time.monotonic() - self._item_started
+        self._finished = job_id
         if self.journal.finish(job_id, state, summary=summary, error=error, digest=digest):
             log.info("job finished", extra={"event": state, "job_id": job_id})
+            if state == J.SCORED and summary is not None:
+                record_slide(self.config.run_log, summary, self._model_identity(), seconds, "serve")
         self.notify(job_id)
+
+    def _model_identity(self) -> dict:
+        """The factory's model identity (HELLO's), asked once: the run log's model columns."""
+        if self._identity is None:
+            try:
+                self._identity = self.factory.identity()
+            except Exception as e:  # a scorer that cannot say what it is still scores; its rows lack the model
+                log.warning("run log: the scorer's identity is unavailable: %s: %s", type(e).__name__, e)
+                return {}
+        return self._identity
 
     def _score_path_job(self, job: J.Job, stop: threading.Event) -> None:
         self.journal.set_scoring(job.job_id)
