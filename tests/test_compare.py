@@ -202,14 +202,21 @@ def test_csv_labels_on_a_scored_smear(smear):
         hi_cp = beta.ppf(0.975, count + 1, len(white) - count) if count < len(white) else 1.0
         assert v["reader_rumke95_percent"] == pytest.approx([100 * lo_cp, 100 * hi_cp])
     # the lab's thresholds
+    log = smear / "runlog.sqlite"
     strict = cytoedge("compare", "out/results.json", "--labels", "reader.csv", "--min-kappa", "0.99",
-                      "--max-differential-diff", "0", "--min-sensitivity", "lymphocyte=1", cwd=smear)
+                      "--max-differential-diff", "0", "--min-sensitivity", "lymphocyte=1", "--run-log", log, cwd=smear)
     assert strict.returncode == 1
     assert "threshold not met: kappa" in strict.stderr and "--max-differential-diff 0" in strict.stderr
+    assert not log.exists()  # a failed pilot is no revalidation
     lenient = cytoedge("compare", "out/results.json", "--labels", "reader.csv", "--min-kappa", "-1",
-                       "--min-sensitivity", "0", "--max-differential-diff", "100", cwd=smear)
+                       "--min-sensitivity", "0", "--max-differential-diff", "100", "--run-log", log, cwd=smear)
     assert lenient.returncode == 0, lenient.stderr
     assert "thresholds: all met" in lenient.stdout and "kappa" in lenient.stdout
+    # A passed pilot is the monitor's revalidation.
+    from cytoedge.runtime.run_log import read_revalidations
+
+    [reval] = read_revalidations(log)
+    assert reval["details"]["kappa"] == pytest.approx(report["agreement"]["kappa"]["value"])
 
 
 def test_review_exports_on_a_scored_smear_and_a_gallery_whose_source_is_gone(smear, tmp_path):

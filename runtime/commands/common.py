@@ -149,3 +149,11 @@ def progress_bar(total: int, unit: str, disable: bool = False):
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, disable=disable, dynamic_ncols=True)
+
+
+def add_run_log_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    """``--run-log PATH`` / ``--no-run-log`` (score, serve, compare): where ``what`` is recorded."""
+    g = p.add_argument_group("run log (read by `cytoedge monitor`)")
+    g.add_argument("--run-log", type=Path, default=None, metavar="PATH",
+                   help=f"record {what} here (default: $CYTOEDGE_RUN_LOG, else ~/.local/share/cytoedge/runlog.sqlite)")
+    g.add_argument("--no-run-log", action="store_true", help="do not write the run log")

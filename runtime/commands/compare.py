@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import bounded_int
+from cytoedge.runtime.commands.common import add_run_log_arguments, bounded_int
 
 COMPARE_FORMAT = "cytoedge-compare"
 COMPARE_FORMAT_VERSION = 1
@@ -67,6 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="as --min-sensitivity")
     g.add_argument("--max-differential-diff", type=_bounded_float(0.0, None), default=None, metavar="PP",
                    help="largest model-reader difference of any class's share on any slide, percentage points")
+    add_run_log_arguments(p, "a compare that meets the thresholds set, as a revalidation")
     p.set_defaults(func=run)
 
 
@@ -159,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         write_outputs(report, [(matched.calls[i], matched.labels[i]) for i in disagreeing[:args.max_gallery]],
                       args.out)
-    # The report is final here: what a run log records of this revalidation (time, bundle, figures, failures).
+    if report["thresholds"]["any_set"] and not failures:  # a passed revalidation: the monitor's new baseline
+        record_passed_revalidation(args, report)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -167,6 +169,27 @@ def run(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"cytoedge compare: threshold not met: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def record_passed_revalidation(args: argparse.Namespace, report: dict) -> None:
+    """Log a compare that met the lab's thresholds: `cytoedge monitor` counts the days since, and takes a
+    new baseline from it. A run log that cannot be written is a warning, not a failed compare."""
+    from datetime import datetime, timezone
+
+    from cytoedge.runtime.run_log import record_revalidation, resolve_run_log
+
+    path = resolve_run_log(args.run_log, args.no_run_log)
+    if path is None:
+        return
+    details = {"bundle_sha256": report["bundle_sha256"], "model": report["model"],
+               "results": [d["path"] for d in report["results"]], "labels": [s["path"] for s in report["labels"]],
+               "cells": report["agreement"]["cells"], "kappa": report["agreement"]["kappa"]["value"],
+               "balanced_accuracy": report["agreement"]["balanced_accuracy"],
+               "thresholds": report["thresholds"]["settings"]}
+    try:
+        record_revalidation(path, datetime.now(timezone.utc), details)
+    except Exception as e:  # the comparison stands whatever the log's state
+        print(f"cytoedge compare: run log {path} not written: {type(e).__name__}: {e}", file=sys.stderr)
 
 
 def write_outputs(report: dict, shown: list, out: Path) -> None:

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_scoring_arguments, load_bundle_and_backend,
-                                              progress_bar, scoring_options)
+from cytoedge.runtime.commands.common import (add_model_arguments, add_run_log_arguments, add_scoring_arguments,
+                                              load_bundle_and_backend, progress_bar, scoring_options)
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     add_scoring_arguments(p)
     add_output_arguments(p)
-    g = p.add_argument_group("run log (read by `cytoedge monitor`)")
-    g.add_argument("--run-log", type=Path, default=None, metavar="PATH",
-                   help="append one row per slide here (default: $CYTOEDGE_RUN_LOG, else "
-                        "~/.local/share/cytoedge/runlog.sqlite)")
-    g.add_argument("--no-run-log", action="store_true", help="do not log this run")
+    add_run_log_arguments(p, "one row per slide")
     p.set_defaults(func=run)
 
 

@@ -12,8 +12,8 @@ import signal
 import sys
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_scoring_arguments, load_bundle_and_backend,
-                                              scoring_options)
+from cytoedge.runtime.commands.common import (add_model_arguments, add_run_log_arguments, add_scoring_arguments,
+                                              load_bundle_and_backend, scoring_options)
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-secret-key", type=Path, default=None, help="server certificate with its secret key")
     p.add_argument("--curve-allowed-keys", type=Path, default=None, help="folder of allowed client public keys")
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="json: one JSON object per log line")
-    p.add_argument("--run-log", type=Path, default=None, metavar="PATH",
-                   help="append one row per scored slide here, for `cytoedge monitor` (default: $CYTOEDGE_RUN_LOG, "
-                        "else ~/.local/share/cytoedge/runlog.sqlite)")
-    p.add_argument("--no-run-log", action="store_true", help="do not log scored slides")
+    add_run_log_arguments(p, "one row per scored slide")
     add_model_arguments(p)
     add_scoring_arguments(p, scale=False)  # a job's scale comes with its SUBMIT
     p.set_defaults(func=run)

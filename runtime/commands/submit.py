@@ -9,6 +9,7 @@ scored, 1 some slide refused or failed, 2 the daemon could not be reached or sto
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.service.client import ServiceError
     from cytoedge.runtime.slide_scoring import build_slides_document, slide_entry
+    from cytoedge.runtime.sources import source_sha256
 
     plan: list[tuple[str, str | None, str | None]] = []  # per slide: source, job id, why it was refused
     try:
@@ -101,6 +103,9 @@ def run(args: argparse.Namespace) -> int:
         if error is not None:
             errors.append(error)
         entries.append(slide_entry(source, records[job_id], head.get("summary"), error))
+    for entry in entries:  # the slide's identity, as `score` records it (the daemon reads the same file)
+        with contextlib.suppress(OSError):
+            entry["source_sha256"] = source_sha256(entry["source"])
     for error in errors:
         print(f"cytoedge submit: {error}", file=sys.stderr)
     if args.json:
