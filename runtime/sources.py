@@ -488,6 +488,13 @@ class DicomSlideSource:
         return any((r, c) in self._grid for r in range((core[1] // fr) * fr, core[3], fr)
                    for c in range((core[0] // fc) * fc, core[2], fc))
 
+    def identifiers(self) -> dict:
+        """The header's patient, study and specimen identifiers (runtime/privacy.py): read only when
+        ``--include-identifiers`` asks for them in the results; nothing else of the source keeps them."""
+        from cytoedge.runtime.privacy import header_identifiers
+
+        return header_identifiers(self._reader.metadata)
+
     def close(self) -> None:
         self._cache.clear()
         self._reader.close()

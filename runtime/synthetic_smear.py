@@ -158,17 +158,19 @@ def generate_smear(bundle: ModelBundle, backend: DenoiserBackend, spec: SmearSpe
 
 def write_wsi_dicom(path: str | Path, frames: Iterable[tuple[int, int, np.ndarray]], total_size: tuple[int, int],
                     frame_size: int, um_per_px: float, codec: str = "native", organisation: str = "TILED_SPARSE",
-                    ) -> Path:
+                    identifiers: dict | None = None) -> Path:
     """Write a single-level DICOM VL Whole Slide Microscopy image.
 
     ``frames`` yields (row, col, rgb[frame, frame, 3]) with row/col the 0-based top-left pixel in
     the total matrix; TILED_FULL needs every grid frame in raster order, TILED_SPARSE any subset
     (so a 50,000² slide with a few frames stays small on disk and in memory). ``codec``: native,
-    jpeg (baseline, Pillow) or jpeg2000 (Pillow/OpenJPEG).
+    jpeg (baseline, Pillow) or jpeg2000 (Pillow/OpenJPEG). ``identifiers`` (DICOM keyword → value)
+    sets or overrides header attributes, e.g. made-up patient identifiers for the privacy tests.
     """
     import io
 
     from PIL import Image
+    from pydicom.datadict import tag_for_keyword
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.sequence import Sequence
@@ -211,6 +213,10 @@ def write_wsi_dicom(path: str | Path, frames: Iterable[tuple[int, int, np.ndarra
     ds.StudyID, ds.AccessionNumber, ds.StudyDate, ds.StudyTime = "1", "", "20260101", "000000"
     ds.SeriesNumber, ds.InstanceNumber, ds.Manufacturer = 1, 1, "cytoedge synthetic"
     ds.ContainerIdentifier = "SYNTH-SLIDE-1"
+    for keyword, value in (identifiers or {}).items():
+        if tag_for_keyword(keyword) is None:
+            raise CytoedgeError(f"identifiers: {keyword!r} is not a DICOM keyword")
+        setattr(ds, keyword, value)
     ds.Rows = ds.Columns = frame_size
     ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows = width, height
     ds.NumberOfFrames = len(encoded)

@@ -5,6 +5,11 @@ cells.csv, overlay.png, gallery.png, report.html and (DICOM input) annotations.d
 cannot be read, or has no white cells, gets an error entry; the others go on. The exit code is 1
 whenever any input failed, a field of a folder included. Each slide is also appended to the run log
 that ``cytoedge monitor`` reads (counts and rates, no patient identifier: docs/monitoring.md).
+
+No patient identifier from a DICOM header is written anywhere but annotations.dcm (which links to
+the patient's study for PACS) unless --include-identifiers asks for them in results.json;
+--deidentify adds annotations.deid.dcm, the PS3.15 Basic Profile applied, for outputs that leave
+the lab (docs/privacy.md).
 """
 from __future__ import annotations
 
@@ -26,6 +31,12 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     """What ``score_paths`` prints (score and demo)."""
     p.add_argument("--json", action="store_true", help="also print the result document to stdout")
     p.add_argument("--quiet", action="store_true", help="no progress bar or timing table")
+    p.add_argument("--include-identifiers", action="store_true",
+                   help="put the DICOM header's patient, study and specimen identifiers in results.json "
+                        "(summary.identifiers); by default no output but annotations.dcm has any")
+    p.add_argument("--deidentify", action="store_true",
+                   help="also write annotations.deid.dcm: the DICOM annotations with the PS3.15 Basic "
+                        "Application Level Confidentiality Profile applied, for outputs that leave the lab")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +70,7 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     scorer = SlideScorer(bundle, backend, estimator, options)
     out.mkdir(parents=True, exist_ok=True)
     entries, errors, timings, outputs = [], [], {}, {}
+    uids: dict[str, str] | None = {} if args.deidentify else None  # one UID map for the run's de-identified objects
     for index, path in enumerate(paths):
         t0 = time.perf_counter()
         source = state = None
@@ -73,6 +85,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
                         bar.update(1)
                 state = scorer.state
                 summary = scorer.summary()
+                if args.include_identifiers and isinstance(source, DicomSlideSource):
+                    summary["identifiers"] = source.identifiers()
             finally:
                 source.close()
             if cells:
@@ -92,7 +106,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
             slide_errors.append(entry["error"])
         try:
             outputs[str(path)] = write_slide_reports(entry, scorer.audit, state, out, index,
-                                                     state is not None and isinstance(source, DicomSlideSource))
+                                                     state is not None and isinstance(source, DicomSlideSource),
+                                                     uids)
         except Exception as e:  # results.json is still written, with this slide's entry
             log.exception("%s: reports not written", path)
             slide_errors.append(f"{path}: reports not written: {type(e).__name__}: {e}")

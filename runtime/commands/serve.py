@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-allowed-keys", type=Path, default=None, help="folder of allowed client public keys")
     p.add_argument("--log-format", choices=("text", "json"), default=None, help="json: one JSON object per log line")
     add_run_log_arguments(p, "one row per scored slide")
+    p.add_argument("--include-identifiers", action="store_true", default=None,
+                   help="put a DICOM slide's patient, study and specimen identifiers in its SUMMARY (and the "
+                        "journal); by default none reaches them (configuration key include_identifiers)")
     add_model_arguments(p)
     add_scoring_arguments(p, scale=False)  # a job's scale comes with its SUBMIT
     p.set_defaults(func=run)
@@ -50,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
                  "max_pending_tiles": args.max_pending_tiles, "window": args.window,
                  "stream_idle_s": args.stream_idle_s,
                  "curve_secret_key": args.curve_secret_key, "curve_allowed_keys": args.curve_allowed_keys,
-                 "log_format": args.log_format, "run_log": args.run_log}
+                 "log_format": args.log_format, "run_log": args.run_log,
+                 "include_identifiers": args.include_identifiers}
     try:
         config = load_config(args.config, overrides)
     except CytoedgeError as e:
@@ -64,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
         for handler in root_logger.handlers:
             handler.setFormatter(JsonLogFormatter())
     bundle, backend, estimator = load_bundle_and_backend(args)
-    daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator, scoring_options(args)))
+    daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator, scoring_options(args),
+                                               include_identifiers=config.include_identifiers))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     daemon.serve()

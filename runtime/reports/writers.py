@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import MutableMapping
 
 from cytoedge.runtime.errors import CytoedgeError
 from cytoedge.runtime.reports.html import render_html, write_html
@@ -21,10 +22,13 @@ def slide_folder_name(source: str, index: int) -> str:
     return f"{index:03d}_{stem}"
 
 
-def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: int, dicom_source: bool) -> dict:
+def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: int, dicom_source: bool,
+                        deidentify_uids: MutableMapping[str, str] | None = None) -> dict:
     """CSV, overlay, gallery, HTML (and DICOM annotations for DICOM input) for one document entry.
 
     ``state`` is the scorer's SlideState (thumbnail, cell views, heatmap overlays) or None for a slide that failed.
+    ``deidentify_uids`` (a UID map, shared by a run's slides) also writes annotations.deid.dcm, the
+    annotations with the PS3.15 Basic Profile applied.
     """
     folder = out_dir / slide_folder_name(entry["source"], index)
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,9 +54,10 @@ def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: i
     if dicom_source and cells:
         from cytoedge.runtime.reports.dicom_annotations import write_annotations
 
+        deidentified = folder / "annotations.deid.dcm" if deidentify_uids is not None else None
         try:
-            written["dicom_annotations"] = str(write_annotations(Path(entry["source"]), cells, audit,
-                                                                 folder / "annotations.dcm"))
+            written.update(write_annotations(Path(entry["source"]), cells, audit, folder / "annotations.dcm",
+                                             deidentified, deidentify_uids))
         except (CytoedgeError, ValueError, TypeError, AttributeError) as e:
             log.warning("%s: DICOM annotations not written (%s)", entry["source"], e)
             written["dicom_annotations_error"] = str(e)

@@ -43,6 +43,9 @@ class ServiceConfig:
     curve_allowed_keys: Path | None = None  # folder of client public-key certificates (*.key)
     log_format: str = "text"
     run_log: Path | None = field(default_factory=default_run_log)  # one row per scored slide; None: off
+    # Put a DICOM slide's patient, study and specimen identifiers in its SUMMARY (summary.identifiers),
+    # and so in the journal; off, no identifier from a header reaches the journal, a message or the log.
+    include_identifiers: bool = False
 
     @property
     def max_message_bytes(self) -> int:
@@ -74,6 +77,8 @@ class ServiceConfig:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
         if not 0 < self.window <= self.max_window:
             raise ConfigError(f"window {self.window} must be in 1..max_window ({self.max_window})")
+        if not isinstance(self.include_identifiers, bool):
+            raise ConfigError(f"include_identifiers must be true or false, got {self.include_identifiers!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format {self.log_format!r}: choose 'text' or 'json'")
         self.roots = [Path(r).resolve() for r in self.roots]

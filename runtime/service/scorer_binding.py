@@ -3,6 +3,8 @@
 The model bundle and backend are loaded once (by the caller) and shared by every job; each job
 gets its own SlideScorer (a scorer accumulates one slide's state for its summary), with the same
 ScoringOptions as ``cytoedge score`` so the service and a local run agree cell for cell.
+With ``include_identifiers`` (the daemon's configuration key), a DICOM slide's header identifiers
+are added to its summary, as ``cytoedge score --include-identifiers`` adds them to results.json.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.limits import MAX_MODEL_SCALE_TILE_PIXELS, model_scale_pixels
 from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer
-from cytoedge.runtime.sources import Opener, open_source
+from cytoedge.runtime.sources import DicomSlideSource, Opener, open_source
 
 
 class SlideJob:
@@ -25,6 +27,7 @@ class SlideJob:
     def __init__(self, factory: "SlideScorerFactory"):
         self.factory = factory
         self.scorer: SlideScorer | None = None
+        self.identifiers: dict | None = None  # the slide's header identifiers, read only when configured
 
     def _scorer(self, options: ScoringOptions) -> SlideScorer:
         if self.scorer is None:
@@ -38,6 +41,8 @@ class SlideJob:
         scorer = self._scorer(options)
         source = open_source(path, options.um_per_px, opener=opener)
         try:
+            if self.factory.include_identifiers and isinstance(source, DicomSlideSource):
+                self.identifiers = source.identifiers()
             yield from scorer.score_source(source)
         finally:
             source.close()
@@ -46,7 +51,8 @@ class SlideJob:
         return self._scorer(self.factory.options).score_tile(rgb, origin_xy, um_per_px)
 
     def summary(self) -> dict:
-        return self._scorer(self.factory.options).summary()
+        summary = self._scorer(self.factory.options).summary()
+        return summary if self.identifiers is None else {**summary, "identifiers": self.identifiers}
 
     def checkpoint(self) -> dict:
         return self._scorer(self.factory.options).checkpoint()
@@ -59,8 +65,9 @@ class SlideScorerFactory:
     """Hands each job a SlideScorer over the shared bundle and backend."""
 
     def __init__(self, bundle: ModelBundle, backend: DenoiserBackend, estimator: str,
-                 options: ScoringOptions = ScoringOptions()):
+                 options: ScoringOptions = ScoringOptions(), include_identifiers: bool = False):
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
+        self.include_identifiers = include_identifiers
 
     def identity(self) -> dict:
         """HELLO's model identity: the scorer's audit block (what `cytoedge score --json` records)."""
