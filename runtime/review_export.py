@@ -40,6 +40,7 @@ class ReviewExport:
     path: Path
     source: str  # the slide entry's source, exactly as in results.json
     source_sha256: str | None  # the slide file's sha256 (results.json's), to check it is the same slide
+    um_per_px: float | None  # the slide's pixel size as scored, so its cells are cut again at the same scale
     bundle_sha256: str
     calibration_sha256: str | None
     model: str
@@ -74,6 +75,15 @@ def _text(doc: dict, key: str, name: str, optional: bool = False, empty: bool = 
         kind = "a string" if empty else "a non-empty string"
         raise _fail(name, key, f"must be {kind}{' or null' if optional else ''}, not {value!r}")
     return value
+
+
+def _scale(doc: dict, name: str) -> float | None:
+    value = doc.get("um_per_px")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _fail(name, "um_per_px", f"must be a positive pixel size in µm or null, not {value!r}")
+    return float(value)
 
 
 def _cell(item, index: int, name: str) -> ReviewedCell:
@@ -143,7 +153,7 @@ def validate(doc, name: str | Path) -> ReviewExport:
         raise _fail(name, "differential", f"is {stated} but the reviewed cells count {dict(counted)}")
     return ReviewExport(
         path=Path(name), source=_text(doc, "source", name, empty=False),
-        source_sha256=_text(doc, "source_sha256", name, optional=True),
+        source_sha256=_text(doc, "source_sha256", name, optional=True), um_per_px=_scale(doc, name),
         bundle_sha256=_text(doc, "bundle_sha256", name, empty=False),
         calibration_sha256=_text(doc, "calibration_sha256", name, optional=True),
         model=_text(doc, "model", name), cytoedge_version=_text(doc, "cytoedge_version", name),

@@ -239,3 +239,69 @@ def test_adapt_on_fields_reads_them_as_score_does(bundle, ort_backend, tmp_path)
     assert a["input"] == "fields" and sum(a["cells"].values()) == 13 - a["skipped_fields"]
     assert min(a["cells"].values()) >= 5 and set(a["cells"]) == {"lymphocyte", "neutrophil"}
     assert f"{13 - a['skipped_fields']} cells of 2 classes" in run.stdout
+
+
+# --- review exports as labelled data (the lab loop: corrections feed calibrate and adapt) ------------------------------
+REVIEW_CLASSES = ("lymphocyte", "monocyte", "neutrophil")  # drawn cells the detector finds one for one
+
+
+@pytest.fixture(scope="module")
+def reviewed_smear(tmp_path_factory, bundle, ort_backend) -> tuple[Path, Path]:
+    """A scored smear of drawn cells and a review export in which a reader confirmed each found cell as
+    the class it was drawn as (or reclassified it to that class): (export path, results path)."""
+    from cytoedge.runtime.synthetic_smear import SmearSpec, generate_smear, write_smear_files
+
+    classes = tuple(c for c in REVIEW_CLASSES for _ in range(8))
+    smear = generate_smear(bundle, ort_backend, SmearSpec(n_white=len(classes), classes=classes, ddim_steps=20,
+                                                          seed=4))
+    root = tmp_path_factory.mktemp("reviewed")
+    png = write_smear_files(smear, root / "slide")[0]
+    run = cytoedge("score", png, "--out", root / "out", "--um-per-px", smear.um_per_px, "--no-heatmaps",
+                   "--threads", "1", "--quiet", "--no-run-log")
+    assert run.returncode == 0, run.stderr
+    document = json.loads((root / "out" / "results.json").read_text())
+    entry = document["slides"][0]
+    cells = []
+    for c in entry["cells"]:
+        drawn = next((t["class"] for t in smear.truth if t["bbox"][0] <= c["centre"][0] <= t["bbox"][2]
+                      and t["bbox"][1] <= c["centre"][1] <= t["bbox"][3]), None)
+        status = "unreviewed" if drawn is None else "confirmed" if drawn == c["class"] else "reclassified"
+        cells.append({"id": c["id"], "predicted": c["class"], "label": drawn, "status": status,
+                      "centre": c["centre"], "field": c["field"]})
+    export = {"format": "cytoedge-review", "format_version": 1, "source": entry["source"],
+              "source_sha256": entry["source_sha256"], "um_per_px": entry["summary"]["scale"]["um_per_px"],
+              "bundle_sha256": document["bundle_sha256"],
+              "calibration_sha256": document["estimator_settings"]["calibration_sha256"], "model": document["model"],
+              "cytoedge_version": document["cytoedge_version"], "reviewer": "test", "exported": "2026-12-02T00:00:00Z",
+              "cells": cells}
+    path = root / "review.json"
+    path.write_text(json.dumps(export))
+    return path, root / "out" / "results.json"
+
+
+def test_adapt_takes_review_exports_as_labelled_cells(bundle, reviewed_smear, tmp_path):
+    export, _ = reviewed_smear
+    reviewed = [c for c in json.loads(export.read_text())["cells"] if c["label"]]
+    out = tmp_path / "adapted"
+    run = cytoedge("adapt", "--reviews", export, "--model", bundle.path, "--out", out, "--threads", "1")
+    no_traceback(run)
+    assert run.returncode == 0, run.stderr
+    a = ModelBundle.load(out).manifest["adaptation"]
+    assert a["input"] == "reviews" and a["command"].endswith("--reviews") and str(export) in a["data"]
+    assert a["cells"] == {c: sum(r["label"] == c for r in reviewed) for c in REVIEW_CLASSES}
+
+
+def test_review_exports_of_another_slide_or_too_few_classes_are_refused(bundle, reviewed_smear, tmp_path):
+    export, _ = reviewed_smear
+    doc = json.loads(export.read_text())
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps({**doc, "source_sha256": "0" * 64}))
+    run = cytoedge("adapt", "--reviews", changed, "--model", bundle.path, "--out", tmp_path / "a", "--threads", "1")
+    no_traceback(run)
+    assert run.returncode == 2 and f"{changed}: " in run.stderr and "not the slide that was reviewed" in run.stderr
+    work = tmp_path / "bundle"
+    shutil.copytree(bundle.path, work)
+    run = cytoedge("calibrate", "--reviews", export, "--model", work, "--threads", "1")
+    no_traceback(run)
+    assert run.returncode == 2 and "calibration needs every class" in run.stderr
+    assert folder_digest(work) == folder_digest(bundle.path)  # nothing was written

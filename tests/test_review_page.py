@@ -141,6 +141,7 @@ def test_keyboard_review_updates_the_differential_and_exports_corrections(demo, 
     assert export["format"] == "cytoedge-review" and export["format_version"] == 1
     assert export["bundle_sha256"] == entry["audit"]["bundle_sha256"] and export["source"] == entry["source"]
     assert export["source_sha256"] == entry["source_sha256"] and export["reviewer"] == "A. Reader"
+    assert export["um_per_px"] == entry["summary"]["scale"]["um_per_px"]
     by_id = {c["id"]: c for c in export["cells"]}
     assert {i: (by_id[i]["label"], by_id[i]["status"]) for i in changed} == {i: (k, "reclassified")
                                                                              for i, k in changed.items()}

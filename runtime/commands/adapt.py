@@ -2,7 +2,9 @@
 
 DIR holds a few labelled cells of the lab, ``DIR/<class>/<image>``, for any subset of the bundle's
 classes: single-cell crops (as ``classify`` reads them), or with ``--fields`` fields holding one white
-cell each (as ``score`` reads them). The cells are split into a fixed stratified part A, to fit on, and
+cell each (as ``score`` reads them). Or, with ``--reviews EXPORT...`` instead of ``--data``, the cells a
+reader confirmed or reclassified on review pages (review.html's exported corrections), cut again from
+their slides as ``score`` cuts them. The cells are split into a fixed stratified part A, to fit on, and
 a held part B.
 
 * ``features`` (no torch): the network is unchanged; every class's denoising error is measured on the
@@ -46,7 +48,11 @@ METHODS = ("features", "finetune")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapt", help="adapt a bundle to a lab's scanner and stain from a few labelled cells",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="labelled folder DIR/<class>/<image> (any subset of classes)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path, help="labelled folder DIR/<class>/<image> (any subset of classes)")
+    data.add_argument("--reviews", type=Path, nargs="+", metavar="EXPORT",
+                      help="review exports (review.html's corrections, docs/review-format.md): the cells a reader "
+                           "confirmed or reclassified, cut again from their slides as `score` cuts them")
     add_model_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="folder of the new bundle (must not exist, or be empty)")
     p.add_argument("--method", choices=METHODS, default="features",
@@ -131,18 +137,22 @@ def run(args: argparse.Namespace) -> int:
     prepare_out(args.out, bundle.path)
     if args.method == "finetune" and importlib.util.find_spec("torch") is None:
         raise CytoedgeError("--method finetune needs the torch extra (pip install 'cytoedge[torch]')")
-    files, labels = labelled_folder(args.data, bundle)
-    keep = stratified_subset(labels, args.per_class, args.seed)
-    files, labels = [files[i] for i in keep], labels[keep]
     names = bundle.class_names
-    check_site_labels(labels, names, str(args.data))
-    if args.fields:
-        cells = field_cells(files, labels, bundle, backend, ScoringOptions(um_per_px=args.um_per_px, heatmaps=False))
-        skipped = "; ".join(f"{Path(k['image']).name}: {k['reason']}" for k in cells.skipped[:3])
-        check_site_labels(cells.labels, names, f"{args.data} (fields with one white cell found; "
-                                               f"{len(cells.skipped)} skipped{': ' + skipped if skipped else ''})")
+    if args.reviews:
+        cells = reviewed_cells(args, bundle, backend)
     else:
-        cells = crop_cells(files, labels, bundle, args.um_per_px)
+        files, labels = labelled_folder(args.data, bundle)
+        keep = stratified_subset(labels, args.per_class, args.seed)
+        files, labels = [files[i] for i in keep], labels[keep]
+        check_site_labels(labels, names, str(args.data))
+        if args.fields:
+            cells = field_cells(files, labels, bundle, backend, ScoringOptions(um_per_px=args.um_per_px,
+                                                                               heatmaps=False))
+            skipped = "; ".join(f"{Path(k['image']).name}: {k['reason']}" for k in cells.skipped[:3])
+            check_site_labels(cells.labels, names, f"{args.data} (fields with one white cell found; "
+                                                   f"{len(cells.skipped)} skipped{': ' + skipped if skipped else ''})")
+        else:
+            cells = crop_cells(files, labels, bundle, args.um_per_px)
     y = cells.labels
     work = args.out.with_name(f".{args.out.name}.partial-{os.getpid()}")
     try:
@@ -157,12 +167,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {skip['image']}: {skip['reason']}")
     if len(cells.skipped) > 5:
         print(f"... and {len(cells.skipped) - 5} more fields skipped")
-    print(f"adapted {bundle.name} to {args.data}: {len(y)} cells of {len(np.unique(y))} classes "
+    print(f"adapted {bundle.name} to {data_description(args)}: {len(y)} cells of {len(np.unique(y))} classes "
           f"({', '.join(f'{names[c]} {int((y == c).sum())}' for c in np.unique(y))}), method {args.method}, "
           f"{time.time() - started:.0f} s")
     print(f"held part ({report['held_cells']} cells): balanced accuracy {report['before']} before, "
           f"{report['after']:.3f} after -> {args.out}")
     return 0
+
+
+def input_kind(args) -> str:
+    return "reviews" if args.reviews else "fields" if args.fields else "crops"
+
+
+def data_description(args) -> str:
+    """What the cells came from, for messages and provenance."""
+    return "reviews " + ", ".join(map(str, args.reviews)) if args.reviews else str(args.data)
+
+
+def reviewed_cells(args, bundle, backend):
+    """The reviewed cells of ``--reviews``, cut again from their slides."""
+    from cytoedge.runtime.site_cells import review_cells, reviewed_labels
+    from cytoedge.runtime.slide_scoring import ScoringOptions
+
+    exports, labels = reviewed_labels(args.reviews, bundle, args.per_class, args.seed)
+    what = f"{len(exports)} review export(s)"
+    check_site_labels(labels, bundle.class_names, what)
+    cells = review_cells(exports, bundle, backend, ScoringOptions(um_per_px=args.um_per_px, heatmaps=False))
+    check_site_labels(cells.labels, bundle.class_names,
+                      f"{what} (cells found again on their slides; {len(cells.skipped)} not)")
+    return cells
 
 
 def build_adapted(args, bundle, backend, cells, work: Path):
@@ -222,19 +255,20 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
     before = source_race_on(E[part_b], source, candidates) if finetune is None else None
     adaptation = {
         "method": args.method, "source_bundle": str(source.path), "source_bundle_sha256": source.sha256,
-        "data": str(args.data), "data_sha256": data_sha256(cells.files, y, names),
-        "input": "fields" if args.fields else "crops",
+        "data": data_description(args), "data_sha256": data_sha256(cells.files, y, names),
+        "input": input_kind(args),
         "cells": {names[c]: int((y == c).sum()) for c in np.unique(y)}, "skipped_fields": len(cells.skipped),
         "per_class": args.per_class, "seed": args.seed, "scale": cells.scale,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": f"cytoedge adapt --method {args.method}" + (" --fields" if args.fields else ""),
+        "command": f"cytoedge adapt --method {args.method}" + {"fields": " --fields", "reviews": " --reviews"}.get(
+            input_kind(args), ""),
         **({"finetune": finetune} if finetune else {}),
     }
     manifest = json.loads((out.path / MANIFEST).read_text())
     manifest["adaptation"] = adaptation
     write_manifest(out.path, manifest)
     out = ModelBundle.load(out.path)
-    provenance = {"data": str(args.data), "cells": int(len(y)), "crop_scale": cells.scale, "backend": backend.name,
+    provenance = {"data": data_description(args), "cells": int(len(y)), "crop_scale": cells.scale, "backend": backend.name,
                   "candidates": DEFAULT_CANDIDATES, "command": adaptation["command"],
                   "adapted_from_calibration": source.calibration.get("provenance", {}).get("date")}
     write_calibration(out, fitted, candidates, DEFAULT_CANDIDATES["noise_seed"], provenance)
@@ -246,7 +280,7 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
     called = [names[c] for c in race_b.gaps.argmin(1)]
     domain = fit_domain(race_b.leader_errors, race_b.null_errors, called, out.calibration["anomaly_normalisation"])
     write_domain(out, {"format_version": 1, **domain, "provenance": {
-        "data": str(args.data), "part": "B of the adaptation's A/B split", "cells": int(len(part_b)),
+        "data": data_description(args), "part": "B of the adaptation's A/B split", "cells": int(len(part_b)),
         "calibration_sha256": out.manifest["files"][out.manifest["calibration"]]["sha256"],
         "command": adaptation["command"]}})
     report = {"held_cells": int(len(part_b)), "after": balanced_accuracy(y[part_b], race_b.gaps.argmin(1), k),

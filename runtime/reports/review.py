@@ -51,6 +51,7 @@ def review_data(entry: dict, audit: dict, views: dict, overlays: dict[int, bytes
     return {
         "format": REVIEW_FORMAT, "format_version": REVIEW_FORMAT_VERSION,
         "source": entry["source"], "source_sha256": entry.get("source_sha256"),
+        "um_per_px": (summary.get("scale") or {}).get("um_per_px"),
         "model": audit.get("model"), "bundle_sha256": audit.get("bundle_sha256"),
         "calibration_sha256": settings.get("calibration_sha256"), "cytoedge_version": audit.get("cytoedge_version"),
         "classes": classes, "differential_classes": list(summary.get("differential") or classes),
@@ -241,6 +242,7 @@ function exportDocument() {
   const counts = {}; for (const k of K) counts[k] = 0;
   for (const c of D.cells) { const s = state.get(c.id); if (s.label) counts[s.label]++; }
   return {format: D.format, format_version: D.format_version, source: D.source, source_sha256: D.source_sha256,
+    um_per_px: D.um_per_px,
     bundle_sha256: D.bundle_sha256, calibration_sha256: D.calibration_sha256, model: D.model,
     cytoedge_version: D.cytoedge_version, reviewer: document.getElementById("reviewer").value,
     exported: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
