@@ -187,3 +187,13 @@ def test_an_internal_error_on_one_slide_spares_the_others(tmp_path, smear, smear
     assert scored["status"] == "ok" and scored["cells"]
     logged = [r for r in caplog.records if r.exc_info and r.exc_info[0] is KeyError]
     assert logged and str(boom) in logged[0].getMessage()
+
+
+def test_heatmaps_for_all_cells_up_to_the_limit(smear_png, tmp_path):
+    """`--heatmaps-for all --max-heatmaps 2`: the first two cells get a map, flagged or not, and no more."""
+    run = cytoedge("score", smear_png, "--out", tmp_path, "--um-per-px", "0.2", "--heatmaps-for", "all",
+                   "--max-heatmaps", "2", "--threads", "1", "--quiet", "--no-run-log")
+    assert run.returncode == 0, run.stderr
+    cells = json.loads((tmp_path / "results.json").read_text())["slides"][0]["cells"]
+    assert [c["id"] for c in cells if "heatmap" in c] == [c["id"] for c in cells][:2]
+    assert all(0.0 <= c["heatmap"]["inside_cell_fraction"] <= 1.0 for c in cells if "heatmap" in c)
