@@ -1,0 +1,71 @@
+"""The ICSH 2015 red-cell grading table, as a bundle artefact (``grading.json`` of a red-cell bundle).
+
+Haematologists grade each red-cell feature 1+ / 2+ / 3+ by its share of red cells (Palmer et al.,
+"ICSH recommendations for the standardization of nomenclature and grading of peripheral blood cell
+morphological features", Int J Lab Hematol 2015;37:287–303). The limits differ by feature: size and
+colour features (macrocytes, microcytes, hypochromic cells) start at 11 %, most poikilocytes at 5 %,
+schistocytes at any count. Schistocytes above 1 % of red cells are the ICSH's threshold for suspecting
+a thrombotic microangiopathy (Zini et al., ICSH 2012; 2021 update, Int J Lab Hematol 2021;43:1264–71):
+that one enters triage as urgent.
+
+The limits below were transcribed for this project from the publications named; a lab verifies them
+against its own copy of the guideline (and may replace them: the table is data in the bundle, with its
+provenance, not code). A model class maps to one ICSH feature; a class with no feature (normal,
+uncategorised) is not graded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ICSH_2015 = "Palmer L, et al. Int J Lab Hematol 2015;37:287-303 (ICSH grading of peripheral blood cell morphology)"
+ICSH_SCHISTOCYTES = ("Zini G, et al. Int J Lab Hematol 2012;34:107-16, and the 2021 update, Int J Lab Hematol "
+                     "2021;43:1264-71: > 1 % schistocytes in adults is suspicious for thrombotic microangiopathy")
+
+# Each feature's published ranges (% of red cells) for 1+, 2+, 3+. A grade starts where the one below it
+# ends (a share above 20 % is 2+ where 1+ is "5-20"); 1+ needs at least its lower limit (schistocytes: one cell).
+SIZE_COLOUR = {"1+": [11.0, 20.0], "2+": [21.0, 50.0], "3+": [51.0, None]}
+POIKILOCYTE = {"1+": [5.0, 20.0], "2+": [21.0, 50.0], "3+": [51.0, None]}
+SCHISTOCYTE = {"1+": [0.0, 1.0], "2+": [1.0, 2.0], "3+": [2.0, None]}  # < 1, 1-2, > 2
+
+# model class -> (ICSH feature, its ranges)
+RBC12_FEATURES = {
+    "macrocyte": ("macrocytes", SIZE_COLOUR),
+    "microcyte": ("microcytes", SIZE_COLOUR),
+    "hypochromia": ("hypochromic cells", SIZE_COLOUR),
+    "spherocyte": ("spherocytes", POIKILOCYTE),
+    "target_cell": ("target cells", POIKILOCYTE),
+    "stomatocyte": ("stomatocytes", POIKILOCYTE),
+    "ovalocyte": ("ovalocytes", POIKILOCYTE),
+    "elliptocyte": ("elliptocytes", POIKILOCYTE),
+    "teardrop": ("teardrop cells (dacrocytes)", POIKILOCYTE),
+    "burr_cell": ("echinocytes (burr cells)", POIKILOCYTE),
+    "schistocyte": ("schistocytes", SCHISTOCYTE),
+}
+
+
+def icsh_grading(class_names: list[str]) -> dict:
+    """The grading artefact for a bundle with ``class_names`` (features of classes it lacks are left out)."""
+    features = {c: {"feature": f, "ranges_percent": ranges} for c, (f, ranges) in RBC12_FEATURES.items()
+                if c in class_names}
+    return {
+        "format_version": 1,
+        "features": features,
+        # A feature at or above this grade makes the slide "review"; schistocytes above this share make it urgent.
+        "review_grade": "2+",
+        "urgent": {"class": "schistocyte", "above_percent": 1.0, "provenance": ICSH_SCHISTOCYTES}
+        if "schistocyte" in class_names else None,
+        # Grades from fewer red cells than this are reported as provisional (ICSH: count at least 1,000).
+        "min_red_cells": 1000,
+        "provenance": {"grading": ICSH_2015, "schistocytes": ICSH_SCHISTOCYTES,
+                       "note": "transcribed for cytoedge; verify against the published tables before clinical use; "
+                               "a grade is read from the point estimate, as on a manual count",
+                       "writer": "calibration/icsh_grading.py"},
+    }
+
+
+def write_grading(bundle_path: Path, class_names: list[str]) -> Path:
+    """Write ``grading.json`` into a bundle folder (the manifest is re-hashed by its writer)."""
+    path = Path(bundle_path) / "grading.json"
+    path.write_text(json.dumps(icsh_grading(class_names), indent=1) + "\n")
+    return path
