@@ -371,13 +371,10 @@ class SlideScorer:
                             "nfe": int(2 * len(self._plan.timesteps))}
 
     def _update_thumbnail(self, tile: Tile) -> None:
-        st, opt = self.state, self.options
+        st = self.state
         if not st.single_plane or not st.width or not st.height:
             return
-        if st.thumbnail is None:
-            st.thumb_scale = min(1.0, opt.thumbnail_px / max(st.width, st.height))
-            st.thumbnail = np.full((max(1, round(st.height * st.thumb_scale)), max(1, round(st.width * st.thumb_scale)), 3),
-                                   255, np.uint8)
+        self._fit_thumbnail(st.width, st.height)
         s = st.thumb_scale
         cx0, cy0, cx1, cy1 = tile.core
         tx0, ty0 = int(cx0 * s), int(cy0 * s)
@@ -387,6 +384,22 @@ class SlideScorer:
             return
         core = tile.rgb[cy0 - tile.y0:cy1 - tile.y0, cx0 - tile.x0:cx1 - tile.x0]
         st.thumbnail[ty0:ty1, tx0:tx1] = cv2.resize(core, (tx1 - tx0, ty1 - ty0), interpolation=cv2.INTER_AREA)
+
+    def _fit_thumbnail(self, width: int, height: int) -> None:
+        """A thumbnail covering ``width × height`` slide pixels within ``thumbnail_px``: streamed tiles
+        grow the slide as they come, so what was drawn is shrunk onto a larger canvas when they do."""
+        st, limit = self.state, self.options.thumbnail_px
+        scale = min(1.0, limit / max(width, height))
+        shape = (max(1, round(height * scale)), max(1, round(width * scale)), 3)
+        if st.thumbnail is not None and st.thumbnail.shape == shape:
+            return
+        canvas = np.full(shape, 255, np.uint8)
+        if st.thumbnail is not None:
+            old = st.thumbnail
+            f = scale / st.thumb_scale
+            h, w = min(shape[0], max(1, round(old.shape[0] * f))), min(shape[1], max(1, round(old.shape[1] * f)))
+            canvas[:h, :w] = cv2.resize(old, (w, h), interpolation=cv2.INTER_AREA)
+        st.thumbnail, st.thumb_scale = canvas, scale
 
 
 def _normalise_result(res: dict, bundle: ModelBundle) -> dict:

@@ -214,3 +214,19 @@ def test_unview_puts_a_probe_views_map_back_on_the_cell(bundle, rng, angle, flip
     # A right angle maps the pixel lattice onto itself (exact); another angle interpolates twice.
     np.testing.assert_allclose(back[inner, inner], x[0, 0][inner, inner], atol=1e-4 if right_angle else 0.1)
     assert not np.allclose(x[1, 0][inner, inner], x[0, 0][inner, inner], atol=0.1)  # the view did move it
+
+
+def test_streamed_tiles_all_reach_the_thumbnail_within_its_size(bundle, ort_backend, smear):
+    """Tiles sent in-band grow the slide: the thumbnail grows with them (shrinking what it holds) and keeps
+    every tile, within ``thumbnail_px``."""
+    rgb = smear.rgb
+    h, w = rgb.shape[:2]
+    scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(heatmaps=False, thumbnail_px=160))
+    half = w // 2
+    scorer.score_tile(np.ascontiguousarray(rgb[:, :half]), (0, 0), 0.2)
+    scorer.score_tile(np.ascontiguousarray(rgb[:, half:]), (half, 0), 0.2)
+    thumb = scorer.state.thumbnail
+    assert max(thumb.shape[:2]) <= 160 and thumb.shape[1] == round(w * scorer.state.thumb_scale)
+    expected = cv2.resize(rgb, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_AREA)
+    right = slice(thumb.shape[1] // 2 + 2, None)  # the second tile's part: blank before the fix
+    assert np.abs(thumb[:, right].astype(int) - expected[:, right]).mean() < 12
