@@ -18,6 +18,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cytoedge.kernels import ColourTransform
+
 from cytoedge.runtime.errors import BundleError
 from cytoedge.runtime.schedule import NoiseSchedule
 
@@ -220,10 +222,11 @@ class ModelBundle:
         c = (size - 1) / 2.0
         return (((yy - c) ** 2 + (xx - c) ** 2) <= (spec["radius"] * size) ** 2).astype(np.float32)
 
-    def normalise(self, rgb01: np.ndarray) -> np.ndarray:
-        """Map ``[..., 3]`` RGB in [0, 1] to the model's value range, per the manifest."""
+    def colour_transform(self) -> ColourTransform:
+        """How the kernels turn a cell's RGB into this model's inputs: the manifest's normalisation (every
+        cut of a cell for this model goes through it, so a bundle with another range just works)."""
         norm = self.manifest["input"]["normalisation"]
-        return ((rgb01 - np.asarray(norm["mean"], np.float32)) / np.asarray(norm["std"], np.float32)).astype(np.float32)
+        return ColourTransform(mean=tuple(float(v) for v in norm["mean"]), std=tuple(float(v) for v in norm["std"]))
 
 
 def write_manifest(path: Path, manifest: dict, staged: dict[str, Path] | None = None) -> None:

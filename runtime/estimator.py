@@ -176,7 +176,8 @@ class DenoiserErrorSource:
         for (angle, flip), i in self.view_index.items():
             cells = batch.cells.copy()
             cells[:, 3], cells[:, 4] = angle, float(flip)
-            self.x0[i] = encoder.encode(prepare_batch(batch.tiles, cells, bundle.input_size)[0])
+            self.x0[i] = encoder.encode(prepare_batch(batch.tiles, cells, bundle.input_size,
+                                                      bundle.colour_transform())[0])
 
     def __call__(self, cell_idx: np.ndarray, class_idx: np.ndarray, k: int) -> np.ndarray:
         p = self.probes[k]

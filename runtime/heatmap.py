@@ -83,8 +83,7 @@ def counterfactual_heatmaps(batch: CellBatch, predicted: np.ndarray, runner_up: 
     """``[N, S, S] float32`` maps (runner-up error − predicted error, weighted over the plan's probes,
     smoothed) for the cells of ``batch``, on the unrotated cut of each cell."""
     size = bundle.input_size
-    norm = bundle.manifest["input"]["normalisation"]
-    colour = colour or ColourTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    colour = colour or bundle.colour_transform()
     n = len(batch)
     classes = np.concatenate([predicted, runner_up]).astype(np.int64)
     total = np.zeros((n, size, size), np.float32)

@@ -111,7 +111,7 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
             rows.append(row)
             noises.append(r.rng.standard_normal((channels, model_size, model_size)).astype(np.float32))
             ts.append(r.timesteps[len(r.errors)])
-        x0 = encoder.encode(prepare_batch(batch.tiles, np.stack(rows), size)[0])
+        x0 = encoder.encode(prepare_batch(batch.tiles, np.stack(rows), size, bundle.colour_transform())[0])
         xt = bundle.schedule.add_noise(x0, np.stack(noises), np.asarray(ts))
         xin = []
         for j, i in enumerate(active):

@@ -150,10 +150,7 @@ class SlideScorer:
         # Counterfactual maps are pixel-space: a latent bundle's errors have no pixel to point at.
         self._plan = heatmap_plan(bundle) if options.heatmaps and not bundle.manifest.get("latent") else None
         self._policy = TriagePolicy.from_bundle(bundle)
-        norm = bundle.manifest["input"]["normalisation"]
-        from cytoedge.kernels import ColourTransform
-
-        self._colour = ColourTransform(mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+        self._colour = bundle.colour_transform()
         self.audit = run_audit(bundle, backend, estimator)
         self.reset()
 

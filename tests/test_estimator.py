@@ -117,3 +117,19 @@ def test_uncalibrated_bundle_says_how_to_fix_it(tmp_path, bundle, generated_batc
 def test_empty_batch_is_refused(generated_batch, bundle, ort_backend):
     with pytest.raises(ValueError, match="empty cell batch"):
         score_cells_fast(generated_batch.subset(np.array([], np.int64)), bundle, ort_backend)
+
+
+def test_the_estimator_cuts_cells_with_the_manifests_normalisation(bundle, ort_backend, generated_batch):
+    """A bundle whose manifest says RGB [0, 1] → (x − 0.25) / 2 gets exactly those inputs (no hard-coded 0.5)."""
+    import copy
+    import dataclasses
+
+    from cytoedge.runtime.estimator import DenoiserErrorSource, noise_bank, probes_from_calibration
+
+    manifest = copy.deepcopy(bundle.manifest)
+    manifest["input"]["normalisation"] = {"mean": [0.25] * 3, "std": [2.0] * 3}
+    other = dataclasses.replace(bundle, manifest=manifest)
+    probes, _ = probes_from_calibration(bundle)
+    base = DenoiserErrorSource(generated_batch, bundle, ort_backend, probes, noise_bank(bundle)).x0
+    moved = DenoiserErrorSource(generated_batch, other, ort_backend, probes, noise_bank(bundle)).x0
+    np.testing.assert_allclose(moved, ((base * 0.5 + 0.5) - 0.25) / 2.0, atol=1e-5)

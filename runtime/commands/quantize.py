@@ -41,7 +41,7 @@ def clean_inputs(root: Path, bundle, per_class: int) -> np.ndarray:
     from cytoedge.runtime.encoders import create_encoder
 
     cells, _ = load_labelled_cells(root, bundle, per_class)
-    x0, _ = prepare_batch(cells.tiles, cells.cells, bundle.input_size)
+    x0, _ = prepare_batch(cells.tiles, cells.cells, bundle.input_size, bundle.colour_transform())
     return create_encoder(bundle).encode(x0)
 
 
