@@ -103,14 +103,18 @@ def test_keyboard_review_updates_the_differential_and_exports_corrections(demo, 
     cells = entry["cells"]
     body = browser.find_element("css selector", "body")
     changed = {}
-    for c in cells[:5]:  # five cells to another class, by their number key
+    for k, c in enumerate(cells[:5]):  # five cells to another class: four by their number key, one by click
         target = next(k for k in ("lymphocyte", "monocyte", "neutrophil") if k != c["class"])
         browser.find_element("css selector", f'figure[data-id="{c["id"]}"]').click()
-        body.send_keys(str(classes.index(target) + 1))
+        if k < 4:
+            body.send_keys(str(classes.index(target) + 1))
+        else:
+            browser.find_element("css selector", f'#detail button[data-class="{target}"]').click()
         changed[c["id"]] = target
-    for c in cells[5:7]:  # two confirmed
-        browser.find_element("css selector", f'figure[data-id="{c["id"]}"]').click()
-        body.send_keys(Keys.ENTER)
+    browser.find_element("css selector", f'figure[data-id="{cells[5]["id"]}"]').click()
+    body.send_keys(Keys.ENTER)  # confirmed by key
+    browser.find_element("css selector", f'figure[data-id="{cells[6]["id"]}"]').click()
+    browser.find_element("css selector", "#detail button[data-confirm]").click()  # and by click
     figures = _figures(browser)
     assert all(figures[i]["group"] == k and figures[i]["status"] == "reclassified" for i, k in changed.items())
     assert all(figures[c["id"]]["status"] == "confirmed" for c in cells[5:7])

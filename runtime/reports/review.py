@@ -89,7 +89,7 @@ figure.reclassified{border-color:#a3c}.pic{position:relative;width:128px;height:
 td,th{border-bottom:1px solid #eee;padding:2px 4px;text-align:right}td:first-child,th:first-child{text-align:left}
 kbd{border:1px solid #bbb;border-radius:3px;padding:0 3px;font-size:11px;background:#f3f3f3}
 #detail img{width:256px;height:256px}#detail .pic{width:256px;height:256px}button{font-size:13px}
-.small{font-size:11px;color:#555}
+.small{font-size:11px;color:#555}.pick button{font-size:11px;margin:1px}
 """
 
 _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
@@ -230,7 +230,9 @@ function select(id, scroll = true) {
     `${c.anomaly == null ? "" : "<br>anomaly score " + c.anomaly.toFixed(2)}` +
     `<br>prediction set: ${c.set.map(esc).join(", ")}${c.label ? "<br>model says: " + esc(c.label) : ""}` +
     `<br>view: ${c.px || "?"} px as scanned` +
-    `<br>review: <b>${s.status}</b>${s.label ? " as " + esc(s.label) : ""}</p>`;
+    `<br>review: <b>${s.status}</b>${s.label ? " as " + esc(s.label) : ""}</p>` +
+    `<p class="pick"><button data-confirm="1">Confirm ${esc(current(c))} (Enter)</button><br>move to: ` +
+    K.map((k, i) => `<button data-class="${esc(k)}">${i + 1} ${esc(k)}</button>`).join(" ") + `</p>`;
 }
 function save() { try { localStorage.setItem(store, JSON.stringify([...state])); } catch (e) {} }
 function assign(id, k) {
@@ -250,6 +252,10 @@ function exportDocument() {
       return {id: c.id, predicted: c.predicted, label: s.label, status: s.status, centre: c.centre, field: c.field}; }),
     differential: counts};
 }
+document.getElementById("detail").addEventListener("click", e => {  // the mouse's way to reclassify
+  const b = e.target.closest("button"); if (!b || selected == null) return;
+  assign(selected, b.dataset.confirm ? current(byId.get(selected)) : b.dataset.class);
+});
 let heat = false;
 document.getElementById("heat").onclick = () => { heat = !heat; document.body.classList.toggle("heat", heat); };
 document.getElementById("export").onclick = () => {
