@@ -158,6 +158,11 @@ class ModelBundle:
                 )
         schedule = NoiseSchedule.from_config(manifest["noise_schedule"])
         calibration = json.loads((path / manifest["calibration"]).read_text()) if manifest.get("calibration") else None
+        if calibration is not None:
+            from cytoedge.runtime.calibration_check import validate_calibration
+
+            validate_calibration(calibration, len(manifest["class_names"]), schedule.num_train_timesteps,
+                                 str(path / manifest["calibration"]))
         domain = json.loads((path / manifest["domain"]).read_text()) if manifest.get("domain") else None
         return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration, domain)
 

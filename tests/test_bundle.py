@@ -128,3 +128,24 @@ def test_a_staged_file_replaces_its_namesake_only_together_with_the_manifest(bun
     assert not staged.exists() and (bundle_copy / name).read_bytes() == new
     assert sorted(p.name for p in bundle_copy.iterdir()) == sorted(old)  # no temporary file left behind
     assert ModelBundle.load(bundle_copy).calibration["staged"] == 1
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda c: c.pop("temperature"), "'temperature' is missing"),
+    (lambda c: c.update(probe_weights=c["probe_weights"][:-1]), "'probe_weights' has"),
+    (lambda c: c.update(abstention_threshold=1.5), "'abstention_threshold'"),
+    (lambda c: c["probes"][0].update(timestep=5000), "outside the schedule"),
+    (lambda c: c.update(class_offsets=[[0.0]]), "'class_offsets' must be"),
+])
+def test_a_malformed_calibration_is_refused_at_load_naming_the_field(bundle_copy, change, field):
+    from cytoedge.runtime.bundle import write_manifest
+    from cytoedge.runtime.errors import CalibrationError
+
+    path = bundle_copy / "calibration.json"
+    cal = json.loads(path.read_text())
+    change(cal)
+    path.write_text(json.dumps(cal))
+    write_manifest(bundle_copy, json.loads((bundle_copy / "manifest.json").read_text()))  # re-hash: only the content is wrong
+    with pytest.raises(CalibrationError, match=field) as e:
+        ModelBundle.load(bundle_copy)
+    assert str(path) in str(e.value)
