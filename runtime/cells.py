@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
+from cytoedge.kernels import ColourTransform, prepare_batch
 from cytoedge.kernels.cell_batch import cell_table
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import InputImageError
@@ -33,6 +34,20 @@ class CellBatch:
 
     def subset(self, index: np.ndarray) -> "CellBatch":
         return CellBatch(self.tiles, self.cells[index])
+
+
+def model_inputs(tiles: list[np.ndarray], cells: np.ndarray, bundle: ModelBundle,
+                 colour: ColourTransform | None = None) -> np.ndarray:
+    """``[N, 3, S, S]`` model inputs of the cell rows ``cells``, cut by the kernels with the bundle's colour
+    transform. A pixel the cut takes from beyond its tile (a cell at the slide's edge) is glass, white, as
+    the slide would show it, not the kernels' black."""
+    colour = colour or bundle.colour_transform()
+    x, valid = prepare_batch(tiles, cells, bundle.input_size, colour)
+    if valid.all():
+        return x
+    white = ((np.clip(np.asarray(colour.gain) + np.asarray(colour.bias), 0.0, 1.0) - np.asarray(colour.mean))
+             / np.asarray(colour.std)).astype(x.dtype)
+    return np.where(valid[:, None] > 0, x, white[None, :, None, None])
 
 
 def header_size(path: str | Path) -> tuple[int, int] | None:

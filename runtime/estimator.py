@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from cytoedge.kernels import add_noise, masked_weighted_error, prepare_batch
+from cytoedge.kernels import add_noise, masked_weighted_error
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
-from cytoedge.runtime.cells import CellBatch
+from cytoedge.runtime.cells import CellBatch, model_inputs
 from cytoedge.runtime.encoders import create_encoder
 from cytoedge.runtime.errors import BackendError, CalibrationError
 
@@ -176,8 +176,7 @@ class DenoiserErrorSource:
         for (angle, flip), i in self.view_index.items():
             cells = batch.cells.copy()
             cells[:, 3], cells[:, 4] = angle, float(flip)
-            self.x0[i] = encoder.encode(prepare_batch(batch.tiles, cells, bundle.input_size,
-                                                      bundle.colour_transform())[0])
+            self.x0[i] = encoder.encode(model_inputs(batch.tiles, cells, bundle))
 
     def __call__(self, cell_idx: np.ndarray, class_idx: np.ndarray, k: int) -> np.ndarray:
         p = self.probes[k]

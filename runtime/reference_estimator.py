@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from cytoedge.kernels import masked_weighted_error, prepare_batch
+from cytoedge.kernels import masked_weighted_error
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
-from cytoedge.runtime.cells import CellBatch
+from cytoedge.runtime.cells import CellBatch, model_inputs
 from cytoedge.runtime.encoders import create_encoder
 
 
@@ -88,7 +88,6 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
                        progress=None) -> ReferenceResult:
     """Run the reference protocol on every cell of ``batch``."""
     k = len(bundle.class_names)
-    size = bundle.input_size
     channels, model_size = bundle.denoiser_shape
     encoder = create_encoder(bundle)
     mask = bundle.loss_mask()[None, None]
@@ -111,7 +110,7 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
             rows.append(row)
             noises.append(r.rng.standard_normal((channels, model_size, model_size)).astype(np.float32))
             ts.append(r.timesteps[len(r.errors)])
-        x0 = encoder.encode(prepare_batch(batch.tiles, np.stack(rows), size, bundle.colour_transform())[0])
+        x0 = encoder.encode(model_inputs(batch.tiles, np.stack(rows), bundle))
         xt = bundle.schedule.add_noise(x0, np.stack(noises), np.asarray(ts))
         xin = []
         for j, i in enumerate(active):

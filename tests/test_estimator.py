@@ -133,3 +133,20 @@ def test_the_estimator_cuts_cells_with_the_manifests_normalisation(bundle, ort_b
     base = DenoiserErrorSource(generated_batch, bundle, ort_backend, probes, noise_bank(bundle)).x0
     moved = DenoiserErrorSource(generated_batch, other, ort_backend, probes, noise_bank(bundle)).x0
     np.testing.assert_allclose(moved, ((base * 0.5 + 0.5) - 0.25) / 2.0, atol=1e-5)
+
+
+def test_pixels_beyond_a_tile_reach_the_model_as_glass_not_black(bundle):
+    """A cell at the slide's edge: the part of its cut beyond the tile is white (glass), the rest as cut."""
+    from cytoedge.kernels import prepare_batch
+    from cytoedge.kernels.cell_batch import cell_table
+    from cytoedge.runtime.cells import model_inputs
+
+    tile = np.full((64, 64, 3), 90, np.uint8)
+    cells = cell_table(np.array([0]), np.array([2.0]), np.array([30.0]))  # half the cut lies left of the tile
+    x, valid = prepare_batch([tile], cells, bundle.input_size, bundle.colour_transform())
+    got = model_inputs([tile], cells, bundle)
+    outside = valid[0] == 0
+    assert outside.any() and (~outside).any()
+    np.testing.assert_allclose(got[0][:, outside], 1.0)  # white in the bundle's [-1, 1] range
+    np.testing.assert_array_equal(got[0][:, ~outside], x[0][:, ~outside])
+    assert x[0][:, outside].mean() < -0.9  # what the kernels alone give: black

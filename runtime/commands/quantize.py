@@ -37,11 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def clean_inputs(root: Path, bundle, per_class: int) -> np.ndarray:
     """Labelled crops as the denoiser's clean inputs (pixels, or latents for a latent bundle)."""
     from cytoedge.export.validate import load_labelled_cells
-    from cytoedge.kernels import prepare_batch
+    from cytoedge.runtime.cells import model_inputs
     from cytoedge.runtime.encoders import create_encoder
 
     cells, _ = load_labelled_cells(root, bundle, per_class)
-    x0, _ = prepare_batch(cells.tiles, cells.cells, bundle.input_size, bundle.colour_transform())
+    x0 = model_inputs(cells.tiles, cells.cells, bundle)
     return create_encoder(bundle).encode(x0)
 
 
