@@ -147,3 +147,36 @@ def test_tensorrt_backend_refuses_engine_built_elsewhere(engine_bundle):
     forged.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(BackendError, match="Some Other GPU"):
         TensorRTBackend(new, forged)
+
+
+def test_infer_makes_the_engines_context_current_on_the_calling_thread(monkeypatch):
+    """serve scores on worker threads: each infer pushes the engine's CUDA context on its own thread and pops
+    it after, one infer at a time (a fake pycuda stands in for the driver; the GPU path itself is unverified here)."""
+    import sys
+    import threading
+    import types
+
+    from cytoedge.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    stacks: dict[int, list] = {}
+
+    class FakeContext:
+        def push(self):
+            stacks.setdefault(threading.get_ident(), []).append(self)
+
+    def pop():
+        stacks[threading.get_ident()].pop()
+
+    driver = types.SimpleNamespace(Context=types.SimpleNamespace(pop=pop), Error=RuntimeError)
+    monkeypatch.setitem(sys.modules, "pycuda", types.ModuleType("pycuda"))
+    monkeypatch.setitem(sys.modules, "pycuda.driver", driver)
+    backend = object.__new__(TensorRTBackend)
+    backend._context, backend._lock = FakeContext(), threading.Lock()
+    seen = []
+    backend._infer = lambda feeds: seen.append(list(stacks.get(threading.get_ident(), []))) or {}
+    worker = threading.Thread(target=backend.infer, args=({},))
+    worker.start()
+    worker.join()
+    backend.infer({})
+    assert [len(s) for s in seen] == [1, 1] and all(s[0] is backend._context for s in seen)
+    assert all(not s for s in stacks.values())  # popped again on both threads

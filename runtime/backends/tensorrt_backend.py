@@ -7,13 +7,19 @@ host buffers for each profile's largest batch, once) → ``infer`` (copy in, ``e
 with tensor addresses, copy out, on one stream) → ``unload``. For batch sizes equal to a profile's
 optimum, ``infer`` can replay a captured CUDA graph instead of enqueueing every kernel.
 
+The CUDA context (the device's primary context) is made current on the calling thread around every
+step, not only on the thread that loaded the engine: ``serve`` scores on worker threads. One lock
+serialises ``infer``: the buffers and the stream are shared.
+
 Written against the documented TensorRT 10 and pycuda APIs; CUDA-graph capture uses cuda-python's
 runtime bindings (``cudaStreamBeginCapture``/``cudaGraphLaunch``), as TensorRT's demo does. None of
 this can run on a machine without an NVIDIA GPU; see the tests for what is checked where.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -78,9 +84,22 @@ class TensorRTBackend:
         self._num_classes = bundle.num_class_ids
         self._engine = self._runtime = self._context = self._stream = self._cudart = None
         self._profiles: list[_ProfileBuffers] = []
+        self._lock = threading.Lock()
         self.load(sidecar)
-        self.activate()
-        self.allocate()
+        with self._current():
+            self.activate()
+            self.allocate()
+
+    @contextlib.contextmanager
+    def _current(self):
+        """The engine's CUDA context, current on this thread for the block (and popped after it)."""
+        import pycuda.driver as cuda
+
+        cuda_call("push context", self._context.push)
+        try:
+            yield
+        finally:
+            cuda_call("pop context", cuda.Context.pop)
 
     # --- engine life -------------------------------------------------------------------------
     def load(self, sidecar: dict) -> None:
@@ -93,10 +112,11 @@ class TensorRTBackend:
             raise BackendError(f"{self.engine_path}: its ONNX source {onnx_path} is not in the bundle")
         check_sidecar(sidecar, engine_key(self.spec, onnx_path, sidecar.get("precision", "fp16"),
                                           current_platform()), self.engine_path)
+        cuda_call("initialise CUDA", cuda.init)
         self._context = cuda_call("retain primary context", cuda.Device(0).retain_primary_context)
-        cuda_call("push context", self._context.push)
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
+        with self._current():
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self._engine = self._runtime.deserialize_cuda_engine(self.engine_path.read_bytes())
         if self._engine is None:
             raise BackendError(f"TensorRT could not deserialise {self.engine_path}")
         log.info("loaded %s (%d profiles)", self.engine_path.name, self._engine.num_optimization_profiles)
@@ -130,7 +150,11 @@ class TensorRTBackend:
                     raise BackendError(f"TensorRT refused the address of tensor {t.name!r}")
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch (within one profile) and return the outputs as host arrays."""
+        """Run one batch (within one profile) and return the outputs as host arrays (any thread)."""
+        with self._lock, self._current():
+            return self._infer(feeds)
+
+    def _infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import pycuda.driver as cuda
 
         b = int(next(iter(feeds.values())).shape[0])
@@ -180,17 +204,18 @@ class TensorRTBackend:
 
     def unload(self) -> None:
         """Free buffers, contexts, engine, and release the CUDA context."""
-        for buffers in self._profiles:
-            for graph in buffers.graphs.values():
-                cuda_call("cudaGraphExecDestroy", self._cudart.cudaGraphExecDestroy, graph)
-            for mem in buffers.device.values():
-                mem.free()
-        self._profiles = []
-        self._engine = self._runtime = self._stream = None
-        if self._context is not None:
-            self._context.pop()
-            self._context.detach()
-            self._context = None
+        if self._context is None:
+            return
+        with self._lock, self._current():
+            for buffers in self._profiles:
+                for graph in buffers.graphs.values():
+                    cuda_call("cudaGraphExecDestroy", self._cudart.cudaGraphExecDestroy, graph)
+                for mem in buffers.device.values():
+                    mem.free()
+            self._profiles = []
+            self._engine = self._runtime = self._stream = None
+        self._context.detach()
+        self._context = None
 
     # --- DenoiserBackend ---------------------------------------------------------------------
     def predict_noise(self, x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray) -> np.ndarray:
