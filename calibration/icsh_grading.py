@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+GRADING_FILE = "grading.json"
 ICSH_2015 = "Palmer L, et al. Int J Lab Hematol 2015;37:287-303 (ICSH grading of peripheral blood cell morphology)"
 ICSH_SCHISTOCYTES = ("Zini G, et al. Int J Lab Hematol 2012;34:107-16, and the 2021 update, Int J Lab Hematol "
                      "2021;43:1264-71: > 1 % schistocytes in adults is suspicious for thrombotic microangiopathy")
@@ -64,8 +65,14 @@ def icsh_grading(class_names: list[str]) -> dict:
     }
 
 
-def write_grading(bundle_path: Path, class_names: list[str]) -> Path:
-    """Write ``grading.json`` into a bundle folder (the manifest is re-hashed by its writer)."""
-    path = Path(bundle_path) / "grading.json"
-    path.write_text(json.dumps(icsh_grading(class_names), indent=1) + "\n")
+def write_grading(bundle) -> Path:
+    """Write ``grading.json`` (for the bundle's classes) into a bundle and list it in the manifest."""
+    from cytoedge.runtime.bundle import write_manifest
+
+    path = Path(bundle.path) / GRADING_FILE
+    path.write_text(json.dumps(icsh_grading(bundle.class_names), indent=1) + "\n")
+    manifest = bundle.manifest
+    manifest["grading"] = GRADING_FILE
+    manifest["files"][GRADING_FILE] = {"sha256": ""}
+    write_manifest(bundle.path, manifest)
     return path

@@ -125,6 +125,7 @@ class ModelBundle:
     schedule: NoiseSchedule
     calibration: dict | None
     domain: dict | None = None  # the out-of-domain alarm's reference (runtime/domain_alarm.py), if fitted
+    grading: dict | None = None  # a red-cell bundle's ICSH grading table (calibration/icsh_grading.py)
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelBundle":
@@ -140,7 +141,7 @@ class ModelBundle:
         validate_manifest(manifest, str(mpath))
         referenced = [manifest["networks"]["denoiser"]["file"]]
         referenced += [net["file"] for name, net in manifest["networks"].items() if name != "denoiser"]
-        for key in ("calibration", "domain"):
+        for key in ("calibration", "domain", "grading"):
             if manifest.get(key):
                 referenced.append(manifest[key])
         for name in referenced:
@@ -164,7 +165,8 @@ class ModelBundle:
             validate_calibration(calibration, len(manifest["class_names"]), schedule.num_train_timesteps,
                                  str(path / manifest["calibration"]))
         domain = json.loads((path / manifest["domain"]).read_text()) if manifest.get("domain") else None
-        return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration, domain)
+        grading = json.loads((path / manifest["grading"]).read_text()) if manifest.get("grading") else None
+        return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration, domain, grading)
 
     @property
     def name(self) -> str:

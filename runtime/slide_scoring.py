@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import cv2
 import numpy as np
@@ -39,6 +39,9 @@ from cytoedge.runtime.scale import ScaleEstimate, resolve_scale
 from cytoedge.runtime.sources import FolderSource, SlideSource, Tile
 from cytoedge.runtime.stain import LabStats, lab_stats, reference_stats, reinhard
 from cytoedge.runtime.summary import TriagePolicy, summarise_slide
+
+if TYPE_CHECKING:
+    from cytoedge.runtime.red_cells import RedCellReader
 
 log = logging.getLogger(__name__)
 
@@ -139,13 +142,15 @@ class SlideScorer:
     """Scores slides with one bundle, backend and estimator (see the module docstring)."""
 
     def __init__(self, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast",
-                 options: ScoringOptions = ScoringOptions(), classify: ClassifyFn = classify_batch):
+                 options: ScoringOptions = ScoringOptions(), classify: ClassifyFn = classify_batch,
+                 red_cells: "RedCellReader | None" = None):
         if options.stain_context not in ("cell", "slide"):
             raise CytoedgeError(f"stain_context {options.stain_context!r}: choose 'cell' or 'slide'")
         if options.heatmap_cells not in ("flagged", "all"):
             raise CytoedgeError(f"heatmap_cells {options.heatmap_cells!r}: choose 'flagged' or 'all'")
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self._classify = classify
+        self._red = red_cells  # the red-cell stage (runtime/red_cells.py), if a red-cell bundle is given
         self._reference = reference_stats(bundle) if options.stain_normalise else None
         # Counterfactual maps are pixel-space: a latent bundle's errors have no pixel to point at.
         self._plan = heatmap_plan(bundle) if options.heatmaps and not bundle.manifest.get("latent") else None
@@ -158,6 +163,8 @@ class SlideScorer:
     def reset(self, name: str = "(tiles)") -> None:
         """Start a new slide (``score_source`` does this itself)."""
         self.state = SlideState(name, stain_context=self.options.stain_context if self._reference else None)
+        if self._red is not None:
+            self._red.reset()
 
     def score_source(self, source: SlideSource) -> Iterator[dict]:
         """Stream the cell records of one slide; InputImageError if it cannot be read at all."""
@@ -199,8 +206,14 @@ class SlideScorer:
         return list(self._flush(pending))
 
     def summary(self) -> dict:
-        """Summary of the slide scored last (or of the tiles sent since the last reset)."""
-        return summarise_slide(self.state, self.bundle, self._policy, self.options.density_bin_um)
+        """Summary of the slide scored last (or of the tiles sent since the last reset), with its red-cell
+        reading when a red-cell bundle is given (its triage joins the slide's)."""
+        summary = summarise_slide(self.state, self.bundle, self._policy, self.options.density_bin_um)
+        if self._red is not None:
+            red = self._red.reading(self.state.scale.source if self.state.scale else None)
+            summary["red_cells"] = red
+            summary["triage"] = join_triage(summary["triage"], red["triage"], "red cells")
+        return summary
 
     def checkpoint(self) -> dict:
         """What the tiles scored so far left in the slide's state, besides their records (JSON-ready,
@@ -212,7 +225,7 @@ class SlideScorer:
                 "stain": {"mean": [float(v) for v in st.stain.mean], "std": [float(v) for v in st.stain.std]}
                 if st.stain else None,
                 "platelets": st.platelets, "red_cells": st.red_cells, "tiles": st.tiles, "area_px": st.area_px,
-                "explained": sorted(st.explained)}
+                "explained": sorted(st.explained), "red_cell_reader": self._red.checkpoint() if self._red else None}
 
     def restore(self, checkpoint: dict, records: list[dict]) -> None:
         """Continue a slide from ``checkpoint()`` and its records (thumbnail, cell views and heatmap
@@ -227,6 +240,8 @@ class SlideScorer:
         st.tiles, st.area_px = checkpoint["tiles"], checkpoint["area_px"]
         st.records = list(records)
         st.explained = {int(i) for i in checkpoint["explained"]}
+        if self._red is not None and checkpoint.get("red_cell_reader"):
+            self._red.restore(checkpoint["red_cell_reader"])
 
     # ---- internals --------------------------------------------------------------------------
     def _tile_core_px(self, um_per_px: float, overlap: int) -> int:
@@ -261,6 +276,9 @@ class SlideScorer:
                             for d in det.platelets)
         st.red_cells += det.red_cell_count
         t = st.tick("detect", t)
+        if self._red is not None:
+            self._red.add_tile(tile.rgb, um_per_px, core_local, _boxes_mask(tile.rgb.shape[:2], det.white + det.platelets))
+            t = st.tick("red_cells", t)
         self._update_thumbnail(tile)
         if not white:
             return
@@ -397,6 +415,26 @@ class SlideScorer:
             h, w = min(shape[0], max(1, round(old.shape[0] * f))), min(shape[1], max(1, round(old.shape[1] * f)))
             canvas[:h, :w] = cv2.resize(old, (w, h), interpolation=cv2.INTER_AREA)
         st.thumbnail, st.thumb_scale = canvas, scale
+
+
+def _boxes_mask(shape: tuple[int, int], detections: list[Detection]) -> np.ndarray:
+    """uint8 0/1 mask of the detections' boxes: pixels that are no red cell's."""
+    mask = np.zeros(shape, np.uint8)
+    for d in detections:
+        x0, y0, x1, y1 = (int(round(v)) for v in d.bbox)
+        mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1
+    return mask
+
+
+TRIAGE_ORDER = ("routine", "review", "urgent")
+
+
+def join_triage(slide: dict, part: dict, what: str) -> dict:
+    """The slide's triage with a part's (e.g. the red cells'): the more urgent level, both sets of reasons."""
+    level = max(slide["level"], part["level"], key=TRIAGE_ORDER.index)
+    reasons = [f"{what}: {r}" for r in part["reasons"]]
+    return {"level": level, "reasons": (reasons + slide["reasons"]) if part["level"] == "urgent"
+            else (slide["reasons"] + reasons)}
 
 
 def _normalise_result(res: dict, bundle: ModelBundle) -> dict:

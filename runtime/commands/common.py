@@ -21,6 +21,31 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
 
 
+def add_red_cell_arguments(p: argparse.ArgumentParser) -> None:
+    """score, demo and serve: the red-cell reading beside the white cells (runtime/red_cells.py)."""
+    g = p.add_argument_group("red cells (ICSH morphology grading)")
+    g.add_argument("--red-cell-model", type=Path, default=None,
+                   help="red-cell bundle (default: the bundled one, when installed)")
+    g.add_argument("--no-red-cells", action="store_true", help="do not read the red cells")
+    g.add_argument("--red-cells-per-slide", type=bounded_int(100, 100_000), default=1000,
+                   help="red cells sampled and classified per slide (ICSH grades on at least 1,000)")
+
+
+def red_cell_stage(args: argparse.Namespace) -> tuple | None:
+    """(red-cell bundle, its backend, sampling) for RedCellReader, or None when off or not installed."""
+    from cytoedge.models import red_cell_bundle_path
+    from cytoedge.runtime.backends.select import create_backend
+    from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.red_cells import RedCellSampling
+
+    path = None if args.no_red_cells else (args.red_cell_model or red_cell_bundle_path())
+    if path is None:
+        return None
+    bundle = ModelBundle.load(path)
+    return bundle, create_backend(bundle, args.backend, threads=args.threads), \
+        RedCellSampling(target_cells=args.red_cells_per_slide)
+
+
 def um_per_px(text: str) -> float:
     """argparse type of --um-per-px: a finite pixel size inside the supported range (runtime/limits.py)."""
     try:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import (add_guidance_argument, add_model_arguments, add_scoring_arguments,
-                                              load_bundle_and_backend)
+from cytoedge.runtime.commands.common import (add_guidance_argument, add_model_arguments, add_red_cell_arguments,
+                                              add_scoring_arguments, load_bundle_and_backend)
 from cytoedge.runtime.commands.score import add_output_arguments, score_paths
 
 # A differential with a few immature cells, so the triage has something to say.
@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dicom", action="store_true", help="write and score the smear as a DICOM WSI instead of PNG")
     add_model_arguments(p)
     add_scoring_arguments(p)
+    add_red_cell_arguments(p)
     add_output_arguments(p)
     p.set_defaults(func=run)
 

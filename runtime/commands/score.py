@@ -21,8 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_run_log_arguments, add_scoring_arguments,
-                                              load_bundle_and_backend, progress_bar, scoring_options)
+from cytoedge.runtime.commands.common import (add_model_arguments, add_red_cell_arguments, add_run_log_arguments,
+                                              add_scoring_arguments, load_bundle_and_backend, progress_bar,
+                                              red_cell_stage, scoring_options)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     add_model_arguments(p)
     add_scoring_arguments(p)
+    add_red_cell_arguments(p)
     add_output_arguments(p)
     add_run_log_arguments(p, "one row per slide")
     p.set_defaults(func=run)
@@ -60,6 +62,7 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.reports import write_slide_reports
     from cytoedge.runtime.reports.tables import write_json
+    from cytoedge.runtime.red_cells import RedCellReader
     from cytoedge.runtime.run_log import record_slide
     from cytoedge.runtime.slide_scoring import (SlideScorer, build_slides_document, options_dict, slide_entry)
     from cytoedge.runtime.sources import DicomSlideSource, open_source, source_sha256
@@ -67,7 +70,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     if bundle is None:
         bundle, backend, estimator = load_bundle_and_backend(args)
     options = scoring_options(args)
-    scorer = SlideScorer(bundle, backend, estimator, options)
+    red = red_cell_stage(args)
+    scorer = SlideScorer(bundle, backend, estimator, options, red_cells=RedCellReader(*red) if red else None)
     out.mkdir(parents=True, exist_ok=True)
     entries, errors, timings, outputs = [], [], {}, {}
     uids: dict[str, str] | None = {} if args.deidentify else None  # one UID map for the run's de-identified objects

@@ -12,8 +12,9 @@ import signal
 import sys
 from pathlib import Path
 
-from cytoedge.runtime.commands.common import (add_model_arguments, add_run_log_arguments, add_scoring_arguments,
-                                              load_bundle_and_backend, scoring_options)
+from cytoedge.runtime.commands.common import (add_model_arguments, add_red_cell_arguments, add_run_log_arguments,
+                                              add_scoring_arguments, load_bundle_and_backend, red_cell_stage,
+                                              scoring_options)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "journal); by default none reaches them (configuration key include_identifiers)")
     add_model_arguments(p)
     add_scoring_arguments(p, scale=False)  # a job's scale comes with its SUBMIT
+    add_red_cell_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -69,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
             handler.setFormatter(JsonLogFormatter())
     bundle, backend, estimator = load_bundle_and_backend(args)
     daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator, scoring_options(args),
-                                               include_identifiers=config.include_identifiers))
+                                               include_identifiers=config.include_identifiers,
+                                               red_cells=red_cell_stage(args)))
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     daemon.serve()

@@ -17,6 +17,7 @@ import numpy as np
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.limits import MAX_MODEL_SCALE_TILE_PIXELS, model_scale_pixels
+from cytoedge.runtime.red_cells import RedCellReader, RedCellSampling
 from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer
 from cytoedge.runtime.sources import DicomSlideSource, Opener, open_source
 
@@ -32,7 +33,8 @@ class SlideJob:
     def _scorer(self, options: ScoringOptions) -> SlideScorer:
         if self.scorer is None:
             f = self.factory
-            self.scorer = SlideScorer(f.bundle, f.backend, f.estimator, options)
+            red = RedCellReader(*f.red_cells) if f.red_cells else None
+            self.scorer = SlideScorer(f.bundle, f.backend, f.estimator, options, red_cells=red)
         return self.scorer
 
     def score_path(self, path: Path, um_per_px: float | None, opener: Opener) -> Iterator[dict]:
@@ -65,9 +67,11 @@ class SlideScorerFactory:
     """Hands each job a SlideScorer over the shared bundle and backend."""
 
     def __init__(self, bundle: ModelBundle, backend: DenoiserBackend, estimator: str,
-                 options: ScoringOptions = ScoringOptions(), include_identifiers: bool = False):
+                 options: ScoringOptions = ScoringOptions(), include_identifiers: bool = False,
+                 red_cells: tuple[ModelBundle, DenoiserBackend, RedCellSampling] | None = None):
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self.include_identifiers = include_identifiers
+        self.red_cells = red_cells  # (red-cell bundle, its backend), shared by every job's reader
 
     def identity(self) -> dict:
         """HELLO's model identity: the scorer's audit block (what `cytoedge score --json` records)."""
@@ -86,3 +90,5 @@ class SlideScorerFactory:
 
     def close(self) -> None:
         self.backend.close()
+        if self.red_cells:
+            self.red_cells[1].close()
