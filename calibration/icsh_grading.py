@@ -23,13 +23,14 @@ ICSH_2015 = "Palmer L, et al. Int J Lab Hematol 2015;37:287-303 (ICSH grading of
 ICSH_SCHISTOCYTES = ("Zini G, et al. Int J Lab Hematol 2012;34:107-16, and the 2021 update, Int J Lab Hematol "
                      "2021;43:1264-71: > 1 % schistocytes in adults is suspicious for thrombotic microangiopathy")
 
-# Each feature's published ranges (% of red cells) for 1+, 2+, 3+. A grade starts where the one below it
-# ends (a share above 20 % is 2+ where 1+ is "5-20"); 1+ needs at least its lower limit (schistocytes: one cell).
-SIZE_COLOUR = {"1+": [11.0, 20.0], "2+": [21.0, 50.0], "3+": [51.0, None]}
-POIKILOCYTE = {"1+": [5.0, 20.0], "2+": [21.0, 50.0], "3+": [51.0, None]}
-SCHISTOCYTE = {"1+": [0.0, 1.0], "2+": [1.0, 2.0], "3+": [2.0, None]}  # < 1, 1-2, > 2
+# Where each grade starts, in % of red cells, as the published ranges read on a continuous share:
+# "5-20 / 21-50 / > 50" is 1+ from 5 %, 2+ above 20 %, 3+ above 50 %; schistocytes' "< 1 / 1-2 / > 2" is
+# 1+ from one cell, 2+ from 1 %, 3+ above 2 %.
+SIZE_COLOUR = {"1+": {"at_least": 11.0}, "2+": {"above": 20.0}, "3+": {"above": 50.0}}
+POIKILOCYTE = {"1+": {"at_least": 5.0}, "2+": {"above": 20.0}, "3+": {"above": 50.0}}
+SCHISTOCYTE = {"1+": {"above": 0.0}, "2+": {"at_least": 1.0}, "3+": {"above": 2.0}}
 
-# model class -> (ICSH feature, its ranges)
+# model class -> (ICSH feature, where its grades start)
 RBC12_FEATURES = {
     "macrocyte": ("macrocytes", SIZE_COLOUR),
     "microcyte": ("microcytes", SIZE_COLOUR),
@@ -47,7 +48,7 @@ RBC12_FEATURES = {
 
 def icsh_grading(class_names: list[str]) -> dict:
     """The grading artefact for a bundle with ``class_names`` (features of classes it lacks are left out)."""
-    features = {c: {"feature": f, "ranges_percent": ranges} for c, (f, ranges) in RBC12_FEATURES.items()
+    features = {c: {"feature": f, "grade_starts_percent": starts} for c, (f, starts) in RBC12_FEATURES.items()
                 if c in class_names}
     return {
         "format_version": 1,

@@ -21,18 +21,23 @@ def _nums(v: Any) -> bool:
 
 
 def _unit(v: Any) -> bool:
-    return _num(v) and 0.0 <= v <= 1.0
+    return _num(v) and -1e-9 <= v <= 1.0 + 1e-9  # a fitted quantile may land a rounding step past 1
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _probe(p: Any) -> bool:
-    return (isinstance(p, dict) and isinstance(p.get("timestep"), int) and isinstance(p.get("noise_index"), int)
+    return (isinstance(p, dict) and _whole(p.get("timestep")) and _whole(p.get("noise_index"))
             and p["noise_index"] >= 0 and _num(p.get("angle")) and isinstance(p.get("flip"), bool))
 
 
 FIELDS: list[tuple[str, Callable[[Any], bool], str]] = [
     ("probes", lambda v: isinstance(v, list) and bool(v) and all(_probe(p) for p in v),
      "a non-empty list of {timestep, noise_index, angle, flip}"),
-    ("probe_weights", _nums, "a list of numbers, one per probe"),
+    ("probe_weights", lambda v: _nums(v) and all(w >= 0 for w in v) and sum(v) > 0,
+     "a list of numbers >= 0, one per probe, not all 0"),
     ("elimination_margins", _nums, "a list of numbers, one per probe"),
     ("temperature", lambda v: _num(v) and v > 0, "a positive number"),
     ("conformal_threshold", _unit, "a number in [0, 1]"),

@@ -124,7 +124,8 @@ def _slide_calls(doc: dict, path: Path, info: dict) -> tuple[list[ModelCall], li
         info["slides"] += 1
         summary = slide.get("summary") or {}
         names = names or (list(summary["by_class"]) if isinstance(summary.get("by_class"), dict) else None)
-        in_diff += [c for c in (summary.get("differential") or {}) if c not in in_diff]
+        counted = summary.get("differential_classes") or summary.get("differential") or {}  # older documents: keys
+        in_diff += [c for c in counted if c not in in_diff]
         for c, cell in enumerate(slide.get("cells") or []):
             where = f"slides[{s}].cells[{c}]"
             _check_record(cell, where, path, ("id", "class"))

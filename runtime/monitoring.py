@@ -286,6 +286,9 @@ def assess(runs: list[dict], revalidations: list[dict], now: datetime,
     """Judge the run log: the slides of the bundle in use (the last row's), oldest first."""
     bundle = runs[-1].get("bundle_sha256") if runs else None
     rows = [r for r in runs if r.get("bundle_sha256") == bundle]
+    # Only a revalidation of this bundle counts (a new model is revalidated, not the old one's pilot);
+    # one that does not say which bundle it was (an older log) counts for any.
+    revalidations = [r for r in revalidations if (r.get("details") or {}).get("bundle_sha256") in (None, bundle)]
     starts = sorted({parse_time(r["time"]) for r in revalidations})
     times = [parse_time(r["time"]) for r in rows]
     restarts = sorted({next(i for i, t in enumerate(times) if t > s) for s in starts if times and times[-1] > s})

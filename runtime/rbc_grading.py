@@ -3,8 +3,8 @@ each feature, and what enters triage.
 
 Pure over class counts and the red-cell bundle's grading artefact (``grading.json``, written by
 calibration/icsh_grading.py with its provenance): a grade is read from the point estimate, as on a
-manual count; a grade starts where the one below it ends (a share above 20 % is 2+ where 1+ is
-"5–20"), and 1+ needs at least its lower limit (for schistocytes, one cell). The 95 % interval of each
+manual count, each grade starting where the table says (``at_least`` or ``above`` a share: "5–20 /
+21–50 / > 50" is 1+ from 5 %, 2+ above 20 %). The 95 % interval of each
 share is the exact binomial (Clopper–Pearson) interval of the count. Fewer red cells than
 ``min_red_cells`` make the reading provisional, and it says so.
 """
@@ -23,14 +23,17 @@ def exact_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lo, hi
 
 
-def grade(percent: float, count: int, ranges: dict) -> str:
-    """The ICSH grade of one feature's share (``ranges``: grade → [low, high] in %)."""
-    if percent > ranges["2+"][1]:
-        return "3+"
-    if percent > ranges["1+"][1]:
-        return "2+"
-    if count > 0 and percent >= ranges["1+"][0]:
-        return "1+"
+def _reaches(percent: float, start: dict) -> bool:
+    return percent >= start["at_least"] if "at_least" in start else percent > start["above"]
+
+
+def grade(percent: float, count: int, starts: dict) -> str:
+    """The ICSH grade of one feature's share (``starts``: grade → {"at_least" or "above": %})."""
+    if count == 0:
+        return "0"
+    for g in ("3+", "2+", "1+"):
+        if _reaches(percent, starts[g]):
+            return g
     return "0"
 
 
@@ -48,7 +51,7 @@ def red_cell_reading(counts: dict[str, int], grading: dict) -> dict:
         p = 100 * k / n if n else 0.0
         grades[spec["feature"]] = {"class": c, "count": k, "percent": round(p, 3),
                                    "ci95_percent": by_class.get(c, {}).get("ci95_percent"),
-                                   "grade": grade(p, k, spec["ranges_percent"]) if n else "not assessed"}
+                                   "grade": grade(p, k, spec["grade_starts_percent"]) if n else "not assessed"}
     provisional = n < grading["min_red_cells"]
     reasons, level = [], "routine"
     review_at = GRADES.index(grading["review_grade"])

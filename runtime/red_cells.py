@@ -55,16 +55,19 @@ class RedCellReader:
         self.counts = {c: 0 for c in self.bundle.class_names}
         self.seen = 0  # separated red cells met in tile cores (sampled or not)
         self.seconds = 0.0
+        self.sample: list[dict] = []  # each classified cell: slide centre and class (for the DICOM annotations)
         self._tiles: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []
+        self._centres: list[tuple[float, float]] = []
 
     @property
     def sampled(self) -> int:
         return sum(self.counts.values()) + len(self._rows)
 
     def add_tile(self, rgb: np.ndarray, um_per_px: float, core: tuple[int, int, int, int],
-                 exclude: np.ndarray | None) -> None:
-        """Sample the separated red cells whose centres lie in ``core`` (tile pixels x0, y0, x1, y1)."""
+                 exclude: np.ndarray | None, origin: tuple[int, int] = (0, 0)) -> None:
+        """Sample the separated red cells whose centres lie in ``core`` (tile pixels x0, y0, x1, y1); the
+        tile's top-left lies at ``origin`` in slide pixels."""
         room = min(self.sampling.per_tile, self.sampling.target_cells - self.sampled)
         if room <= 0:
             return
@@ -83,6 +86,7 @@ class RedCellReader:
             for cx, cy in pick:
                 self._rows.append(cell_table(index, on_input_lattice((cx + 0.5) * f - 0.5, size),
                                              on_input_lattice((cy + 0.5) * f - 0.5, size))[0])
+                self._centres.append((round(float(cx) + origin[0], 1), round(float(cy) + origin[1], 1)))
             if len(self._rows) >= self.sampling.batch_cells:
                 self._classify()
         self.seconds += time.perf_counter() - t0
@@ -95,9 +99,11 @@ class RedCellReader:
     def _classify(self) -> None:
         if not self._rows:
             return
-        for record in classify_batch(CellBatch(self._tiles, np.stack(self._rows)), self.bundle, self.backend, "fast"):
+        records = classify_batch(CellBatch(self._tiles, np.stack(self._rows)), self.bundle, self.backend, "fast")
+        for record, centre in zip(records, self._centres):
             self.counts[record["class"]] += 1
-        self._tiles, self._rows = [], []
+            self.sample.append({"centre": list(centre), "class": record["class"]})
+        self._tiles, self._rows, self._centres = [], [], []
 
     def checkpoint(self) -> dict:
         """What the slide's tiles so far left (JSON-ready): with ``restore``, a resumed slide goes on."""

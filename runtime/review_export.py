@@ -41,6 +41,7 @@ class ReviewExport:
     source: str  # the slide entry's source, exactly as in results.json
     source_sha256: str | None  # the slide file's sha256 (results.json's), to check it is the same slide
     um_per_px: float | None  # the slide's pixel size as scored, so its cells are cut again at the same scale
+    scoring_options: dict | None  # how the slide was scored (stain, tiling), for the same reason
     bundle_sha256: str
     calibration_sha256: str | None
     model: str
@@ -74,6 +75,13 @@ def _text(doc: dict, key: str, name: str, optional: bool = False, empty: bool = 
     if not isinstance(value, str) or not (empty or value):
         kind = "a string" if empty else "a non-empty string"
         raise _fail(name, key, f"must be {kind}{' or null' if optional else ''}, not {value!r}")
+    return value
+
+
+def _options(doc: dict, name: str) -> dict | None:
+    value = doc.get("scoring_options")
+    if value is not None and not isinstance(value, dict):
+        raise _fail(name, "scoring_options", f"must be an object or null, not {value!r}")
     return value
 
 
@@ -154,6 +162,7 @@ def validate(doc, name: str | Path) -> ReviewExport:
     return ReviewExport(
         path=Path(name), source=_text(doc, "source", name, empty=False),
         source_sha256=_text(doc, "source_sha256", name, optional=True), um_per_px=_scale(doc, name),
+        scoring_options=_options(doc, name),
         bundle_sha256=_text(doc, "bundle_sha256", name, empty=False),
         calibration_sha256=_text(doc, "calibration_sha256", name, optional=True),
         model=_text(doc, "model", name), cytoedge_version=_text(doc, "cytoedge_version", name),

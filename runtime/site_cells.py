@@ -8,7 +8,7 @@ will later feed the model, so this module reuses their readers rather than a cop
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -30,13 +30,13 @@ class SiteCells:
     scale: dict = field(default_factory=dict)          # how the pixel size was found
 
     def batches_of(self, index: np.ndarray) -> list[CellBatch]:
-        """The cells at ``index`` (in batch order) as CellBatches holding only their tiles."""
+        """The cells at ``index`` (in batch order) as CellBatches."""
         starts = np.cumsum([0] + [len(b) for b in self.batches])
         out = []
         for b, batch in enumerate(self.batches):
             rows = [int(i - starts[b]) for i in np.sort(index) if starts[b] <= i < starts[b + 1]]
             if rows:
-                out.append(compact(batch, rows))
+                out.append(batch.subset(np.asarray(rows)))
         return out
 
 
@@ -101,7 +101,7 @@ def field_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, back
         seen.append(batch)
         return classify_batch(batch, *args)
 
-    scorer = SlideScorer(bundle, backend, "fast", options, classify=keep_batch)
+    scorer = SlideScorer(bundle, backend, "fast", replace(options, review_cells=0), classify=keep_batch)
     batches, kept, used, skipped, sources = [], [], [], [], {}
     for path, label in zip(files, labels):
         seen.clear()
@@ -144,13 +144,17 @@ def reviewed_labels(paths: list[Path], bundle: ModelBundle, per_class: int | Non
     return exports, labels[keep]
 
 
+# What a review export may say of how its slide was scored, so that its cells are cut again the same way.
+REVIEW_SCORING_KEYS = ("stain_normalise", "stain_context", "stain_field_um", "tile_px", "overlap_um")
+
+
 def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCells:
     """The cells readers confirmed or reclassified on review pages (exports from :func:`reviewed_labels`),
-    cut again from their slides by ``score``'s own SlideScorer, so they reach the estimator as scored
-    cells do. Each slide
-    must be the one reviewed (its sha256, where the export has it); a cell is found by its centre
-    (the nearest scored cell within 2 µm), else by its id. Only the labelled cells' tiles are kept, so
-    memory follows the labels, not the slide. Cells not found again are skipped and listed."""
+    cut again from their slides by ``score``'s own SlideScorer with the slide's own scoring options (its
+    export's), so they reach the estimator as scored cells do. Each slide must be the one reviewed (its
+    sha256, where the export has it); a cell is found by its centre (the nearest scored cell of its field
+    within 2 µm not already taken), else by its id. Each labelled cell keeps only a window of its tile
+    around it, so memory follows the labels, not the slides. Cells not found again are skipped and listed."""
     from cytoedge.runtime.classify_cells import classify_batch
     from cytoedge.runtime.slide_scoring import SlideScorer
     from cytoedge.runtime.sources import open_source, source_sha256
@@ -161,7 +165,6 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
         seen.append(batch)
         return classify_batch(batch, *args)
 
-    scorer = SlideScorer(bundle, backend, "fast", options, classify=keep_batch)
     names = bundle.class_names
     batches, labels, files, skipped, sources = [], [], [], [], {}
     for export in exports:
@@ -173,25 +176,29 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
             raise CytoedgeError(f"{export.path}: the reviewed slide {slide} is not there (moved or deleted?)")
         if export.source_sha256 and source_sha256(slide) != export.source_sha256:
             raise CytoedgeError(f"{export.path}: {slide} is not the slide that was reviewed (its sha256 differs)")
+        as_scored = {k: v for k, v in (export.scoring_options or {}).items() if k in REVIEW_SCORING_KEYS}
+        scorer = SlideScorer(bundle, backend, "fast", replace(options, **as_scored, review_cells=0), classify=keep_batch)
         by_id = {c.id: c for c in wanted if c.centre is None}
         placed = [c for c in wanted if c.centre is not None]
         centres = np.array([c.centre for c in placed], np.float64).reshape(-1, 2)
-        taken: set[int] = set()
+        fields = np.array([c.field or "" for c in placed], dtype=object)
+        taken = np.zeros(len(placed), bool)
         seen.clear()
         picked: list[int] = []  # rows of the current batch
         row = 0
         scale = options.um_per_px or export.um_per_px  # as the reader saw it scored, unless told otherwise
         for record in scorer.score_source(open_source(slide, scale)):
             if len(seen) > 1:  # a new batch began: keep the previous one's labelled rows only
-                batches.append(compact(seen[0], picked))
+                batches.append(windows(seen[0], picked, 2 * bundle.input_size))
                 del seen[0]
                 picked, row = [], 0
             cell = by_id.pop(record["id"], None)
             if cell is None and len(centres):
                 d = np.hypot(*(centres - np.asarray(record["centre"])).T)
+                d[taken | (fields != (record.get("field") or ""))] = np.inf
                 k = int(d.argmin())
-                if d[k] <= 2.0 / scorer.state.scale.um_per_px and k not in taken:
-                    taken.add(k)
+                if d[k] <= 2.0 / scorer.state.scale.um_per_px:
+                    taken[k] = True
                     cell = placed[k]
             if cell is not None:
                 picked.append(row)
@@ -199,8 +206,8 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
                 files.append(slide)
             row += 1
         if seen:
-            batches.append(compact(seen[0], picked))
-        missed = [c for k, c in enumerate(placed) if k not in taken] + list(by_id.values())
+            batches.append(windows(seen[0], picked, 2 * bundle.input_size))
+        missed = [c for k, c in enumerate(placed) if not taken[k]] + list(by_id.values())
         skipped.extend({"image": f"{slide}#{c.id}", "reason": "not found again on the slide"} for c in missed)
         source = scorer.state.scale.source
         sources[source] = sources.get(source, 0) + 1
@@ -208,13 +215,23 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
                      {"slides_by_scale_source": sources})
 
 
-def compact(batch: CellBatch, rows: list[int]) -> CellBatch:
-    """The ``rows`` of ``batch`` with only the tiles they use (renumbered)."""
-    table = batch.cells[np.asarray(rows, np.int64)].copy() if rows else batch.cells[:0].copy()
-    used = sorted({int(t) for t in table[:, 0]})
-    remap = {t: i for i, t in enumerate(used)}
-    table[:, 0] = [remap[int(t)] for t in table[:, 0]]
-    return CellBatch([batch.tiles[t] for t in used], table)
+def windows(batch: CellBatch, rows: list[int], side: int) -> CellBatch:
+    """The ``rows`` of ``batch``, each with its own ``side``-px window of its tile around it (the cut and
+    its rotations stay inside), so a kept cell holds kilobytes, not its whole tile."""
+    tiles, table = [], []
+    for r in rows:
+        cell = batch.cells[r].copy()
+        tile = batch.tiles[int(cell[0])]
+        x0, y0 = int(np.floor(cell[1])) - side // 2, int(np.floor(cell[2])) - side // 2
+        window = np.full((side, side, 3), 255, np.uint8)  # beyond the tile: glass, as the cut would see it
+        sx0, sy0 = max(x0, 0), max(y0, 0)
+        sx1, sy1 = min(x0 + side, tile.shape[1]), min(y0 + side, tile.shape[0])
+        if sx1 > sx0 and sy1 > sy0:
+            window[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = tile[sy0:sy1, sx0:sx1]
+        cell[0], cell[1], cell[2] = len(tiles), cell[1] - x0, cell[2] - y0
+        tiles.append(window)
+        table.append(cell)
+    return CellBatch(tiles, np.array(table).reshape(-1, batch.cells.shape[1]))
 
 
 def merged(batches: list[CellBatch], size: int = CHUNK) -> list[CellBatch]:

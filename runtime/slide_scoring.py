@@ -98,6 +98,7 @@ class SlideState:
     explained: set[int] = field(default_factory=set)  # flagged cells given a heatmap (or its turn, without a plan)
     heatmaps: dict[int, np.ndarray] = field(default_factory=dict)  # [S, S] maps, model input frame
     overlays: dict[int, bytes] = field(default_factory=dict)  # RGBA PNG of each map on its cell's view
+    red_sample: dict | None = None  # the red cells read: model, bundle_sha256, cells (slide centre, class)
     failures: list[dict] = field(default_factory=list)
 
     def tick(self, stage: str, since: float) -> float:
@@ -111,7 +112,7 @@ class _Pending:
     tiles: list[np.ndarray] = field(default_factory=list)
     rows: list[np.ndarray] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
-    views: list[CellView] = field(default_factory=list)
+    views: list[CellView | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -212,6 +213,8 @@ class SlideScorer:
         if self._red is not None:
             red = self._red.reading(self.state.scale.source if self.state.scale else None)
             summary["red_cells"] = red
+            self.state.red_sample = {"model": red["model"], "bundle_sha256": red["bundle_sha256"],
+                                     "cells": list(self._red.sample)}
             summary["triage"] = join_triage(summary["triage"], red["triage"], "red cells")
         return summary
 
@@ -277,13 +280,18 @@ class SlideScorer:
         st.red_cells += det.red_cell_count
         t = st.tick("detect", t)
         if self._red is not None:
-            self._red.add_tile(tile.rgb, um_per_px, core_local, _boxes_mask(tile.rgb.shape[:2], det.white + det.platelets))
+            self._red.add_tile(tile.rgb, um_per_px, core_local, _boxes_mask(tile.rgb.shape[:2], det.white + det.platelets),
+                               (tile.x0, tile.y0))
             t = st.tick("red_cells", t)
         self._update_thumbnail(tile)
         if not white:
             return
-        side = view_side_px(self.bundle.input_size * self.bundle.um_per_px, um_per_px)
-        views = [cut_cell_view(tile.rgb, d, side, um_per_px) for d in white]  # as scanned: before stain
+        # A cell's view (as scanned: before stain) is cut while the page's limit has room, or for its mask
+        # should it get a heatmap; serve, calibrate and adapt (review_cells 0, no heatmaps) cut none.
+        views: list[CellView | None] = [None] * len(white)
+        if self._plan is not None or len(st.views) + len(pending) < opt.review_cells:
+            side = view_side_px(self.bundle.input_size * self.bundle.um_per_px, um_per_px)
+            views = [cut_cell_view(tile.rgb, d, side, um_per_px) for d in white]
         if st.stain_context == "cell":
             self._add_cells_normalised_each(tile, white, um_per_px, pending)
             pending.views.extend(views)
@@ -353,7 +361,7 @@ class SlideScorer:
             record = {"id": len(st.records), **meta, **_normalise_result(res, self.bundle), "audit": self.audit}
             st.records.append(record)
             out.append((i, record))
-            if len(st.views) < self.options.review_cells:
+            if pending.views[i] is not None and len(st.views) < self.options.review_cells:
                 st.views[record["id"]] = pending.views[i].without_mask()
         self._explain(batch, out, names, pending.views)
         st.tick("heatmap", t)
@@ -361,7 +369,7 @@ class SlideScorer:
         yield from (r for _, r in out)
 
     def _explain(self, batch: CellBatch, out: list[tuple[int, dict]], names: list[str],
-                 views: list[CellView]) -> None:
+                 views: list[CellView | None]) -> None:
         """Heatmaps of flagged (or all) cells, up to ``max_heatmaps`` per slide, and their overlays on the
         cells' views."""
         st, opt = self.state, self.options

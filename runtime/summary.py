@@ -146,6 +146,7 @@ def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePoli
         "counts": {"white_cells": len(records), "platelets": state.platelets, "red_cells_estimated": state.red_cells},
         "by_class": counts,
         "differential": differential,
+        "differential_classes": in_diff,  # the classes a differential counts (platelets are not), even when empty
         "abnormal_cells": [_cell_ref(r) for r in abnormal],
         "uncertain_cells": [_cell_ref(r) for r in uncertain],
         "anomalous_cells": [_cell_ref(r) for r in anomalous],

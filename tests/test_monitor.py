@@ -202,6 +202,15 @@ def test_only_the_bundle_in_use_is_judged_and_a_revalidation_restarts_the_baseli
     assert np.isnan(report.charts["abnormal_rate"].centre).all()  # 13 + 17 slides: no baseline of 20 yet
 
 
+def test_a_revalidation_of_another_bundle_does_not_count_for_the_one_in_use():
+    runs = rows(5)
+    recent = R.utc_text(NOW - timedelta(days=1))
+    old_model = [{"time": recent, "details": {"bundle_sha256": "cd" * 32}}]
+    this_model = [{"time": recent, "details": {"bundle_sha256": runs[-1]["bundle_sha256"]}}]
+    assert assess(runs, old_model, NOW).revalidation["due"]
+    assert not assess(runs, this_model, NOW).revalidation["due"]
+
+
 # --- the run log ------------------------------------------------------------------------------------------------
 
 def test_the_row_of_a_slide_has_counts_rates_and_the_file_name_only():

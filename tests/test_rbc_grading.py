@@ -17,14 +17,20 @@ GRADING = icsh_grading(CLASSES)
     ("target_cell", 4.9, "0"), ("target_cell", 5.0, "1+"), ("target_cell", 20.0, "1+"), ("target_cell", 20.1, "2+"),
     ("target_cell", 50.0, "2+"), ("target_cell", 50.1, "3+"),
     ("macrocyte", 10.9, "0"), ("macrocyte", 11.0, "1+"), ("macrocyte", 25.0, "2+"), ("macrocyte", 60.0, "3+"),
-    ("schistocyte", 0.1, "1+"), ("schistocyte", 1.5, "2+"), ("schistocyte", 2.5, "3+"),
+    ("schistocyte", 0.1, "1+"), ("schistocyte", 0.99, "1+"), ("schistocyte", 1.0, "2+"), ("schistocyte", 2.0, "2+"),
+    ("schistocyte", 2.01, "3+"),
 ])
 def test_grades_follow_each_features_published_ranges(cls, percent, expected):
-    assert grade(percent, 1, GRADING["features"][cls]["ranges_percent"]) == expected
+    assert grade(percent, 1, GRADING["features"][cls]["grade_starts_percent"]) == expected
 
 
 def test_no_cell_of_a_feature_is_grade_0_even_where_1_plus_starts_at_zero():
-    assert grade(0.0, 0, GRADING["features"]["schistocyte"]["ranges_percent"]) == "0"
+    assert grade(0.0, 0, GRADING["features"]["schistocyte"]["grade_starts_percent"]) == "0"
+
+
+def test_exactly_one_percent_schistocytes_is_2_plus_and_asks_for_review():
+    reading = red_cell_reading({**{c: 0 for c in CLASSES}, "normal": 990, "schistocyte": 10}, GRADING)
+    assert reading["grades"]["schistocytes"]["grade"] == "2+" and reading["triage"]["level"] == "review"
 
 
 def test_schistocytes_above_one_percent_make_the_slide_urgent_with_the_reason():

@@ -169,3 +169,33 @@ def test_keyboard_review_updates_the_differential_and_exports_corrections(demo, 
     neutro = slide["classes"]["neutrophil"]
     assert neutro["difference_pp"] == pytest.approx(neutro["model_percent"] - neutro["reader_percent"])
     assert (demo / "pilot" / "disagreements.html").exists()
+
+
+def test_saved_progress_returns_to_its_own_page_only(demo, browser, tmp_path):
+    """Progress is kept in the browser's storage, which every file:// page shares: a reload gets it back; a
+    page of the same slide name with other calls does not, and what comes back always validates."""
+    from selenium.webdriver.common.keys import Keys
+
+    from cytoedge.runtime.reports.review import render_review
+    from cytoedge.runtime.review_export import validate
+
+    entry = _entry(demo)
+    audit = json.loads((demo / "results.json").read_text())["slides"][0]["audit"]
+    names = list(entry["summary"]["by_class"])
+    other = {**entry, "cells": [{**c, "class": names[(names.index(c["class"]) + 1) % len(names)]}
+                                for c in entry["cells"]]}
+    first, second = tmp_path / "a" / "review.html", tmp_path / "b" / "review.html"
+    for path, e in ((first, entry), (second, other)):
+        path.parent.mkdir()
+        path.write_text(render_review(e, audit, {}, {}, {"created": "2026-12-02T00:00:00Z", "options": {}}))
+    browser.get(first.as_uri())
+    browser.execute_script("localStorage.clear()")
+    browser.refresh()
+    first_id = entry["cells"][0]["id"]
+    browser.find_element("css selector", f'figure[data-id="{first_id}"]').click()
+    browser.find_element("css selector", "body").send_keys(Keys.ENTER)
+    browser.refresh()
+    assert _figures(browser)[first_id]["status"] == "confirmed"  # back after a reload
+    browser.get(second.as_uri())
+    assert _figures(browser)[first_id]["status"] == "unreviewed"  # not on the other page
+    validate(browser.execute_script("return window.cytoedgeReview.exportDocument()"), "second page")

@@ -85,10 +85,14 @@ class TensorRTBackend:
         self._engine = self._runtime = self._context = self._stream = self._cudart = None
         self._profiles: list[_ProfileBuffers] = []
         self._lock = threading.Lock()
-        self.load(sidecar)
-        with self._current():
-            self.activate()
-            self.allocate()
+        try:
+            self.load(sidecar)
+            with self._current():
+                self.activate()
+                self.allocate()
+        except BaseException:  # what was made so far is freed, and the retained context released
+            self.unload()
+            raise
 
     @contextlib.contextmanager
     def _current(self):

@@ -74,6 +74,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     scorer = SlideScorer(bundle, backend, estimator, options, red_cells=RedCellReader(*red) if red else None)
     out.mkdir(parents=True, exist_ok=True)
     entries, errors, timings, outputs = [], [], {}, {}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the run's start: review pages carry it
+    review_run = {"created": created, "options": review_scoring_options(options)}
     uids: dict[str, str] | None = {} if args.deidentify else None  # one UID map for the run's de-identified objects
     for index, path in enumerate(paths):
         t0 = time.perf_counter()
@@ -111,7 +113,7 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
         try:
             outputs[str(path)] = write_slide_reports(entry, scorer.audit, state, out, index,
                                                      state is not None and isinstance(source, DicomSlideSource),
-                                                     uids)
+                                                     uids, review_run)
         except Exception as e:  # results.json is still written, with this slide's entry
             log.exception("%s: reports not written", path)
             slide_errors.append(f"{path}: reports not written: {type(e).__name__}: {e}")
@@ -125,12 +127,18 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
         timings[str(path)] = {k: round(v, 4) for k, v in stage.items()}
         record_slide(run_log, entry, scorer.audit, stage["total"], "score")
     run = {"options": options_dict(options), "timings_s": timings, "outputs": outputs,
-           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "created": created}
     document = build_slides_document(entries, scorer.audit, run)
     write_json(document, out / "results.json")
     if not args.quiet and not args.json:
         print_timings(timings, entries)
     return document, errors
+
+
+def review_scoring_options(options) -> dict:
+    """The scoring options a review page records, so calibrate/adapt cut its cells again the same way."""
+    return {k: getattr(options, k) for k in ("stain_normalise", "stain_context", "stain_field_um", "tile_px",
+                                             "overlap_um")}
 
 
 def print_timings(timings: dict, entries: list[dict]) -> None:

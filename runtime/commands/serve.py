@@ -7,6 +7,7 @@ configured roots, or tiles streamed in-band while the slide is scanned. Every ce
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         for handler in root_logger.handlers:
             handler.setFormatter(JsonLogFormatter())
     bundle, backend, estimator = load_bundle_and_backend(args)
-    daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator, scoring_options(args),
+    # The daemon writes no review page: no cell views are kept (heatmaps still cut the ones they draw on).
+    options = dataclasses.replace(scoring_options(args), review_cells=0)
+    daemon = Daemon(config, SlideScorerFactory(bundle, backend, estimator, options,
                                                include_identifiers=config.include_identifiers,
                                                red_cells=red_cell_stage(args)))
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -67,7 +67,7 @@ def linkage_header(source_path: Path):
     return reduced
 
 
-def build_annotations(source_path: Path, cells: list[dict], audit: dict):
+def build_annotations(source_path: Path, cells: list[dict], audit: dict, red_cells: dict | None = None):
     """The annotation dataset (highdicom MicroscopyBulkSimpleAnnotations) for ``cells``. A header
     highdicom refuses is an InputImageError naming the slide, with the header's identifiers replaced
     in what highdicom said (as in its warnings: runtime/privacy.py)."""
@@ -77,7 +77,7 @@ def build_annotations(source_path: Path, cells: list[dict], audit: dict):
         source = linkage_header(source_path)
         redact.add(source)
         try:
-            return _annotations(source, cells, audit)
+            return _annotations(source, cells, audit, red_cells)
         except (CytoedgeError, OSError):
             raise
         except Exception as e:  # highdicom's and pydicom's words may quote the header: redacted
@@ -85,7 +85,7 @@ def build_annotations(source_path: Path, cells: list[dict], audit: dict):
                                   f"({type(e).__name__}: {redact(str(e))})") from None
 
 
-def _annotations(source, cells: list[dict], audit: dict):
+def _annotations(source, cells: list[dict], audit: dict, red_cells: dict | None):
     import highdicom as hd
     from pydicom.sr.coding import Code
     from pydicom.uid import generate_uid
@@ -110,6 +110,20 @@ def _annotations(source, cells: list[dict], audit: dict):
             algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
             algorithm_identification=algorithm, measurements=measurements,
             description=f"cytoedge: {len(members)} cells predicted {cls}"))
+    red = (red_cells or {}).get("cells", [])
+    red_algorithm = hd.AlgorithmIdentificationSequence(
+        name=(red_cells or {}).get("model", "cytoedge"), family=Code("123109", "DCM", "Diagnostic Imaging Algorithm"),
+        version=f"cytoedge {audit.get('cytoedge_version', '?')} bundle {(red_cells or {}).get('bundle_sha256', '')[:16]}")
+    for cls in sorted({c["class"] for c in red}):  # the red cells read, as points
+        points = [np.array([c["centre"]], np.float64) for c in red if c["class"] == cls]  # one (x, y) each
+        groups.append(hd.ann.AnnotationGroup(
+            number=len(groups) + 1, uid=generate_uid(), label=f"red cell: {cls}",
+            annotated_property_category=Code("91723000", "SCT", "Anatomical structure"),
+            annotated_property_type=Code("41898006", "SCT", "Erythrocyte"),
+            graphic_type=hd.ann.GraphicTypeValues.POINT, graphic_data=points,
+            algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
+            algorithm_identification=red_algorithm,
+            description=f"cytoedge: {len(points)} sampled red cells read as {cls}"))
     from cytoedge.runtime import __version__
 
     return hd.ann.MicroscopyBulkSimpleAnnotations(
@@ -122,16 +136,19 @@ def _annotations(source, cells: list[dict], audit: dict):
 
 
 def write_annotations(source_path: Path, cells: list[dict], audit: dict, path: Path,
-                      deidentified: Path | None = None, uids: MutableMapping[str, str] | None = None) -> dict[str, str]:
+                      deidentified: Path | None = None, uids: MutableMapping[str, str] | None = None,
+                      red_cells: dict | None = None) -> dict[str, str]:
     """Write the annotation object to ``path`` and, given ``deidentified``, the object with the PS3.15
     Basic Profile applied there (UIDs replaced through ``uids``: one map for a run keeps the objects of
-    one study in one new study). Returns the paths written, by output name."""
+    one study in one new study). ``red_cells`` (the scorer's ``red_sample``: model, bundle hash, cells with
+    centre and class) add one POINT group per red-cell class.
+    Returns the paths written, by output name."""
     import pydicom
 
     from cytoedge.runtime.privacy import redacted_diagnostics
     from cytoedge.runtime.reports.deidentify import deidentify
 
-    annotations = build_annotations(source_path, cells, audit)
+    annotations = build_annotations(source_path, cells, audit, red_cells)
     with redacted_diagnostics(str(source_path)) as redact:
         redact.add(annotations)
         try:

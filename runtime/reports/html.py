@@ -92,6 +92,15 @@ def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, galler
                                a["id"], a["class"], _fmt(a.get("abnormal_probability")), _fmt(a["probability"]),
                                a["centre"], a.get("field", "")] for a in abn],
                              ["cell", "id", "class", "P(abnormal)", "P(class)", "centre (px)", "field"])]
+        red = s.get("red_cells")
+        if red:
+            parts += [f"<h2>Red cells ({red['red_cells_classified']} classified"
+                      f"{', provisional' if red['provisional'] else ''}; {red['model']})</h2>",
+                      _table([[f, g["count"], f"{g['percent']:.1f}",
+                               "–".join(f"{v:.1f}" for v in g["ci95_percent"] or []), g["grade"]]
+                              for f, g in red["grades"].items()],
+                             ["feature (ICSH 2015)", "cells", "%", "95 % interval", "grade"]),
+                      f"<p><small>size features: {html.escape(red['size_features'])}; {red['seconds']:.1f} s</small></p>"]
         dm = s.get("density_map")
         if dm:
             parts += [f"<h2>Abnormal-cell density ({dm['bin_um']:.0f} µm bins)</h2>",

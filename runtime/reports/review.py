@@ -14,6 +14,7 @@ server, no CDN, no network. Progress is kept in the browser's local storage unti
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 
@@ -26,8 +27,11 @@ def _b64(data: bytes | None, mime: str) -> str | None:
     return None if data is None else f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-def review_data(entry: dict, audit: dict, views: dict, overlays: dict[int, bytes]) -> dict:
-    """What the page's script reads: the slide, the model's identity, the classes and every cell (pure)."""
+def review_data(entry: dict, audit: dict, views: dict, overlays: dict[int, bytes], run: dict | None = None) -> dict:
+    """What the page's script reads: the slide, the model's identity, the run (``created``, scoring
+    ``options``), the classes and every cell (pure)."""
+    run = run or {}
+    results_created = run.get("created")
     summary = entry.get("summary") or {}
     classes = list(summary.get("by_class") or {})
     settings = audit.get("estimator_settings") or {}
@@ -38,32 +42,40 @@ def review_data(entry: dict, audit: dict, views: dict, overlays: dict[int, bytes
         detail = c.get("estimator_detail") or {}
         cells.append({
             "id": c["id"], "predicted": c["class"], "runner_up": c.get("runner_up"),
-            "p": probs.get(c["class"]), "p_runner_up": probs.get(c.get("runner_up")),
-            "p_abnormal": detail.get("abnormal_probability"),
+            "p": probs.get(c["class"]), "p_abnormal": detail.get("abnormal_probability"),
             "top": sorted(probs.items(), key=lambda kv: -kv[1])[:3],
             "flags": [k for k in FLAG_ORDER if c["flags"].get(k)],
-            "label": detail.get("confidence_label"), "set": c.get("prediction_set") or [],
+            "confidence": detail.get("confidence_label"), "set": c.get("prediction_set") or [],
             "anomaly": c.get("anomaly_score"), "field": c.get("field"), "centre": c.get("centre"),
             "img": _b64(view.jpeg, "image/jpeg") if view is not None else None,
             "px": view.source_px if view is not None else None,
             "overlay": _b64(overlays.get(c["id"]), "image/png"),
         })
+    calls = json.dumps([[c["id"], c["predicted"]] for c in cells])
     return {
+        # Progress kept in the browser is this page's only: file:// pages share one local storage.
+        "page_id": hashlib.sha256(f"{entry['source']}|{entry.get('source_sha256')}|{audit.get('bundle_sha256')}|"
+                                  f"{results_created}|{calls}".encode()).hexdigest(),
+        "flag_order": list(FLAG_ORDER), "results_created": results_created, "scoring_options": run.get("options"),
         "format": REVIEW_FORMAT, "format_version": REVIEW_FORMAT_VERSION,
         "source": entry["source"], "source_sha256": entry.get("source_sha256"),
         "um_per_px": (summary.get("scale") or {}).get("um_per_px"),
         "model": audit.get("model"), "bundle_sha256": audit.get("bundle_sha256"),
         "calibration_sha256": settings.get("calibration_sha256"), "cytoedge_version": audit.get("cytoedge_version"),
-        "classes": classes, "differential_classes": list(summary.get("differential") or classes),
+        "classes": classes, "differential_classes": list(summary.get("differential_classes") or summary.get("differential") or classes),
         "triage": (summary.get("triage") or {}).get("level"), "domain_alarm": bool((summary.get("domain_alarm") or {}).get("raised")),
         "cells_without_view": sum(1 for c in cells if c["img"] is None), "cells": cells,
+        "red_cells": ({"classified": red["red_cells_classified"], "provisional": red["provisional"],
+                       "grades": {f: [g["percent"], g["grade"]] for f, g in red["grades"].items()}}
+                      if (red := summary.get("red_cells")) else None),
     }
 
 
-def render_review(entry: dict, audit: dict, views: dict, overlays: dict[int, bytes]) -> str:
-    """The page as one HTML string."""
-    data = json.dumps(review_data(entry, audit, views, overlays), separators=(",", ":"))
-    data = data.replace("</", "<\\/")  # no "</script>" inside the data block
+def render_review(entry: dict, audit: dict, views: dict, overlays: dict[int, bytes], run: dict | None = None) -> str:
+    """The page as one HTML string (``run``: the results document's ``created`` and scoring ``options``)."""
+    data = json.dumps(review_data(entry, audit, views, overlays, run), separators=(",", ":"))
+    # Nothing in the data block may open or close markup (a file name with "<!--<script" would).
+    data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return (_PAGE.replace("__TITLE__", html.escape(entry["source"]))
             .replace("__DATA__", data).replace("__STYLE__", _STYLE).replace("__SCRIPT__", _SCRIPT))
 
@@ -103,7 +115,7 @@ _PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <h3>Differential (live)</h3><table id="diff"></table>
 <p class="small">model: cells by the model's class; reviewed: by the reader's class (unreviewed cells keep the
 model's). 95 % interval: Rümke (exact binomial, CLSI H20-A2) on the reviewed count.</p>
-<h3>Selected cell</h3><div id="detail" class="small">click a cell, or use the arrow keys</div>
+<div id="red"></div><h3>Selected cell</h3><div id="detail" class="small">click a cell, or use the arrow keys</div>
 <h3>Keys</h3><p class="small" id="keys"></p>
 <p class="small">red overlay: pixels where the predicted class explains the cell better than the runner-up; blue:
 where the runner-up does; drawn only inside the cell, for flagged cells.</p>
@@ -116,11 +128,12 @@ _SCRIPT = r"""
 "use strict";
 const D = JSON.parse(document.getElementById("review-data").textContent);
 const K = D.classes, byId = new Map(D.cells.map(c => [c.id, c]));
-const store = "cytoedge-review:" + D.source + ":" + D.bundle_sha256;
+const store = "cytoedge-review:" + D.page_id;
 const state = new Map(D.cells.map(c => [c.id, {label: null, status: "unreviewed"}]));
 let selected = null, order = [];
-try { const saved = JSON.parse(localStorage.getItem(store) || "null");
-  if (saved) for (const [id, s] of saved) if (state.has(id) && K.includes(s.label)) state.set(id, s); } catch (e) {}
+try { const saved = JSON.parse(localStorage.getItem(store) || "null");  // a label, its status recomputed
+  if (saved) for (const [id, s] of saved) if (state.has(id) && K.includes(s.label))
+    state.set(id, {label: s.label, status: s.label === byId.get(id).predicted ? "confirmed" : "reclassified"}); } catch (e) {}
 const esc = s => String(s).replace(/[&<>"]/g, ch => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[ch]));
 const current = c => state.get(c.id).label || c.predicted;
 
@@ -161,7 +174,7 @@ const lazy = new IntersectionObserver(entries => { for (const e of entries) if (
   const c = byId.get(+e.target.dataset.id);
   for (const img of e.target.querySelectorAll("img[data-src]")) { img.src = c[img.dataset.src]; img.removeAttribute("data-src"); }
   lazy.unobserve(e.target); } }, {rootMargin: "600px"});
-function rank(c) { const i = ["abnormal", "anomalous", "uncertain"].findIndex(f => c.flags.includes(f));
+function rank(c) { const i = D.flag_order.findIndex(f => c.flags.includes(f));
   return [i < 0 ? 3 : i, c.p == null ? 1 : c.p]; }
 function before(a, b) { const x = rank(a), y = rank(b); return x[0] - y[0] || x[1] - y[1] || a.id - b.id; }
 const figOf = id => document.querySelector(`figure[data-id="${id}"]`);
@@ -177,7 +190,7 @@ function recount(k) {
   const sec = document.getElementById("class-" + k); if (!sec) return;
   const n = sec.querySelectorAll("figure").length;
   if (!n) { sec.remove(); return; }
-  sec.querySelector(".count").textContent = `(${n}; key ${K.indexOf(k) + 1})`;
+  sec.querySelector(".count").textContent = `(${n}${K.indexOf(k) < 9 ? "; key " + (K.indexOf(k) + 1) : ""})`;
 }
 function place(c, f) {  // into its group, in rank order
   const grid = section(current(c)).querySelector(".grid");
@@ -228,7 +241,7 @@ function select(id, scroll = true) {
     `<p><b>#${id}</b> model: <b>${esc(c.predicted)}</b>${c.runner_up ? ", runner-up " + esc(c.runner_up) : ""}<br>${top}` +
     `${c.p_abnormal == null ? "" : "<br>P(abnormal) " + c.p_abnormal.toFixed(3)}` +
     `${c.anomaly == null ? "" : "<br>anomaly score " + c.anomaly.toFixed(2)}` +
-    `<br>prediction set: ${c.set.map(esc).join(", ")}${c.label ? "<br>model says: " + esc(c.label) : ""}` +
+    `<br>prediction set: ${c.set.map(esc).join(", ")}${c.confidence ? "<br>model says: " + esc(c.confidence) : ""}` +
     `<br>view: ${c.px || "?"} px as scanned` +
     `<br>review: <b>${s.status}</b>${s.label ? " as " + esc(s.label) : ""}</p>` +
     `<p class="pick"><button data-confirm="1">Confirm ${esc(current(c))} (Enter)</button><br>move to: ` +
@@ -244,7 +257,7 @@ function exportDocument() {
   const counts = {}; for (const k of K) counts[k] = 0;
   for (const c of D.cells) { const s = state.get(c.id); if (s.label) counts[s.label]++; }
   return {format: D.format, format_version: D.format_version, source: D.source, source_sha256: D.source_sha256,
-    um_per_px: D.um_per_px,
+    um_per_px: D.um_per_px, results_created: D.results_created, scoring_options: D.scoring_options,
     bundle_sha256: D.bundle_sha256, calibration_sha256: D.calibration_sha256, model: D.model,
     cytoedge_version: D.cytoedge_version, reviewer: document.getElementById("reviewer").value,
     exported: new Date().toISOString().replace(/\.\d+Z$/, "Z"),
@@ -264,14 +277,14 @@ document.getElementById("export").onclick = () => {
   a.download = "review_" + D.source.split(/[\\/]/).pop().replace(/[^A-Za-z0-9_.-]+/g, "_") + ".json"; a.click();
 };
 document.addEventListener("keydown", e => {
-  if (e.target.tagName === "INPUT" || e.ctrlKey || e.metaKey || e.altKey || selected == null) return;
+  if (["INPUT", "BUTTON"].includes(e.target.tagName) || e.ctrlKey || e.metaKey || e.altKey || selected == null) return;
   const pos = order.indexOf(selected);
   if (/^[1-9]$/.test(e.key) && +e.key <= K.length) { assign(selected, K[+e.key - 1]); e.preventDefault(); }
   else if (e.key === "Enter" || e.key === "c") { assign(selected, current(byId.get(selected))); e.preventDefault(); }
   else if (e.key === "Backspace") { update(selected, {label: null, status: "unreviewed"}); select(selected); e.preventDefault(); }
   else if (e.key === "ArrowRight" || e.key === "ArrowDown") { select(order[Math.min(pos + 1, order.length - 1)]); e.preventDefault(); }
   else if (e.key === "ArrowLeft" || e.key === "ArrowUp") { select(order[Math.max(pos - 1, 0)]); e.preventDefault(); }
-  else if (e.key === "h") { document.getElementById("heat").click(); }
+  else if (e.key === "h" || e.key === "H") { document.getElementById("heat").click(); }
 });
 const tri = document.getElementById("triage");
 tri.textContent = (D.triage || "error").toUpperCase() + (D.domain_alarm ? " · out-of-domain alarm" : "");
@@ -279,6 +292,10 @@ tri.className = "badge " + (D.domain_alarm ? "alarm" : (D.triage || ""));
 document.getElementById("keys").innerHTML = K.map((k, i) => `<kbd>${i + 1}</kbd> ${esc(k)}`).join(" · ") +
   "<br><kbd>Enter</kbd> confirm · <kbd>Backspace</kbd> undo · <kbd>←</kbd><kbd>→</kbd> move · <kbd>H</kbd> heatmaps" +
   (D.cells_without_view ? `<br>${D.cells_without_view} cells beyond the page's limit are listed without a picture` : "");
+if (D.red_cells) document.getElementById("red").innerHTML =
+  `<h3>Red cells (${D.red_cells.classified} read${D.red_cells.provisional ? ", provisional" : ""})</h3><table>` +
+  "<tr><th>feature</th><th>%</th><th>grade</th></tr>" + Object.entries(D.red_cells.grades).map(([f, [p, g]]) =>
+    `<tr><td>${esc(f)}</td><td>${p.toFixed(1)}</td><td>${esc(g)}</td></tr>`).join("") + "</table>";
 window.cytoedgeReview = {exportDocument, rumke, state};
 render();
 """

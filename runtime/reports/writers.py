@@ -23,12 +23,13 @@ def slide_folder_name(source: str, index: int) -> str:
 
 
 def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: int, dicom_source: bool,
-                        deidentify_uids: MutableMapping[str, str] | None = None) -> dict:
+                        deidentify_uids: MutableMapping[str, str] | None = None, run: dict | None = None) -> dict:
     """CSV, overlay, gallery, HTML (and DICOM annotations for DICOM input) for one document entry.
 
     ``state`` is the scorer's SlideState (thumbnail, cell views, heatmap overlays) or None for a slide that failed.
     ``deidentify_uids`` (a UID map, shared by a run's slides) also writes annotations.deid.dcm, the
-    annotations with the PS3.15 Basic Profile applied.
+    annotations with the PS3.15 Basic Profile applied. ``run`` (``created``, scoring ``options``) goes into
+    the review page, and so into its exports.
     """
     folder = out_dir / slide_folder_name(entry["source"], index)
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,7 @@ def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: i
             written["gallery"] = str(write_png(gallery_rgb, folder / "gallery.png"))
     views = state.views if state is not None else {}
     if state is not None and cells:
-        written["review"] = str(write_html(render_review(entry, audit, state.views, state.overlays),
+        written["review"] = str(write_html(render_review(entry, audit, state.views, state.overlays, run),
                                            folder / "review.html"))
     written["html"] = str(write_html(render_html(entry, audit, overlay_rgb, gallery_rgb, views,
                                                  "review.html" if "review" in written else None),
@@ -57,7 +58,8 @@ def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: i
         deidentified = folder / "annotations.deid.dcm" if deidentify_uids is not None else None
         try:
             written.update(write_annotations(Path(entry["source"]), cells, audit, folder / "annotations.dcm",
-                                             deidentified, deidentify_uids))
+                                             deidentified, deidentify_uids,
+                                             state.red_sample if state is not None else None))
         except (CytoedgeError, ValueError, TypeError, AttributeError) as e:
             log.warning("%s: DICOM annotations not written (%s)", entry["source"], e)
             written["dicom_annotations_error"] = str(e)
