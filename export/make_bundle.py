@@ -19,6 +19,7 @@ import numpy as np
 
 from cytoedge.export.onnx_export import export_denoiser_onnx, max_abs_error_vs_torch
 from cytoedge.runtime.bundle import FORMAT_VERSION, write_manifest
+from cytoedge.runtime.stain import fit_reference
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,11 @@ def git_commit() -> str:
 
 
 def stain_reference(images_rgb: np.ndarray) -> dict:
-    """Mean and std of each CIELAB channel over the training crops (Reinhard normalisation target)."""
+    """Mean and std of each CIELAB channel over the training crops (Reinhard normalisation target), and
+    the other stain methods' targets over the same crops (runtime/stain.py)."""
     lab = np.stack([cv2.cvtColor(im, cv2.COLOR_RGB2LAB) for im in images_rgb]).reshape(-1, 3).astype(np.float64)
     return {"method": "reinhard", "space": "opencv-lab-uint8", "mean": lab.mean(0).round(3).tolist(),
-            "std": lab.std(0).round(3).tolist()}
+            "std": lab.std(0).round(3).tolist(), **fit_reference(images_rgb)}
 
 
 def build_manifest(cfg: dict, state: dict, train_images: np.ndarray, name: str) -> dict:

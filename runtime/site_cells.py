@@ -145,7 +145,7 @@ def reviewed_labels(paths: list[Path], bundle: ModelBundle, per_class: int | Non
 
 
 # What a review export may say of how its slide was scored, so that its cells are cut again the same way.
-REVIEW_SCORING_KEYS = ("stain_normalise", "stain_context", "stain_field_um", "tile_px", "overlap_um")
+REVIEW_SCORING_KEYS = ("stain_normalise", "stain_method", "stain_context", "stain_field_um", "tile_px", "overlap_um")
 
 
 def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCells:

@@ -37,7 +37,7 @@ from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
 from cytoedge.runtime.limits import MAX_MODEL_SCALE_TILE_PIXELS, InputLimitError, check_um_per_px
 from cytoedge.runtime.scale import ScaleEstimate, resolve_scale
 from cytoedge.runtime.sources import FolderSource, SlideSource, Tile
-from cytoedge.runtime.stain import LabStats, lab_stats, reference_stats, reinhard
+from cytoedge.runtime.stain import METHODS, StainMap, stain_normaliser
 from cytoedge.runtime.summary import TriagePolicy, summarise_slide
 
 if TYPE_CHECKING:
@@ -62,6 +62,10 @@ class ScoringOptions:
     # framing and red-cell density (fitting it without the cell did not help); on BCCD's foreign stain both recover the type about alike (0.339 per field,
     # 0.368 per cell, 0.025 unnormalised; benchmarks/RESULTS.md, session 4).
     stain_context: str = "slide"
+    # "reinhard", "macenko" or "histogram" (runtime/stain.py). Reinhard by default: zero-shot on BCCD fields
+    # histogram matching ties it (0.188 vs 0.186) at 3.7 points more lost on PBC crops, Macenko is below both
+    # (0.122; PBC 0.656) (benchmarks/RESULTS.md, "Stain normalisation choices").
+    stain_method: str = "reinhard"
     stain_field_um: float = 36.0  # side of the per-cell field (a PBC crop: 360 px at ~0.1 µm/px)
     tile_px: int = 2048  # source pixels per tile core (DICOM: rounded to whole frames)
     overlap_um: float = 32.0  # ≥ the largest white cell, so a border cell is whole in some tile
@@ -83,8 +87,10 @@ class SlideState:
     width: int = 0
     height: int = 0
     scale: ScaleEstimate | None = None
-    stain: LabStats | None = None
+    stain: StainMap | None = None
     stain_context: str | None = None  # None: not normalised
+    stain_method: str | None = None
+    stain_tried: bool = False  # the slide's map was fitted (or could not be: its colours stay as scanned)
     records: list[dict] = field(default_factory=list)
     platelets: int = 0
     red_cells: int = 0
@@ -147,12 +153,14 @@ class SlideScorer:
                  red_cells: "RedCellReader | None" = None):
         if options.stain_context not in ("cell", "slide"):
             raise CytoedgeError(f"stain_context {options.stain_context!r}: choose 'cell' or 'slide'")
+        if options.stain_method not in METHODS:
+            raise CytoedgeError(f"stain_method {options.stain_method!r}: choose one of {', '.join(METHODS)}")
         if options.heatmap_cells not in ("flagged", "all"):
             raise CytoedgeError(f"heatmap_cells {options.heatmap_cells!r}: choose 'flagged' or 'all'")
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self._classify = classify
         self._red = red_cells  # the red-cell stage (runtime/red_cells.py), if a red-cell bundle is given
-        self._reference = reference_stats(bundle) if options.stain_normalise else None
+        self._stain = stain_normaliser(bundle, options.stain_method) if options.stain_normalise else None
         # Counterfactual maps are pixel-space: a latent bundle's errors have no pixel to point at.
         self._plan = heatmap_plan(bundle) if options.heatmaps and not bundle.manifest.get("latent") else None
         self._policy = TriagePolicy.from_bundle(bundle)
@@ -163,7 +171,8 @@ class SlideScorer:
     # ---- public API -------------------------------------------------------------------------
     def reset(self, name: str = "(tiles)") -> None:
         """Start a new slide (``score_source`` does this itself)."""
-        self.state = SlideState(name, stain_context=self.options.stain_context if self._reference else None)
+        self.state = SlideState(name, stain_context=self.options.stain_context if self._stain else None,
+                                stain_method=self.options.stain_method if self._stain else None)
         if self._red is not None:
             self._red.reset()
 
@@ -225,8 +234,7 @@ class SlideScorer:
         return {"name": st.name, "width": st.width, "height": st.height,
                 "scale": {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in asdict(st.scale).items()}
                 if st.scale else None,
-                "stain": {"mean": [float(v) for v in st.stain.mean], "std": [float(v) for v in st.stain.std]}
-                if st.stain else None,
+                "stain": st.stain.to_dict(None) if st.stain else None, "stain_tried": st.stain_tried,
                 "platelets": st.platelets, "red_cells": st.red_cells, "tiles": st.tiles, "area_px": st.area_px,
                 "explained": sorted(st.explained), "red_cell_reader": self._red.checkpoint() if self._red else None}
 
@@ -238,7 +246,8 @@ class SlideScorer:
         st.width, st.height = checkpoint["width"], checkpoint["height"]
         st.scale = ScaleEstimate(**checkpoint["scale"]) if checkpoint["scale"] else None
         stain = checkpoint["stain"]
-        st.stain = LabStats(tuple(stain["mean"]), tuple(stain["std"])) if stain else None
+        st.stain = self._stain.restore(stain) if stain and self._stain else None
+        st.stain_tried = checkpoint.get("stain_tried", st.stain is not None)
         st.platelets, st.red_cells = checkpoint["platelets"], checkpoint["red_cells"]
         st.tiles, st.area_px = checkpoint["tiles"], checkpoint["area_px"]
         st.records = list(records)
@@ -299,10 +308,13 @@ class SlideScorer:
             return
         rgb = tile.rgb
         if st.stain_context == "slide":
-            if st.stain is None:
-                st.stain = lab_stats(rgb)
+            if not st.stain_tried:
+                st.stain, st.stain_tried = self._stain.fit(rgb), True
+                if st.stain is None:
+                    log.warning("%s: too little stain on its first tile with cells to fit a %s map on; its "
+                                "colours are left as scanned", st.name, self.options.stain_method)
             if st.stain is not None:
-                rgb = reinhard(rgb, st.stain, self._reference)
+                rgb = st.stain.apply(rgb)
         t = st.tick("stain", t)
         model_tile = to_model_scale(rgb, um_per_px, self.bundle)
         f = model_tile.shape[1] / rgb.shape[1]
@@ -318,18 +330,17 @@ class SlideScorer:
 
     def _add_cells_normalised_each(self, tile: Tile, white: list[Detection], um_per_px: float,
                                    pending: _Pending) -> None:
-        """Per-cell Reinhard: the reference statistics come from PBC crops (one white cell centred in
-        a ~36 µm field), so each cell is matched on a field of that size around it; it becomes its
-        own small tile. Independent of tiling, as the overlap exceeds half the field."""
+        """Per-cell maps: the references come from PBC crops (one white cell centred in a ~36 µm field),
+        so each cell is matched on a field of that size around it; it becomes its own small tile.
+        Independent of tiling, as the overlap exceeds half the field. A field with too little stain to
+        fit on is left as scanned."""
         half = self.options.stain_field_um / 2 / um_per_px
         h, w = tile.rgb.shape[:2]
         for d in white:
             x0, y0 = int(max(round(d.cx - half), 0)), int(max(round(d.cy - half), 0))
             x1, y1 = int(min(round(d.cx + half) + 1, w)), int(min(round(d.cy + half) + 1, h))
             field = tile.rgb[y0:y1, x0:x1]
-            stats = lab_stats(field)
-            if stats is not None:
-                field = reinhard(field, stats, self._reference)
+            field = self._stain.normalise(field)
             model_tile = to_model_scale(field, um_per_px, self.bundle)
             f = model_tile.shape[1] / field.shape[1]
             size = self.bundle.input_size

@@ -139,8 +139,10 @@ def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePoli
         "height_px": state.height,
         "scale": ({"um_per_px": round(um, 6), "source": state.scale.source,
                    "red_cell_diameter_px": round(state.scale.median_diameter_px, 2)} if state.scale else None),
-        "stain": ({"method": "reinhard", "context": state.stain_context,
-                   "fitted": state.stain.to_dict() if state.stain else None} if state.stain_context else None),
+        "stain": ({"method": state.stain_method, "context": state.stain_context,
+                   "fitted": state.stain.to_dict() if state.stain else None,
+                   "left_as_scanned": state.stain_context == "slide" and state.stain_tried and state.stain is None}
+                  if state.stain_context else None),
         "tiles": state.tiles,
         "area_mm2": round(state.area_px * (um or 0) ** 2 * 1e-6, 6),
         "counts": {"white_cells": len(records), "platelets": state.platelets, "red_cells_estimated": state.red_cells},

@@ -69,7 +69,8 @@ def test_stain_map_is_fitted_once_per_slide_by_default_or_per_cell_on_request(bu
     per_cell = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False,
                                                                        stain_context="cell"))
     list(per_cell.score_source(open_source(smear_png, 0.2)))
-    assert per_cell.summary()["stain"] == {"method": "reinhard", "context": "cell", "fitted": None}
+    assert per_cell.summary()["stain"] == {"method": "reinhard", "context": "cell", "fitted": None,
+                                           "left_as_scanned": False}
     off = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(um_per_px=0.2, heatmaps=False, stain_normalise=False))
     list(off.score_source(open_source(smear_png, 0.2)))
     assert off.summary()["stain"] is None

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_stain_argument,
-                                              add_um_per_px_argument, crop_stain_reference, expand_image_paths,
+                                              add_um_per_px_argument, crop_stain_normaliser, expand_image_paths,
                                               load_bundle_and_backend, progress_bar)
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,9 @@ def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.domain_alarm import records_alarm
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.slide_scoring import run_audit
-    from cytoedge.runtime.stain import normalise_crop
 
     bundle, backend, estimator = load_bundle_and_backend(args)
-    reference = crop_stain_reference(args, bundle)
+    normaliser = crop_stain_normaliser(args, bundle)
     paths, failures = expand_image_paths(args.inputs)
     scales, unreadable = estimate_crop_scales(paths, bundle, args.um_per_px, read_crop)
     failures += unreadable
@@ -57,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
             for path in paths[start:start + CHUNK]:
                 try:
                     rgb = read_crop(path)
-                    if reference is not None:
-                        rgb = normalise_crop(rgb, reference)
+                    if normaliser is not None:
+                        rgb = normaliser.normalise(rgb)
                     tiles.append(crop_to_tile(rgb, bundle, scales.scale(str(path)).um_per_px, str(path)))
                     chunk.append(path)
                     crops.append(rgb)
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.json:
         doc = {"format": CLASSIFY_FORMAT, "format_version": CLASSIFY_FORMAT_VERSION,
-               **run_audit(bundle, backend, estimator), "stain_normalisation": "reinhard-per-crop" if reference is not None else None,
+               **run_audit(bundle, backend, estimator), "stain_normalisation": f"{normaliser.method}-per-crop" if normaliser is not None else None,
                "scale": scales.summary(), "domain_alarm": verdict, "results": results, "errors": failures}
         print(json.dumps(doc, indent=2))
     else:

@@ -9,6 +9,7 @@ from typing import Callable
 
 from cytoedge.runtime.cells import IMAGE_SUFFIXES
 from cytoedge.runtime.limits import MAX_FIELD_PIXELS, InputLimitError, check_um_per_px
+from cytoedge.runtime.stain import METHODS
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -87,8 +88,9 @@ def add_scoring_arguments(p: argparse.ArgumentParser, scale: bool = True) -> Non
     else:
         p.set_defaults(um_per_px=None)
     g.add_argument("--no-stain-normalisation", action="store_true", help="use the colours as scanned")
+    add_stain_method_argument(g, "match the colours to the bundle's stain reference with METHOD (default: reinhard)")
     g.add_argument("--stain-context", choices=("slide", "cell"), default="slide",
-                   help="fit the Reinhard stain map once per slide (default) or on a 36-µm field around each cell")
+                   help="fit the stain map once per slide (default) or on a 36-µm field around each cell")
     g.add_argument("--no-heatmaps", action="store_true", help="skip counterfactual heatmaps of flagged cells")
     g.add_argument("--heatmaps-for", choices=("flagged", "all"), default="flagged",
                    help="cells given a heatmap (up to --max-heatmaps a slide); each costs 2 denoiser calls a probe")
@@ -102,10 +104,14 @@ def add_scoring_arguments(p: argparse.ArgumentParser, scale: bool = True) -> Non
 
 def scoring_options(args: argparse.Namespace):
     """The ScoringOptions of the flags ``add_scoring_arguments`` defined."""
+    from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.slide_scoring import ScoringOptions
 
+    if args.no_stain_normalisation and args.stain_method:
+        raise CytoedgeError(f"--stain-method {args.stain_method} and --no-stain-normalisation: choose one")
     return ScoringOptions(um_per_px=args.um_per_px, stain_normalise=not args.no_stain_normalisation,
-                          stain_context=args.stain_context, heatmaps=not args.no_heatmaps, tile_px=args.tile_px,
+                          stain_context=args.stain_context, stain_method=args.stain_method or "reinhard",
+                          heatmaps=not args.no_heatmaps, tile_px=args.tile_px,
                           batch_cells=args.batch_cells, heatmap_cells=args.heatmaps_for,
                           max_heatmaps=args.max_heatmaps)
 
@@ -125,24 +131,31 @@ def add_guidance_argument(p: argparse.ArgumentParser) -> None:
                         "sampling.guidance_scale; 1 = none)")
 
 
+def add_stain_method_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup, help_text: str) -> None:
+    p.add_argument("--stain-method", choices=METHODS, default=None, metavar="METHOD",
+                   help=f"{help_text}; METHOD: {', '.join(METHODS)}")
+
+
 def add_stain_argument(p: argparse.ArgumentParser) -> None:
+    """``--stain-normalise`` and ``--stain-method`` of the crop commands (classify, evaluate)."""
     p.add_argument("--stain-normalise", action="store_true",
-                   help="match each crop's colours to the bundle's stain reference (Reinhard, fitted on the crop): "
-                        "for crops of another lab's stain or scanner. On crops of the model's own stain it costs "
-                        "accuracy (PBC: balanced accuracy 0.906 -> 0.819), so it is off by default")
+                   help="match each crop's colours to the bundle's stain reference (fitted on the crop; Reinhard "
+                        "unless --stain-method): for crops of another lab's stain or scanner. On crops of the model's "
+                        "own stain it costs accuracy (PBC: balanced accuracy 0.906 -> 0.819), so it is off by default")
+    add_stain_method_argument(p, "normalise each crop with METHOD (implies --stain-normalise)")
 
 
-def crop_stain_reference(args: argparse.Namespace, bundle):
-    """The reference crops are normalised to under ``--stain-normalise``, else None."""
+def crop_stain_normaliser(args: argparse.Namespace, bundle):
+    """The StainNormaliser each crop is matched with under ``--stain-normalise`` / ``--stain-method``, else None."""
     from cytoedge.runtime.errors import CytoedgeError
-    from cytoedge.runtime.stain import reference_stats
+    from cytoedge.runtime.stain import stain_normaliser
 
-    if not args.stain_normalise:
+    if not (args.stain_normalise or args.stain_method):
         return None
-    reference = reference_stats(bundle)
-    if reference is None:
+    normaliser = stain_normaliser(bundle, args.stain_method or "reinhard")
+    if normaliser is None:
         raise CytoedgeError(f"--stain-normalise: {bundle.path} has no stain_reference to normalise to")
-    return reference
+    return normaliser
 
 
 def load_bundle_and_backend(args: argparse.Namespace):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_stain_argument,
-                                              add_um_per_px_argument, crop_stain_reference, load_bundle_and_backend,
+                                              add_um_per_px_argument, crop_stain_normaliser, load_bundle_and_backend,
                                               progress_bar)
 from cytoedge.runtime.crop_scale import crop_scales_or_raise
 
@@ -103,10 +103,9 @@ def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.detection import holds_a_cell
     from cytoedge.runtime.labelled_data import labelled_subset
     from cytoedge.runtime.reference_estimator import classify_reference
-    from cytoedge.runtime.stain import normalise_crop
 
     bundle, backend, estimator = load_bundle_and_backend(args)
-    reference = crop_stain_reference(args, bundle)
+    normaliser = crop_stain_normaliser(args, bundle)
     files, labels = labelled_subset(args.data, bundle.class_names, args.half, args.per_class)
     scales = crop_scales_or_raise(files, bundle, args.um_per_px)
     preds, nfes, parts = [], [], []
@@ -114,8 +113,8 @@ def run(args: argparse.Namespace) -> int:
     with progress_bar(len(files), "cells") as bar:
         for s in range(0, len(files), CHUNK):
             crops = [read_crop(f) for f in files[s:s + CHUNK]]
-            if reference is not None:
-                crops = [normalise_crop(rgb, reference) for rgb in crops]
+            if normaliser is not None:
+                crops = [normaliser.normalise(rgb) for rgb in crops]
             batch = crops_to_batch(crops, bundle, [scales.scale(str(f)).um_per_px for f in files[s:s + CHUNK]],
                                    [str(f) for f in files[s:s + CHUNK]])
             if estimator == "fast":
@@ -139,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         report.update(confidence_report(labels, decisions, bundle.class_names, bundle.domain))
     report = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name, "estimator": estimator,
               "data": str(args.data), "half": args.half, "per_class": args.per_class,
-              "stain_normalisation": "reinhard-per-crop" if reference is not None else None,
+              "stain_normalisation": f"{normaliser.method}-per-crop" if normaliser is not None else None,
               "scale": scales.summary(), **report}
     text = json.dumps(report, indent=2)
     if args.out:

@@ -137,8 +137,9 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
 
 def review_scoring_options(options) -> dict:
     """The scoring options a review page records, so calibrate/adapt cut its cells again the same way."""
-    return {k: getattr(options, k) for k in ("stain_normalise", "stain_context", "stain_field_um", "tile_px",
-                                             "overlap_um")}
+    from cytoedge.runtime.site_cells import REVIEW_SCORING_KEYS
+
+    return {k: getattr(options, k) for k in REVIEW_SCORING_KEYS}
 
 
 def print_timings(timings: dict, entries: list[dict]) -> None:
