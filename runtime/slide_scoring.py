@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DENSITY_BINS = 16  # bins along a slide's longest side when the bin size is not set
 RESULT_FORMAT = "cytoedge-result"
 RESULT_FORMAT_VERSION = 1
 ClassifyFn = Callable[[CellBatch, ModelBundle, DenoiserBackend, str], list[dict]]
@@ -75,7 +76,7 @@ class ScoringOptions:
     max_heatmaps: int = 64  # per slide; cells beyond this get none
     review_cells: int = 5000  # cells per slide whose views (a few kB each) are kept for the review page
     thumbnail_px: int = 2048  # longest side of the slide thumbnail the overlay is drawn on
-    density_bin_um: float = 200.0
+    density_bin_um: float | None = None  # None: the slide's longest side in DENSITY_BINS bins, 25-200 µm each
     detection: DetectionSettings = field(default_factory=DetectionSettings)
 
 
@@ -218,7 +219,7 @@ class SlideScorer:
     def summary(self) -> dict:
         """Summary of the slide scored last (or of the tiles sent since the last reset), with its red-cell
         reading when a red-cell bundle is given (its triage joins the slide's)."""
-        summary = summarise_slide(self.state, self.bundle, self._policy, self.options.density_bin_um)
+        summary = summarise_slide(self.state, self.bundle, self._policy, self._density_bin_um())
         if self._red is not None:
             red = self._red.reading(self.state.scale.source if self.state.scale else None)
             summary["red_cells"] = red
@@ -256,6 +257,15 @@ class SlideScorer:
             self._red.restore(checkpoint["red_cell_reader"])
 
     # ---- internals --------------------------------------------------------------------------
+    def _density_bin_um(self) -> float:
+        """The density map's bin: as set, else one that gives a whole slide (200 µm) and a camera field
+        (25 µm) a readable grid rather than 2 × 2 squares."""
+        st = self.state
+        if self.options.density_bin_um or st.scale is None:
+            return self.options.density_bin_um or 200.0
+        longest_um = max(st.width, st.height) * st.scale.um_per_px
+        return float(np.clip(longest_um / DENSITY_BINS, 25.0, 200.0))
+
     def _tile_core_px(self, um_per_px: float, overlap: int) -> int:
         """``tile_px``, shrunk so that a tile (core and overlap on both sides) resampled to the model's scale
         stays within MAX_MODEL_SCALE_TILE_PIXELS: a coarse scale is upsampled, and its tiles with it."""

@@ -92,6 +92,9 @@ def test_summary_document_and_heatmaps(bundle, ort_backend, smear_png):
     s, cells = entry["summary"], entry["cells"]
     assert sum(s["by_class"].values()) == len(cells) == s["counts"]["white_cells"]
     assert np.sum(s["density_map"]["white"]) == len(cells)
+    longest_um = max(s["width_px"], s["height_px"]) * s["scale"]["um_per_px"]
+    assert s["density_map"]["bin_um"] == pytest.approx(min(max(longest_um / 16, 25.0), 200.0), rel=1e-3)
+    assert max(s["density_map"]["rows"], s["density_map"]["cols"]) >= 3  # a grid, not one square
     assert {c["id"] for c in s["abnormal_cells"]} == {c["id"] for c in cells if c["flags"]["abnormal"]}
     assert s["triage"]["level"] in ("review", "urgent")  # 4 cells cannot make a differential
     assert any("white cells counted" in r for r in s["triage"]["reasons"])
