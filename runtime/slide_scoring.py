@@ -144,6 +144,9 @@ class SlideScorer:
             raise CytoedgeError(f"stain_context {options.stain_context!r}: choose 'cell' or 'slide'")
         if options.heatmap_cells not in ("flagged", "all"):
             raise CytoedgeError(f"heatmap_cells {options.heatmap_cells!r}: choose 'flagged' or 'all'")
+        if bundle.cell_type != "white":  # the slide's cells are found by their nuclei: white cells
+            raise CytoedgeError(f"{bundle.path} reads {bundle.cell_type} cells; scoring a slide reads its white cells "
+                                "with a white-cell bundle (a red-cell bundle classifies red-cell crops: cytoedge classify)")
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self._classify = classify
         self._reference = reference_stats(bundle) if options.stain_normalise else None
