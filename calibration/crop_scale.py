@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-class", type=int, default=100)
     args = p.parse_args(argv)
     bundle = ModelBundle.load(args.model)
+    if not bundle.crop_scale_estimators:
+        raise SystemExit(f"{args.model}: input.crop_scale.estimate_from is empty (the bundle never estimates a "
+                         "crop's scale), so there is no estimator reference to fit")
     files, labels, _ = list_labelled_files(args.data, bundle.class_names)
     pick = stratified_subset(labels, args.per_class, seed=1)
     known = round(bundle.um_per_px / float(bundle.manifest["input"].get("source_px_per_model_px", 1.0)), 6)

@@ -24,9 +24,17 @@ from cytoedge.runtime.stain import fit_reference
 log = logging.getLogger(__name__)
 
 # PBC crops as stored in ../shared/data are ~180 px wide with red cells ~37 px across (7.5 µm):
-# ~0.2 µm per source pixel. The model sees 3 source pixels per model pixel.
-PBC_SOURCE_UM_PER_PX = 0.2
-ABNORMAL_IN_PERIPHERAL_BLOOD = ["erythroblast", "ig"]
+# ~0.2 µm per source pixel. The model sees 3 source pixels per model pixel. A run whose config has no
+# "bundle" block is a white-cell (PBC) run and gets these; the red-cell config states its own
+# (training/configs/rbc32.json).
+PBC_BUNDLE = {
+    "cell_type": "white",
+    "abnormal_classes": ["erythroblast", "ig"],
+    "source_crop_px": 180.0,
+    "source_um_per_px": 0.2,
+    "scale_provenance": "PBC crops here: red cells ~37 px = 7.5 µm, so ~0.2 µm/px; model sees 3 px per px",
+    "split": "pbc/train (calibration and evaluation use pbc/calib, disjoint by content hash)",
+}
 
 
 def git_commit() -> str:
@@ -49,24 +57,30 @@ def build_manifest(cfg: dict, state: dict, train_images: np.ndarray, name: str) 
 
     classes = trained_classes(cfg)
     unet = {**cfg["unet"], "num_classes": conditioning_ids(cfg)}
-    source_px_per_model_px = 180.0 / cfg["cache_size"] * cfg["zoom"]
+    spec = cfg.get("bundle", PBC_BUNDLE)
+    source_px_per_model_px = spec["source_crop_px"] / cfg["cache_size"] * cfg["zoom"]
+    null = conditioning_ids(cfg) > len(classes)
+    description = spec.get("description") or (
+        f"Class-conditional pixel-space DDPM denoiser for peripheral-blood white cells (PBC, {len(classes)} classes"
+        + (", plus a null class: the unconditional prediction)" if null else ")"))
+    crop_scale = {"crop_scale": spec["crop_scale"]} if "crop_scale" in spec else {}
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
-        "description": (f"Class-conditional pixel-space DDPM denoiser for peripheral-blood white cells (PBC, "
-                        f"{len(classes)} classes" + (", plus a null class: the unconditional prediction)"
-                                                     if conditioning_ids(cfg) > len(classes) else ")")),
+        "description": description,
+        **({"cell_type": spec["cell_type"]} if spec["cell_type"] != "white" else {}),
         "class_names": classes,
-        "abnormal_classes": [c for c in ABNORMAL_IN_PERIPHERAL_BLOOD if c in classes],
-        **({"null_class_id": len(classes)} if conditioning_ids(cfg) > len(classes) else {}),
+        "abnormal_classes": [c for c in spec["abnormal_classes"] if c in classes],
+        **({"null_class_id": len(classes)} if null else {}),
         "excluded_classes": cfg.get("exclude_classes", []),
         "input": {
             "size": unet["image_size"], "channels": 3, "channel_order": "RGB", "layout": "NCHW",
-            "um_per_px": round(PBC_SOURCE_UM_PER_PX * source_px_per_model_px, 4),
+            "um_per_px": round(spec["source_um_per_px"] * source_px_per_model_px, 4),
             "source_px_per_model_px": source_px_per_model_px,
-            "scale_provenance": "PBC crops here: red cells ~37 px = 7.5 µm, so ~0.2 µm/px; model sees 3 px per px",
+            "scale_provenance": spec["scale_provenance"],
             "normalisation": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "note": "RGB [0,1] -> [-1,1]"},
             "resample": "area downscale to model scale, then bilinear affine (rotation/flip) cut around the cell",
+            **crop_scale,
         },
         "stain_reference": stain_reference(train_images),
         "noise_schedule": cfg["noise_schedule"],
@@ -78,10 +92,11 @@ def build_manifest(cfg: dict, state: dict, train_images: np.ndarray, name: str) 
         "files": {"denoiser.onnx": {"sha256": "0" * 64}},
         "provenance": {
             "data": cfg.get("data", "../shared/data/pbc/train"),
-            "split": "pbc/train (calibration and evaluation use pbc/calib, disjoint by content hash)",
+            "split": spec["split"],
             "steps": int(state["step"]), "train_minutes": round(state["elapsed"] / 60, 1),
             "initialised_from": cfg.get("init_from"),
             "batch_size": cfg["batch_size"], "seed": cfg["seed"],
+            "class_balance_power": cfg["class_balance_power"], "augment": cfg.get("augment"),
             "null_class_prob": cfg.get("null_class_prob", 0.0),
             "objective": {"mse": 1.0, "disc_weight": cfg["disc_weight"], "disc_batch": cfg["disc_batch"],
                           "disc_t_range": cfg["disc_t_range"]},

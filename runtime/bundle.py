@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+# What kind of cell a bundle reads (manifest ``cell_type``; absent: white): decides how a crop is checked
+# for holding a cell at all (a red cell has no nucleus to find; runtime/detection.holds_a_cell).
+CELL_TYPES = ("white", "red")
+# How a crop's pixel scale may be estimated when its file does not declare one (runtime/crop_scale.py);
+# a bundle lists the ones it allows in ``input.crop_scale.estimate_from`` (absent: all). A red-cell
+# bundle allows none: the size of the cell it reads is a class feature, so it cannot also set the scale.
+CROP_SCALE_ESTIMATORS = ("red-cells", "white-cell")
 
 
 def sha256_file(path: Path) -> str:
@@ -93,6 +100,15 @@ def validate_manifest(manifest: dict, where: str) -> None:
             raise BundleError(f"{where}: required field '{dotted}' is missing (it must be {expected})") from None
         if not check(value):
             raise BundleError(f"{where}: field '{dotted}' is {value!r}; it must be {expected}")
+    cell_type = manifest.get("cell_type", "white")
+    if cell_type not in CELL_TYPES:
+        raise BundleError(f"{where}: field 'cell_type' is {cell_type!r}; it must be one of {list(CELL_TYPES)} or absent "
+                          "(absent: white)")
+    crop_scale = manifest["input"].get("crop_scale") or {}
+    estimate_from = crop_scale.get("estimate_from", list(CROP_SCALE_ESTIMATORS)) if isinstance(crop_scale, dict) else None
+    if not (isinstance(estimate_from, list) and set(estimate_from) <= set(CROP_SCALE_ESTIMATORS)):
+        raise BundleError(f"{where}: field 'input.crop_scale.estimate_from' is {estimate_from!r}; it must be a list of "
+                          f"{list(CROP_SCALE_ESTIMATORS)} (possibly empty) or absent (absent: all)")
     unknown = sorted(set(manifest["abnormal_classes"]) - set(manifest["class_names"]))
     if unknown:
         raise BundleError(f"{where}: abnormal_classes {unknown} are not in class_names {manifest['class_names']}")
@@ -191,6 +207,17 @@ class ModelBundle:
     def guidance_scale(self) -> float:
         """Classifier-free guidance for drawing cells (``sampling.guidance_scale``; 1 = none)."""
         return float((self.manifest.get("sampling") or {}).get("guidance_scale", 1.0))
+
+    @property
+    def cell_type(self) -> str:
+        """The kind of cell the bundle reads: "white" (with a nucleus) or "red"."""
+        return str(self.manifest.get("cell_type", "white"))
+
+    @property
+    def crop_scale_estimators(self) -> list[str]:
+        """How a crop without a declared scale may have it estimated (CROP_SCALE_ESTIMATORS, in order)."""
+        ref = self.manifest["input"].get("crop_scale") or {}
+        return list(ref.get("estimate_from", CROP_SCALE_ESTIMATORS))
 
     @property
     def abnormal_classes(self) -> list[str]:

@@ -112,13 +112,13 @@ def mark_unreliable(records: list[dict], verdict: dict) -> list[dict]:
     return records
 
 
-def mark_no_cell(records: list[dict], crops: list) -> list[dict]:
-    """Crops with no stained cell near their centre (runtime/detection.holds_a_cell) are anomalous and
-    say so (``flags.no_cell``), whatever class the estimator found closest."""
+def mark_no_cell(records: list[dict], crops: list, cell_type: str = "white") -> list[dict]:
+    """Crops with no cell of the bundle's ``cell_type`` near their centre (runtime/detection.holds_a_cell)
+    are anomalous and say so (``flags.no_cell``), whatever class the estimator found closest."""
     from cytoedge.runtime.detection import holds_a_cell
 
     for r, rgb in zip(records, crops):
-        empty = not holds_a_cell(rgb)
+        empty = not holds_a_cell(rgb, cell_type)
         r.setdefault("flags", {})["no_cell"] = empty
         if empty:
             r["flags"]["anomalous"] = True

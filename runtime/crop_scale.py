@@ -4,7 +4,9 @@ A crop's scale cannot be assumed (PBC's own crops are ~0.1 µm/px as CellaVision
 as shipped here; other analysers differ again), and a crop read at the wrong scale is misread with
 confidence. A file that declares a microscope's pixel size (PNG pHYs, TIFF resolution; `cytoedge
 synth` writes it) is read at that size. Otherwise each crop's scale is estimated from its red cells
-(granulometry, runtime/scale.py), or from the white cell's nucleus where no red cell is visible.
+(granulometry, runtime/scale.py), or from the white cell's nucleus where no red cell is visible, as
+far as the bundle's ``input.crop_scale.estimate_from`` allows: a red-cell bundle allows neither (the
+size of the cell it classifies is a class feature), and reads an undeclared crop at its training scale.
 One crop's estimate is noisy (partial red cells at the border, a large white cell), but an analyser
 writes all its crops at one scale, so the crops of one size in a run share the median of their
 estimates. The estimate is corrected by the bundle's ``input.crop_scale`` (what the same estimator
@@ -87,6 +89,7 @@ class CropScaleEstimator:
         self.default = bundle.um_per_px / float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
         self.red_correction = float(ref.get("red_cell_correction", 1.0))
         self.nucleus_diameter_um = float(ref.get("nucleus_diameter_um", 7.0))
+        self.estimators = bundle.crop_scale_estimators
         self._raw: dict[str, tuple[tuple[int, int], float | None, str]] = {}
         self._pooled: dict[tuple[int, str], tuple[float, int]] | None = None
         self._group: dict[tuple[int, int], int] = {}
@@ -101,11 +104,11 @@ class CropScaleEstimator:
         if declared:
             self._raw[name] = (shape, float(declared), "file")
             return
-        diameter = red_cell_diameter_px(rgb)
+        diameter = red_cell_diameter_px(rgb) if "red-cells" in self.estimators else None
         if diameter:
             self._raw[name] = (shape, RED_CELL_DIAMETER_UM / diameter * self.red_correction, "red-cells")
             return
-        est = nucleus_um_per_px(rgb, self.nucleus_diameter_um)
+        est = nucleus_um_per_px(rgb, self.nucleus_diameter_um) if "white-cell" in self.estimators else None
         self._raw[name] = (shape, est, "white-cell") if est else (shape, None, "bundle-default")
 
     def _size_groups(self) -> dict[tuple[int, int], int]:

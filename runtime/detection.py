@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from cytoedge.runtime.scale import RED_CELL_DIAMETER_UM, foreground_mask
+from cytoedge.runtime.scale import RED_CELL_DIAMETER_UM, fill_holes, foreground_mask
 
 
 @dataclass(frozen=True)
@@ -144,16 +144,37 @@ def stained_blobs(rgb: np.ndarray, floor: float = 12.0) -> tuple[np.ndarray, np.
     return stats[1:, cv2.CC_STAT_AREA].astype(np.float64), centroids[1:]
 
 
-def holds_a_cell(rgb: np.ndarray, min_share: float = 0.001) -> bool:
-    """Whether a single-cell crop shows stained material (a nucleus, a platelet) near its centre: a
-    blank, uniform, washed-out or plasma-only image does not, and is no cell to classify, whatever
-    the denoiser's errors say. Scale-free: a blob of at least ``min_share`` of the crop whose centre
-    lies in the crop's central 60 %."""
+def holds_a_cell(rgb: np.ndarray, cell_type: str = "white", min_share: float = 0.001) -> bool:
+    """Whether a single-cell crop shows the kind of cell a bundle reads near its centre: a blank,
+    uniform, washed-out or plasma-only image does not, and is no cell to classify, whatever the
+    denoiser's errors say. A white cell (or a platelet) is found by its stain: a nucleus-stained blob
+    of at least ``min_share`` of the crop whose centre lies in the crop's central 60 %. A red cell has
+    no nucleus: ``holds_a_red_cell``. Scale-free."""
+    if cell_type == "red":
+        return holds_a_red_cell(rgb)
     h, w = rgb.shape[:2]
     areas, centres = stained_blobs(rgb)
-    central = (centres[:, 0] >= 0.2 * w) & (centres[:, 0] <= 0.8 * w) & \
-        (centres[:, 1] >= 0.2 * h) & (centres[:, 1] <= 0.8 * h)
-    return bool(np.any(central & (areas >= min_share * h * w)))
+    return bool(np.any(_central(centres, w, h) & (areas >= min_share * h * w)))
+
+
+def holds_a_red_cell(rgb: np.ndarray, min_share: float = 0.03, min_contrast: float = 12.0) -> bool:
+    """Whether a crop shows a cell darker than the plasma near its centre: a region of the cell mask
+    (green below Otsu, holes filled: a target cell's or a hypochromic cell's pale centre is cell) of at
+    least ``min_share`` of the crop, centred in its central 60 %, and at least ``min_contrast`` grey
+    levels (uint8 green) darker than the rest, so that Otsu splitting a blank image's noise finds none."""
+    h, w = rgb.shape[:2]
+    green = cv2.GaussianBlur(rgb[..., 1], (0, 0), max(1.0, max(h, w) / 100))
+    thr, _ = cv2.threshold(green, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    mask = fill_holes((green < thr).astype(np.uint8))
+    if mask.all() or not mask.any() or green[mask == 0].mean() - green[mask == 1].mean() < min_contrast:
+        return False
+    _, _, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA].astype(np.float64)
+    return bool(np.any(_central(centroids[1:], w, h) & (areas >= min_share * h * w)))
+
+
+def _central(centres: np.ndarray, w: int, h: int) -> np.ndarray:
+    return (centres[:, 0] >= 0.2 * w) & (centres[:, 0] <= 0.8 * w) & (centres[:, 1] >= 0.2 * h) & (centres[:, 1] <= 0.8 * h)
 
 
 @dataclass(frozen=True)

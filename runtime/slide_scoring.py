@@ -158,6 +158,9 @@ class SlideScorer:
             raise CytoedgeError(f"stain_method {options.stain_method!r}: choose one of {', '.join(METHODS)}")
         if options.heatmap_cells not in ("flagged", "all"):
             raise CytoedgeError(f"heatmap_cells {options.heatmap_cells!r}: choose 'flagged' or 'all'")
+        if bundle.cell_type != "white":  # the slide's cells are found by their nuclei: white cells
+            raise CytoedgeError(f"{bundle.path} reads {bundle.cell_type} cells; scoring a slide reads its white cells "
+                                "with a white-cell bundle (a red-cell bundle classifies red-cell crops: cytoedge classify)")
         self.bundle, self.backend, self.estimator, self.options = bundle, backend, estimator, options
         self._classify = classify
         self._red = red_cells  # the red-cell stage (runtime/red_cells.py), if a red-cell bundle is given

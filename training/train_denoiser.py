@@ -1,6 +1,9 @@
-"""Train the bundled class-conditional DDPM denoiser on PBC crops (CPU, resumable).
+"""Train the bundled class-conditional DDPM denoiser on labelled crops (CPU, resumable).
 
     python -m cytoedge.training.train_denoiser --data ../shared/data/pbc/train --run runs/pbc32 --max-minutes 90
+
+A config without ``classes`` trains PBC's white-cell classes; the red-cell model's config
+(training/configs/rbc32.json, crops from training/rbc_data.py) names Chula's.
 
 Objective: the usual ε-prediction MSE (Ho et al. 2020) on every sample, plus a small
 discriminative term on a sub-batch: one shared noise, the masked denoising error under every class,
@@ -62,11 +65,13 @@ DEFAULTS = {
 
 
 def trained_classes(cfg: dict) -> list[str]:
-    """The classes a run is trained on, in PBC order, without the excluded ones."""
-    unknown = sorted(set(cfg.get("exclude_classes", [])) - set(PBC_CLASSES))
+    """The classes a run is trained on, in the order of its ``classes`` (PBC's when the config has
+    none: the white-cell runs), without the excluded ones."""
+    classes = cfg.get("classes", PBC_CLASSES)
+    unknown = sorted(set(cfg.get("exclude_classes", [])) - set(classes))
     if unknown:
-        raise ValueError(f"exclude_classes {unknown} are not PBC classes {PBC_CLASSES}")
-    return [c for c in PBC_CLASSES if c not in cfg.get("exclude_classes", [])]
+        raise ValueError(f"exclude_classes {unknown} are not classes of this run {classes}")
+    return [c for c in classes if c not in cfg.get("exclude_classes", [])]
 
 
 def conditioning_ids(cfg: dict) -> int:
@@ -75,7 +80,7 @@ def conditioning_ids(cfg: dict) -> int:
 
 
 def disc_mask(size: int, radius: float) -> np.ndarray:
-    """Centred disc of radius ``radius * size`` pixels: where a white cell lies in a crop."""
+    """Centred disc of radius ``radius * size`` pixels: where the cell lies in a crop."""
     yy, xx = np.mgrid[:size, :size]
     c = (size - 1) / 2.0
     return (((yy - c) ** 2 + (xx - c) ** 2) <= (radius * size) ** 2).astype(np.float32)

@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             if not tiles:
                 continue
             batch = tiles_to_batch(tiles, bundle.input_size)
-            records = mark_no_cell(classify_batch(batch, bundle, backend, estimator), crops)
+            records = mark_no_cell(classify_batch(batch, bundle, backend, estimator), crops, bundle.cell_type)
             for path, record in zip(chunk, records):
                 results.append({"image": str(path), **record, "scale": scales.scale(str(path)).to_record()})
             bar.update(len(chunk))

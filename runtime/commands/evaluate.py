@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
                                    [str(f) for f in files[s:s + CHUNK]])
             if estimator == "fast":
                 outcome = score_cells_fast(batch, bundle, backend)
-                empty = np.array([not holds_a_cell(rgb) for rgb in crops])  # as classify marks them
+                empty = np.array([not holds_a_cell(rgb, bundle.cell_type) for rgb in crops])  # as classify marks them
                 outcome.decisions.anomalous[empty] = True
                 preds.append(outcome.decisions.class_id)
                 nfes.append(outcome.nfe)

@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="sample synthetic cells or a synthetic smear from the model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--class", dest="classes", action="append", default=[], metavar="C",
-                   help="class to draw (repeat for several; default: all white-cell classes)")
+                   help="class to draw (repeat for several; default: all the model's classes but platelet)")
     p.add_argument("-n", type=int, default=8, help="number of cells")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise CytoedgeError(f"--steps must be at least 1, got {args.steps}")
     bundle, backend, _ = load_bundle_and_backend(args)
+    if args.smear and bundle.cell_type != "white":
+        raise CytoedgeError(f"--smear places the model's cells as the white cells of a smear of drawn red cells; "
+                            f"{bundle.path} reads {bundle.cell_type} cells (drop --smear to draw single cells)")
     pool = args.classes or [c for c in bundle.class_names if c != "platelet"]
     unknown = sorted(set(pool) - set(bundle.class_names))
     if unknown:  # refused before --out is created

@@ -1,0 +1,152 @@
+"""Red-cell morphology bundle on the held-out Chula RBC-12 fields: per-class recall and precision,
+balanced accuracy, the confusion matrix, schistocyte recall and specificity, cells per second.
+
+  python benchmarks/bench_rbc_model.py [--data ../shared/data/chula_rbc12] [--model models/rbc32-ddpm]
+      [--model OTHER_BUNDLE ...] [--threads 2] [--write]
+
+The fields are split by content hash (training/rbc_data.held_out); the bundle never trained on this half.
+Each labelled cell is cut as the training crops were (training/rbc_data.cut_crops, at Chula's one
+dataset scale) and classified by the fast estimator as `cytoedge classify` does. Balanced accuracy is
+the mean recall over the classes with at least MIN_CELLS held-out cells. Schistocyte flagging is read two
+ways: the predicted class (argmax), and the best any threshold on P(schistocyte) does at recall 0.90.
+Further ``--model`` bundles (e.g. the class-balancing ablation) get the summary row only.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cytoedge.calibration import metrics as m
+from cytoedge.runtime.backends.select import create_backend
+from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.cells import crops_to_batch, read_rgb
+from cytoedge.runtime.classify_cells import score_cells_fast
+from cytoedge.runtime.decisions import concat_decisions
+from cytoedge.training.rbc_data import CHULA_CLASSES, CHULA_UM_PER_PX, CROP_SOURCE_PX, cut_crops, field_files, read_labels
+
+MIN_CELLS = 20
+TARGET_RECALL = 0.90
+CHUNK = 256
+
+
+def held_out_cells(data: Path, max_fields: int | None) -> tuple[list[np.ndarray], np.ndarray, int]:
+    """Every labelled cell of the held-out fields (the first ``max_fields``) as a crop, its Chula class
+    id, and the field count."""
+    crops, labels = [], []
+    fields = field_files(data, "held-out")[:max_fields]
+    for field in fields:
+        cells = read_labels(data, field)
+        if cells:
+            crops += cut_crops(read_rgb(field), [(x, y) for x, y, _ in cells], CROP_SOURCE_PX)
+            labels += [k for _, _, k in cells]
+    return crops, np.array(labels, np.int64), len(fields)
+
+
+def score(bundle: ModelBundle, crops: list[np.ndarray], threads: int, backend: str):
+    """Decisions of every crop (in order) and the seconds the estimator took."""
+    be = create_backend(bundle, backend, threads=threads)
+    parts, seconds = [], 0.0
+    for s in range(0, len(crops), CHUNK):
+        batch = crops_to_batch(crops[s:s + CHUNK], bundle, CHULA_UM_PER_PX)
+        t0 = time.perf_counter()
+        parts.append(score_cells_fast(batch, bundle, be).decisions)
+        seconds += time.perf_counter() - t0
+    return concat_decisions(parts), seconds
+
+
+def summary(y: np.ndarray, d, names: list[str]) -> dict:
+    k = len(names)
+    pred = d.class_id
+    counts = np.bincount(y, minlength=k)
+    measured = counts >= MIN_CELLS
+    recall = m.per_class_recall(y, pred, k)
+    schisto = names.index("schistocyte")
+    positive = y == schisto
+    sens, spec = m.sensitivity_specificity(pred == schisto, positive)
+    best = m.specificity_at_sensitivity(d.probabilities[:, schisto], positive, TARGET_RECALL)
+    return {"balanced": float(recall[measured].mean()), "measured": int(measured.sum()), "accuracy": float((pred == y).mean()),
+            "schisto_recall": sens, "schisto_spec": spec, "best": best,
+            "schisto_auroc": m.auroc(d.probabilities[:, schisto], positive)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/chula_rbc12"))
+    ap.add_argument("--model", type=Path, action="append", help="bundle(s); the first gets the full report")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--backend", default="onnxruntime-cpu")
+    ap.add_argument("--fields", type=int, help="only the first N held-out fields (a quick check; not with --write)")
+    ap.add_argument("--write", action="store_true")
+    args = ap.parse_args()
+    if args.write and args.fields:
+        ap.error("--write measures every held-out field; drop --fields")
+    if not args.data.is_dir():
+        print(f"{args.data}: not here (real data is not shipped); nothing to measure", file=sys.stderr)
+        return 0
+    models = args.model or [Path("models/rbc32-ddpm")]
+    crops, y, n_fields = held_out_cells(args.data, args.fields)
+    rows, body = [], ""
+    for i, path in enumerate(models):
+        bundle = ModelBundle.load(path)
+        if bundle.class_names != CHULA_CLASSES:
+            raise SystemExit(f"{path}: classes {bundle.class_names} are not Chula's {CHULA_CLASSES}")
+        d, seconds = score(bundle, crops, args.threads, args.backend)
+        s = summary(y, d, bundle.class_names)
+        prov = bundle.manifest["provenance"]
+        rows.append(f"| `{path}` | {prov.get('class_balance_power')} | {prov['steps']} ({prov['train_minutes']} min) | "
+                    f"**{s['balanced']:.3f}** | {s['accuracy']:.3f} | {s['schisto_recall']:.3f} / {s['schisto_spec']:.3f} | "
+                    f"{s['best']['specificity']:.3f} | {s['schisto_auroc']:.3f} | {len(y) / seconds:.0f} |")
+        print(rows[-1], flush=True)
+        if i == 0:
+            body = full_report(bundle, y, d, s, seconds, n_fields, args.threads)
+    body += ("\n\n| bundle | class balance power | steps | balanced accuracy | accuracy | schistocyte recall / specificity "
+             f"(argmax) | specificity at recall {TARGET_RECALL:.2f} | schistocyte AUROC | cells/s |\n"
+             "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    print(body)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from results_md import write_section
+
+        write_section("rbc-model", "Red-cell morphology bundle (Chula RBC-12, held-out fields)", body)
+    return 0
+
+
+def full_report(bundle: ModelBundle, y: np.ndarray, d, s: dict, seconds: float, n_fields: int, threads: int) -> str:
+    names, k = bundle.class_names, len(bundle.class_names)
+    cm = m.confusion_matrix(y, d.class_id, k)
+    recall = m.per_class_recall(y, d.class_id, k)
+    precision = np.diag(cm) / np.maximum(cm.sum(0), 1)
+    prov = bundle.manifest["provenance"]
+    confident = ~(d.uncertain | d.anomalous)
+    lines = [
+        f"`{bundle.path}` ({prov['steps']} steps, {prov['train_minutes']} min on one CPU thread, class balance power "
+        f"{prov.get('class_balance_power')}), on every labelled cell of the held-out half: {len(y)} cells of {n_fields} "
+        f"fields (split by content hash, training/rbc_data.held_out), each cut at Chula's one dataset scale "
+        f"({CHULA_UM_PER_PX} µm/px) and read by the fast estimator ({threads} threads, ONNX Runtime CPU).\n",
+        "| measure | result | target |\n|---|---|---|",
+        f"| balanced accuracy ({s['measured']} classes with ≥ {MIN_CELLS} held-out cells) | **{s['balanced']:.3f}** | ≥ 0.75 |",
+        f"| accuracy | {s['accuracy']:.3f} | |",
+        f"| schistocyte recall / specificity (predicted class) | {s['schisto_recall']:.3f} / {s['schisto_spec']:.3f} | "
+        "recall ≥ 0.90 at specificity ≥ 0.98 |",
+        f"| best specificity at schistocyte recall ≥ {TARGET_RECALL:.2f} (threshold on P(schistocyte) "
+        f"{s['best']['threshold']:.3g}) | {s['best']['specificity']:.3f} (recall {s['best']['sensitivity']:.3f}) | ≥ 0.98 |",
+        f"| schistocyte AUROC (P(schistocyte)) | {s['schisto_auroc']:.3f} | |",
+        f"| confident cells (not uncertain, not anomalous) / their accuracy | {confident.mean():.3f} / "
+        f"{(d.class_id == y)[confident].mean() if confident.any() else float('nan'):.3f} | |",
+        f"| cells per second (estimator only) | {len(y) / seconds:.0f} | |",
+        "\n| class | held-out cells | recall | precision |\n|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {int((y == c).sum())} | {recall[c]:.3f} | {precision[c]:.3f} |" for c, n in enumerate(names)]
+    short = [n[:6] for n in names]
+    lines += ["\nConfusion matrix (rows: label, columns: prediction):\n",
+              "| label \\ predicted | " + " | ".join(short) + " |", "|---|" + "---|" * k]
+    lines += [f"| {n} | " + " | ".join(str(int(v)) for v in cm[c]) + " |" for c, n in enumerate(names)]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
