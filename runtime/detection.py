@@ -195,6 +195,11 @@ def detect_red_cells(rgb: np.ndarray, um_per_px: float, exclude: np.ndarray | No
     ``[N, 2]`` (x, y, input px) and the label image (0 = none, k + 1 = cell k). ``exclude``: a 0/1
     mask of pixels that are not red cells (white cells, platelets)."""
     radius = RED_CELL_DIAMETER_UM / 2 / um_per_px
+    if exclude is not None and exclude.any() and not exclude.all():
+        # Excluded pixels (white cells: the darkest in a field) would take the "dark" side of the threshold
+        # and leave the red cells with the plasma; they are painted plasma-bright first.
+        rgb = rgb.copy()
+        rgb[exclude > 0] = np.percentile(rgb[exclude == 0], 95, axis=0).astype(np.uint8)
     cells = foreground_mask(rgb)
     if exclude is not None:
         cells = cells & (1 - exclude.astype(np.uint8))

@@ -2,8 +2,9 @@
 classified by the same estimator and calibration machinery as white cells, counted and graded.
 
 A stage of its own beside the white-cell scorer, which calls it once per tile: the sample is spread over
-the slide (at most ``per_tile`` cells a tile, evenly spaced in the detector's order) until it reaches
-``target_cells`` (the ICSH's count of 1,000 by default), so its cost is bounded whatever the slide's size.
+the slide (each tile gives at most twice its share of ``target_cells`` when the number of tiles is known,
+else ``per_tile``, evenly spaced in the detector's order) until it reaches ``target_cells`` (the ICSH's
+count of 1,000 by default), so its cost is bounded whatever the slide's size.
 Only red cells the watershed separates are sampled (runtime/detection.detect_red_cells keeps regions of
 one red cell's area), pixels of white cells and platelets excluded: the monolayer, where cells are read.
 
@@ -33,7 +34,8 @@ SIZE_CLASSES = ("macrocyte", "microcyte")  # graded only where the slide's scale
 @dataclass(frozen=True)
 class RedCellSampling:
     target_cells: int = 1000  # ICSH: grade on a count of at least 1,000 red cells
-    per_tile: int = 250  # at most this many from one tile, so the sample spans the slide
+    per_tile: int = 250  # at most this many from one tile when the slide's tile count is not known
+    min_per_tile: int = 20  # a tile's share is never below this (a slide of many tiles fills up sooner)
     batch_cells: int = 512
 
 
@@ -51,9 +53,12 @@ class RedCellReader:
         self.bundle, self.backend, self.sampling = bundle, backend, sampling
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, tiles: int | None = None) -> None:
+        """A new slide; ``tiles``: how many tiles it has, if known (its sample is then spread over them)."""
+        s = self.sampling
+        self.per_tile = s.per_tile if not tiles else max(s.min_per_tile, -(-2 * s.target_cells // tiles))
         self.counts = {c: 0 for c in self.bundle.class_names}
-        self.seen = 0  # separated red cells met in tile cores (sampled or not)
+        self.seen = 0  # separated red cells met in the tile cores read until the sample was complete
         self.seconds = 0.0
         self.sample: list[dict] = []  # each classified cell: slide centre and class (for the DICOM annotations)
         self._tiles: list[np.ndarray] = []
@@ -68,7 +73,7 @@ class RedCellReader:
                  exclude: np.ndarray | None, origin: tuple[int, int] = (0, 0)) -> None:
         """Sample the separated red cells whose centres lie in ``core`` (tile pixels x0, y0, x1, y1); the
         tile's top-left lies at ``origin`` in slide pixels."""
-        room = min(self.sampling.per_tile, self.sampling.target_cells - self.sampled)
+        room = min(self.per_tile, self.sampling.target_cells - self.sampled)
         if room <= 0:
             return
         t0 = time.perf_counter()
@@ -116,7 +121,8 @@ class RedCellReader:
         self.seen, self.seconds = int(checkpoint["seen"]), float(checkpoint["seconds"])
 
     def reading(self, scale_source: str | None) -> dict:
-        """The slide's red-cell block (runtime/rbc_grading.red_cell_reading), with the sample and its cost."""
+        """The slide's red-cell block (runtime/rbc_grading.red_cell_reading), with the sample; its cost is
+        ``seconds`` (the run's timings, not the summary: two runs of a slide give the same summary)."""
         self.flush()
         grading = self.bundle.grading
         estimated = scale_source == "red-cells"
@@ -125,7 +131,6 @@ class RedCellReader:
         out = red_cell_reading(self.counts, grading)
         out.update({"model": self.bundle.name, "bundle_sha256": self.bundle.sha256,
                     "separated_red_cells_seen": self.seen, "target_cells": self.sampling.target_cells,
-                    "seconds": round(self.seconds, 3),
                     "size_features": "not assessed: the slide's scale was estimated from its red cells" if estimated
                     else "assessed"})
         return out

@@ -191,8 +191,11 @@ class SlideScorer:
         t = st.tick("scale", t)
         check_um_per_px(st.scale.um_per_px, f"{source.name}: pixel size ({st.scale.source})")
         overlap = int(math.ceil(self.options.overlap_um / st.scale.um_per_px))
+        core = self._tile_core_px(st.scale.um_per_px, overlap)
+        if self._red is not None and st.single_plane:  # the red-cell sample is spread over the slide's tiles
+            self._red.reset(math.ceil(st.width / core) * math.ceil(st.height / core))
         pending = _Pending()
-        for tile in source.tiles(self._tile_core_px(st.scale.um_per_px, overlap), overlap):
+        for tile in source.tiles(core, overlap):
             st.width, st.height = max(st.width, source.width), max(st.height, source.height)
             t = st.tick("read", t)
             self._add_tile(tile, st.scale.um_per_px, pending)
@@ -225,6 +228,7 @@ class SlideScorer:
         summary = summarise_slide(self.state, self.bundle, self._policy, self._density_bin_um())
         if self._red is not None:
             red = self._red.reading(self.state.scale.source if self.state.scale else None)
+            self.state.timings["red_cells"] = self._red.seconds  # detection, sampling and classification
             summary["red_cells"] = red
             self.state.red_sample = {"model": red["model"], "bundle_sha256": red["bundle_sha256"],
                                      "cells": list(self._red.sample)}
@@ -301,10 +305,10 @@ class SlideScorer:
                             for d in det.platelets)
         st.red_cells += det.red_cell_count
         t = st.tick("detect", t)
-        if self._red is not None:
+        if self._red is not None:  # timed by the reader itself (it classifies in batches, the last at summary)
             self._red.add_tile(tile.rgb, um_per_px, core_local, _boxes_mask(tile.rgb.shape[:2], det.white + det.platelets),
                                (tile.x0, tile.y0))
-            t = st.tick("red_cells", t)
+            t = time.perf_counter()
         self._update_thumbnail(tile)
         if not white:
             return

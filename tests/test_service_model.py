@@ -37,7 +37,13 @@ def test_submit_json_matches_local_score_json(tmp_path, bundle, smear, capsys):
                  "--quiet", "--threads", "1", *scale]) == 1
     local = json.loads(capsys.readouterr().out)
 
-    factory = SlideScorerFactory(bundle, OnnxRuntimeBackend(bundle, threads=1), "fast", ScoringOptions(heatmaps=False))
+    from cytoedge.models import red_cell_bundle_path
+    from cytoedge.runtime.bundle import ModelBundle
+    from cytoedge.runtime.red_cells import RedCellSampling
+
+    red = ModelBundle.load(red_cell_bundle_path())  # the daemon reads the red cells as `score` does by default
+    factory = SlideScorerFactory(bundle, OnnxRuntimeBackend(bundle, threads=1), "fast", ScoringOptions(heatmaps=False),
+                                 red_cells=(red, OnnxRuntimeBackend(red, threads=1), RedCellSampling()))
     with running_daemon(tmp_path, factory) as daemon:
         assert main(["submit", str(slide), str(blank), "--endpoint", daemon.endpoint, "--json", "--timeout", "60",
                      *scale]) == 1

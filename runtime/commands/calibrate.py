@@ -154,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
                   "candidates": DEFAULT_CANDIDATES, "command": "cytoedge calibrate"}
     path = write_calibration(bundle, fitted, probes, DEFAULT_CANDIDATES["noise_seed"], provenance)
     fit_domain_reference(args, ModelBundle.load(bundle.path), backend, cells)
+    if bundle.cell_type == "red" and bundle.grading is None:  # a red-cell bundle grades what it reads
+        from cytoedge.calibration.icsh_grading import write_grading
+
+        write_grading(ModelBundle.load(bundle.path))
     print(f"calibrated {bundle.name} on {len(labels)} cells of {cells.description}: "
           f"{len(fitted['probe_weights'])} probes, temperature {fitted['temperature']:.4g} -> {path}")
     return 0

@@ -100,7 +100,7 @@ def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, galler
                                "–".join(f"{v:.1f}" for v in g["ci95_percent"] or []), g["grade"]]
                               for f, g in red["grades"].items()],
                              ["feature (ICSH 2015)", "cells", "%", "95 % interval", "grade"]),
-                      f"<p><small>size features: {html.escape(red['size_features'])}; {red['seconds']:.1f} s</small></p>"]
+                      f"<p><small>size features: {html.escape(red['size_features'])}</small></p>"]
         dm = s.get("density_map")
         if dm:
             parts += [f"<h2>Abnormal-cell density ({dm['bin_um']:.0f} µm bins)</h2>",
