@@ -33,17 +33,40 @@ TARGET_RECALL = 0.90
 CHUNK = 256
 
 
-def held_out_cells(data: Path, max_fields: int | None) -> tuple[list[np.ndarray], np.ndarray, int]:
+def held_out_cells(data: Path, max_fields: int | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Every labelled cell of the held-out fields (the first ``max_fields``) as a crop, its Chula class
-    id, and the field count."""
-    crops, labels = [], []
+    id, and the index of its field."""
+    crops, labels, field_of = [], [], []
     fields = field_files(data, "held-out")[:max_fields]
-    for field in fields:
+    for f, field in enumerate(fields):
         cells = read_labels(data, field)
         if cells:
             crops += cut_crops(read_rgb(field), [(x, y) for x, y, _ in cells], CROP_SOURCE_PX)
             labels += [k for _, _, k in cells]
-    return crops, np.array(labels, np.int64), len(fields)
+            field_of += [f] * len(cells)
+    return crops, np.array(labels, np.int64), np.array(field_of, np.int64)
+
+
+def grading_agreement(y: np.ndarray, pred: np.ndarray, field_of: np.ndarray, bundle: ModelBundle) -> dict:
+    """Per (field, ICSH feature): the grade from the model's calls of a field's labelled cells against the
+    grade from their labels (Chula labels a subset of each field's cells: both read the same cells)."""
+    from cytoedge.runtime.rbc_grading import grade
+
+    names, features = bundle.class_names, bundle.grading["features"]
+    pairs = agree = 0
+    by_feature: dict[str, list[int]] = {}
+    for f in np.unique(field_of):
+        sel = field_of == f
+        n = int(sel.sum())
+        for cls, spec in features.items():
+            c = names.index(cls)
+            truth = grade(100 * (y[sel] == c).sum() / n, int((y[sel] == c).sum()), spec["grade_starts_percent"])
+            called = grade(100 * (pred[sel] == c).sum() / n, int((pred[sel] == c).sum()), spec["grade_starts_percent"])
+            pairs += 1
+            agree += truth == called
+            by_feature.setdefault(spec["feature"], []).append(int(truth == called))
+    return {"pairs": pairs, "agreement": agree / pairs if pairs else float("nan"),
+            "by_feature": {k: float(np.mean(v)) for k, v in by_feature.items()}}
 
 
 def score(bundle: ModelBundle, crops: list[np.ndarray], threads: int, backend: str):
@@ -88,7 +111,8 @@ def main() -> int:
         print(f"{args.data}: not here (real data is not shipped); nothing to measure", file=sys.stderr)
         return 0
     models = args.model or [Path("models/rbc32-ddpm")]
-    crops, y, n_fields = held_out_cells(args.data, args.fields)
+    crops, y, field_of = held_out_cells(args.data, args.fields)
+    n_fields = len(np.unique(field_of))
     rows, body = [], ""
     for i, path in enumerate(models):
         bundle = ModelBundle.load(path)
@@ -103,6 +127,12 @@ def main() -> int:
         print(rows[-1], flush=True)
         if i == 0:
             body = full_report(bundle, y, d, s, seconds, n_fields, args.threads)
+            if bundle.grading is not None:
+                g = grading_agreement(y, d.class_id, field_of, bundle)
+                body += (f"\n\nPer-field ICSH grade (0/1+/2+/3+, the bundle's grading.json) from the model's calls of a "
+                         f"field's labelled cells against the grade from their labels: **{g['agreement']:.1%}** of "
+                         f"{g['pairs']} (field, feature) pairs agree (target ≥ 90 %); by feature: " +
+                         ", ".join(f"{k} {v:.0%}" for k, v in g["by_feature"].items()) + ".")
     body += ("\n\n| bundle | class balance power | steps | balanced accuracy | accuracy | schistocyte recall / specificity "
              f"(argmax) | specificity at recall {TARGET_RECALL:.2f} | schistocyte AUROC | cells/s |\n"
              "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
