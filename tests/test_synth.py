@@ -67,6 +67,8 @@ def test_demo_command_scores_its_own_smear(tmp_path, capsys):
     assert match["truth"] == 3 and match["detected"] >= 2
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["slides"][0]["status"] == "ok"
+    red = doc["slides"][0]["summary"]["red_cells"]  # the bundled red-cell model reads the drawn red cells too
+    assert f"red-cell reading ({red['red_cells_classified']} cells) shows the mechanism" in out
 
 
 class RecordingBackend:

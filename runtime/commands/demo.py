@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
     if s["domain_alarm"]["raised"]:
         print("note: these cells were drawn by the model itself, smoother and more typical of their classes than "
               "scanned cells, so the out-of-domain alarm is raised, as it should be for images that are not scans")
+    if s.get("red_cells"):
+        print(f"note: the smear's red cells are drawn discs, not scans: the red-cell reading "
+              f"({s['red_cells']['red_cells_classified']} cells) shows the mechanism, not a morphology result")
     print("differential: " + ", ".join(f"{c} {v:.0%}" for c, v in s["differential"].items()))
     print(f"ground truth: {found['detected']}/{found['truth']} white cells found, {found['extra']} extra; "
           f"{found['class_agreement']:.0%} of found cells given the class they were drawn as")
