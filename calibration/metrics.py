@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cytoedge.runtime.intervals import exact_interval
+
 
 def confusion_matrix(y: np.ndarray, pred: np.ndarray, k: int) -> np.ndarray:
     cm = np.zeros((k, k), np.int64)
@@ -54,19 +56,9 @@ def cohens_kappa(cm: np.ndarray) -> tuple[float, float]:
 
 
 def rumke_interval(count: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The exact binomial (Clopper–Pearson) interval of a proportion ``count / n``, as fractions: the
-    limits of Rümke's table that CLSI H20-A2 gives for a differential count (5 of 100 cells: 1.6-11.3 %).
-    NaN for n = 0."""
-    from scipy.stats import beta
-
-    if n <= 0:
-        return float("nan"), float("nan")
-    if not 0 <= count <= n:
-        raise ValueError(f"count {count} is outside 0-{n}")
-    alpha = 1.0 - level
-    lo = float(beta.ppf(alpha / 2, count, n - count + 1)) if count > 0 else 0.0
-    hi = float(beta.ppf(1 - alpha / 2, count + 1, n - count)) if count < n else 1.0
-    return lo, hi
+    """The limits of Rümke's table that CLSI H20-A2 gives for a differential count: the exact binomial
+    interval (runtime/intervals.py), as fractions; NaN for n = 0."""
+    return exact_interval(count, n, level)
 
 
 def expected_calibration_error(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:

@@ -13,12 +13,12 @@ say) is a question for the pilot's protocol, not a row to slip in.
 from __future__ import annotations
 
 import csv
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.json_files import read_json
 from cytoedge.runtime.review_export import REVIEW_FORMAT, ReviewExport, load_review_export
 
 RESULT_FORMATS = {"cytoedge-result": 1, "cytoedge-classify": 1}  # format → newest version read
@@ -75,19 +75,6 @@ class LabelSet:
     sources: list[dict]  # one per LABELS path: path, kind, labels (and a review export's source and reviewer)
     exports: list[ReviewExport] = field(default_factory=list)
     unknown_ignored: dict[str, int] = field(default_factory=dict)  # class → labels dropped
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CytoedgeError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise CytoedgeError(f"{path}: is a folder, not a {what}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CytoedgeError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise CytoedgeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a {what}") from None
 
 
 def _names_of(record: dict) -> list[str] | None:
@@ -159,7 +146,7 @@ def load_results(paths: list[Path]) -> ResultsSet:
     calls: dict[Key, ModelCall] = {}
     documents, slide_documents, names, in_diff = [], {}, None, []
     for path in map(Path, paths):
-        doc = _read_json(path, "cytoedge score results.json or cytoedge classify --json document")
+        doc = read_json(path, "cytoedge score results.json or cytoedge classify --json document")
         fmt = doc.get("format") if isinstance(doc, dict) else None
         if fmt == REVIEW_FORMAT:
             raise CytoedgeError(f"{path}: is a review export (the reader's labels); give it with --labels")

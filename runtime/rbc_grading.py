@@ -10,17 +10,9 @@ share is the exact binomial (Clopper–Pearson) interval of the count. Fewer red
 """
 from __future__ import annotations
 
-from scipy.stats import beta
+from cytoedge.runtime.intervals import exact_interval
 
 GRADES = ("0", "1+", "2+", "3+")
-
-
-def exact_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Clopper–Pearson interval of k of n, as fractions."""
-    a = (1 - level) / 2
-    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
-    return lo, hi
 
 
 def _reaches(percent: float, start: dict) -> bool:

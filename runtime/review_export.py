@@ -8,12 +8,12 @@ ignored (a newer page may add some); a newer ``format_version`` is refused.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.json_files import read_json
 
 REVIEW_FORMAT = "cytoedge-review"
 REVIEW_FORMAT_VERSION = 1
@@ -174,12 +174,4 @@ def validate(doc, name: str | Path) -> ReviewExport:
 def load_review_export(path: str | Path) -> ReviewExport:
     """Read and validate one review export file (ReviewExportError names the file and what is wrong)."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ReviewExportError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ReviewExportError(f"{path}: cannot be read ({e})") from None
-    except json.JSONDecodeError as e:
-        raise ReviewExportError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return validate(doc, path)
+    return validate(read_json(path, "cytoedge-review export", ReviewExportError), path)

@@ -91,7 +91,6 @@ def crop_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, um_pe
 def field_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, backend, options) -> SiteCells:
     """Fields with one white cell each, read by ``score``'s own SlideScorer (scale, detection, stain
     map): fields where it finds no white cell, or several, are skipped and listed."""
-    from cytoedge.runtime.classify_cells import classify_batch
     from cytoedge.runtime.slide_scoring import SlideScorer
     from cytoedge.runtime.sources import open_source
 
@@ -99,7 +98,7 @@ def field_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, back
 
     def keep_batch(batch, *args):
         seen.append(batch)
-        return classify_batch(batch, *args)
+        return cut_only(batch, *args)
 
     scorer = SlideScorer(bundle, backend, "fast", replace(options, review_cells=0), classify=keep_batch)
     batches, kept, used, skipped, sources = [], [], [], [], {}
@@ -155,7 +154,6 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
     sha256, where the export has it); a cell is found by its centre (the nearest scored cell of its field
     within 2 µm not already taken), else by its id. Each labelled cell keeps only a window of its tile
     around it, so memory follows the labels, not the slides. Cells not found again are skipped and listed."""
-    from cytoedge.runtime.classify_cells import classify_batch
     from cytoedge.runtime.slide_scoring import SlideScorer
     from cytoedge.runtime.sources import open_source, source_sha256
 
@@ -163,7 +161,7 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
 
     def keep_batch(batch, *args):
         seen.append(batch)
-        return classify_batch(batch, *args)
+        return cut_only(batch, *args)
 
     names = bundle.class_names
     batches, labels, files, skipped, sources = [], [], [], [], {}
@@ -232,6 +230,12 @@ def windows(batch: CellBatch, rows: list[int], side: int) -> CellBatch:
         tiles.append(window)
         table.append(cell)
     return CellBatch(tiles, np.array(table).reshape(-1, batch.cells.shape[1]))
+
+
+def cut_only(batch: CellBatch, bundle: ModelBundle, *_) -> list[dict]:
+    """The scorer's classifier where only its cut cells are wanted (they are measured afterwards under every
+    class): a placeholder call per cell, so a slide is not classified once more for nothing."""
+    return [{"class": bundle.class_names[0], "nfe": 0} for _ in range(len(batch))]
 
 
 def merged(batches: list[CellBatch], size: int = CHUNK) -> list[CellBatch]:

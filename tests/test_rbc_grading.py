@@ -6,7 +6,8 @@ import pytest
 from scipy.stats import beta
 
 from cytoedge.calibration.icsh_grading import icsh_grading
-from cytoedge.runtime.rbc_grading import exact_interval, grade, red_cell_reading
+from cytoedge.runtime.intervals import exact_interval
+from cytoedge.runtime.rbc_grading import grade, red_cell_reading
 
 CLASSES = ["normal", "macrocyte", "microcyte", "spherocyte", "target_cell", "stomatocyte", "ovalocyte", "teardrop",
            "burr_cell", "schistocyte", "uncategorised", "hypochromia", "elliptocyte"]

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_um_per_px_argument,
-                                              bounded_int, load_bundle_and_backend, progress_bar)
+from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_labelled_data_arguments, add_model_arguments,
+                                              add_um_per_px_argument, bounded_int, load_bundle_and_backend,
+                                              progress_bar)
 from cytoedge.runtime.errors import CalibrationError, CytoedgeError
 
 # Refusals: with fewer cells per class the A/B split leaves 2 to check a class on; with a larger ratio
@@ -48,11 +49,7 @@ METHODS = ("features", "finetune")
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("adapt", help="adapt a bundle to a lab's scanner and stain from a few labelled cells",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", type=Path, help="labelled folder DIR/<class>/<image> (any subset of classes)")
-    data.add_argument("--reviews", type=Path, nargs="+", metavar="EXPORT",
-                      help="review exports (review.html's corrections, docs/review-format.md): the cells a reader "
-                           "confirmed or reclassified, cut again from their slides as `score` cuts them")
+    add_labelled_data_arguments(p, every_class=False)
     add_model_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="folder of the new bundle (must not exist, or be empty)")
     p.add_argument("--method", choices=METHODS, default="features",

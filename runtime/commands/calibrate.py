@@ -17,8 +17,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_model_arguments, add_um_per_px_argument,
-                                              load_bundle_and_backend, progress_bar)
+from cytoedge.runtime.commands.common import (CROP_SCALE_HELP, add_labelled_data_arguments, add_model_arguments,
+                                              add_um_per_px_argument, load_bundle_and_backend, progress_bar)
 from cytoedge.runtime.crop_scale import crop_scales_or_raise
 from cytoedge.runtime.site_cells import crop_batches
 
@@ -29,11 +29,7 @@ log = logging.getLogger(__name__)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit calibration on labelled cells", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", type=Path, help="labelled folder DIR/<class>/<image>")
-    data.add_argument("--reviews", type=Path, nargs="+", metavar="EXPORT",
-                      help="review exports (review.html's corrections): the cells readers confirmed or reclassified, "
-                           "cut again from their slides as `score` cuts them; every class must be among them")
+    add_labelled_data_arguments(p, every_class=True)
     add_model_arguments(p)
     p.add_argument("--half", choices=("fit", "held-out", "all"), default="fit",
                    help="which fixed half of DIR to fit on (default: fit; evaluate reports on held-out); "

@@ -22,6 +22,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
 
 
+def add_labelled_data_arguments(p: argparse.ArgumentParser, every_class: bool) -> None:
+    """``--data DIR`` or ``--reviews EXPORT...`` (calibrate, adapt): a lab's labelled cells, either way."""
+    need = "every class of the bundle" if every_class else "any subset of classes"
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", type=Path, help=f"labelled folder DIR/<class>/<image> ({need})")
+    data.add_argument("--reviews", type=Path, nargs="+", metavar="EXPORT",
+                      help=f"review exports (review.html's corrections, docs/review-format.md): the cells readers "
+                           f"confirmed or reclassified, cut again from their slides as `score` cuts them ({need})")
+
+
 def add_red_cell_arguments(p: argparse.ArgumentParser) -> None:
     """score, demo and serve: the red-cell reading beside the white cells (runtime/red_cells.py)."""
     g = p.add_argument_group("red cells (ICSH morphology grading)")
