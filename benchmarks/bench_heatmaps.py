@@ -58,7 +58,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         png = write_smear_files(smear, Path(tmp))[0]
         records = list(scorer.score_source(open_source(png, um)))
-    maps = scorer.state.heatmaps
+    maps = scorer.pictures.heatmaps
     size = bundle.input_size
     side = view_side_px(size * bundle.um_per_px, um)
     detections = detect_cells(smear.rgb, um, DetectionSettings()).white

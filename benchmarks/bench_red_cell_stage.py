@@ -53,7 +53,7 @@ def main() -> int:
             entry = score_slide(scorer, open_source(png, smear.um_per_px))
             seconds[name] = time.perf_counter() - t0
     reading = entry["summary"]["red_cells"]
-    stage = scorer.state.timings["red_cells"]
+    stage = scorer.timings["red_cells"]
     n = reading["red_cells_classified"]
     body = (f"Generated smear: {len(entry['cells'])} white cells found, {smear.n_red} red cells drawn, "
             f"{smear.rgb.shape[1]}×{smear.rgb.shape[0]} px at {smear.um_per_px} µm/px; backend {backend.name}, "

@@ -46,7 +46,7 @@ def main() -> int:
         scorer = SlideScorer(bundle, backend, "fast", ScoringOptions(um_per_px=smear.um_per_px))
         entry = score_slide(scorer, open_source(png, smear.um_per_px))
         base = entry["cells"]
-        views, overlays = scorer.state.views, scorer.state.overlays
+        views, overlays = scorer.pictures.views, scorer.pictures.overlays
         cells, big_views, big_overlays = [], {}, {}
         for k in range(args.cells):
             c = base[k % len(base)]

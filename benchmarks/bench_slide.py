@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_md import write_section  # noqa: E402
 
-STAGES = ("scale", "read", "detect", "stain", "resample", "classify", "heatmap")
+STAGES = ("scale", "read", "detect", "views", "stain", "resample", "classify", "heatmap")
 
 
 def load(threads: int):
@@ -67,7 +67,7 @@ def score_array(bundle, backend, rgb, um, estimator, heatmaps=True):
 
     t0 = time.perf_counter()
     cells = list(scorer.score_source(ArraySource()))
-    return cells, time.perf_counter() - t0, dict(scorer.state.timings), scorer.summary()
+    return cells, time.perf_counter() - t0, dict(scorer.timings), scorer.summary()
 
 
 def end_to_end(bundle, backend, smear) -> tuple[str, list[dict]]:
@@ -141,7 +141,7 @@ t0 = time.perf_counter()
 source = open_source(sys.argv[1])
 n = sum(1 for _ in scorer.score_source(source))
 s = scorer.summary()
-print(json.dumps({"cells": n, "seconds": time.perf_counter() - t0, "tiles": scorer.state.tiles,
+print(json.dumps({"cells": n, "seconds": time.perf_counter() - t0, "tiles": scorer.tally.tiles,
                   "frames": source.n_frames, "width": source.width, "height": source.height,
                   "triage": s["triage"]["level"], "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 '''

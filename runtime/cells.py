@@ -6,7 +6,7 @@ Reading and resampling (I/O and scale) happen here, at the edge; the estimators 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -24,16 +24,33 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 @dataclass
 class CellBatch:
-    """RGB uint8 tiles at the model's pixel scale and one row per cell (kernels' CELL_FIELDS)."""
+    """RGB uint8 tiles at the model's pixel scale and one row per cell (kernels' CELL_FIELDS).
+
+    ``inputs`` cuts every cell of the batch in one view once and keeps the cut, so the estimator's
+    probes and a flagged cell's heatmap read the same pixels without cutting them again."""
 
     tiles: list[np.ndarray]
     cells: np.ndarray
+    _cuts: dict = field(default_factory=dict, repr=False, compare=False)
+    cut_count: int = field(default=0, compare=False)  # cells cut by the kernels for this batch (all views)
 
     def __len__(self) -> int:
         return int(self.cells.shape[0])
 
     def subset(self, index: np.ndarray) -> "CellBatch":
-        return CellBatch(self.tiles, self.cells[index])
+        """The cells ``index`` on the same tiles, with their cuts so far."""
+        return CellBatch(self.tiles, self.cells[index], {k: v[index] for k, v in self._cuts.items()})
+
+    def inputs(self, angle: float, flip: bool, bundle: ModelBundle, colour: ColourTransform | None = None) -> np.ndarray:
+        """``[N, 3, S, S]`` model inputs of every cell rotated by ``angle`` (and mirrored), cut once per view."""
+        colour = colour or bundle.colour_transform()
+        key = (float(angle), bool(flip), colour, bundle.input_size)
+        if key not in self._cuts:
+            cells = self.cells.copy()
+            cells[:, 3], cells[:, 4] = key[0], float(key[1])
+            self._cuts[key] = model_inputs(self.tiles, cells, bundle, colour)
+            self.cut_count += len(self)
+        return self._cuts[key]
 
 
 def model_inputs(tiles: list[np.ndarray], cells: np.ndarray, bundle: ModelBundle,

@@ -27,7 +27,7 @@ import numpy as np
 from cytoedge.kernels import add_noise, masked_weighted_error
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
-from cytoedge.runtime.cells import CellBatch, model_inputs
+from cytoedge.runtime.cells import CellBatch
 from cytoedge.runtime.encoders import create_encoder
 from cytoedge.runtime.errors import BackendError, CalibrationError
 
@@ -174,9 +174,7 @@ class DenoiserErrorSource:
         channels, size = bundle.denoiser_shape
         self.x0 = np.empty((len(views), len(batch), channels, size, size), np.float32)
         for (angle, flip), i in self.view_index.items():
-            cells = batch.cells.copy()
-            cells[:, 3], cells[:, 4] = angle, float(flip)
-            self.x0[i] = encoder.encode(model_inputs(batch.tiles, cells, bundle))
+            self.x0[i] = encoder.encode(batch.inputs(angle, flip, bundle))
 
     def __call__(self, cell_idx: np.ndarray, class_idx: np.ndarray, k: int) -> np.ndarray:
         p = self.probes[k]

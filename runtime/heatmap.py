@@ -25,7 +25,7 @@ from cytoedge.kernels import ColourTransform
 from cytoedge.kernels.cell_batch import sampling_matrix
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
-from cytoedge.runtime.cells import CellBatch, model_inputs
+from cytoedge.runtime.cells import CellBatch
 
 # Spread over the range where class evidence lives (low t: texture; mid t: shape), 1000-step schedules.
 FALLBACK_TIMESTEP_FRACTIONS = (0.1, 0.25, 0.4, 0.55, 0.7)
@@ -92,9 +92,7 @@ def counterfactual_heatmaps(batch: CellBatch, predicted: np.ndarray, runner_up: 
     for k, (t, noise, (angle, flip), w) in enumerate(zip(plan.timesteps, plan.noise, plan.views, plan.weights)):
         view = (float(angle), float(flip))
         if view not in x0_of_view:
-            cells = batch.cells.copy()
-            cells[:, 3], cells[:, 4] = view
-            x0_of_view[view] = model_inputs(batch.tiles, cells, bundle, colour)
+            x0_of_view[view] = batch.inputs(view[0], bool(view[1]), bundle, colour)
         x0 = np.concatenate([x0_of_view[view]] * 2)  # rows: every cell under its prediction, then its runner-up
         ts = np.full(len(x0), t, np.int64)
         x_t = bundle.schedule.add_noise(x0, np.broadcast_to(noise, x0.shape), ts)

@@ -115,7 +115,7 @@ def field_cells(files: list[Path], labels: np.ndarray, bundle: ModelBundle, back
         batches.append(seen[0].subset(np.arange(1)))
         kept.append(int(label))
         used.append(path)
-        source = scorer.state.scale.source
+        source = scorer.scale.source
         sources[source] = sources.get(source, 0) + 1
     return SiteCells(merged(batches), np.array(kept, np.int64), used, skipped, {"fields_by_scale_source": sources})
 
@@ -195,7 +195,7 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
                 d = np.hypot(*(centres - np.asarray(record["centre"])).T)
                 d[taken | (fields != (record.get("field") or ""))] = np.inf
                 k = int(d.argmin())
-                if d[k] <= 2.0 / scorer.state.scale.um_per_px:
+                if d[k] <= 2.0 / scorer.scale.um_per_px:
                     taken[k] = True
                     cell = placed[k]
             if cell is not None:
@@ -207,7 +207,7 @@ def review_cells(exports: list, bundle: ModelBundle, backend, options) -> SiteCe
             batches.append(windows(seen[0], picked, 2 * bundle.input_size))
         missed = [c for k, c in enumerate(placed) if not taken[k]] + list(by_id.values())
         skipped.extend({"image": f"{slide}#{c.id}", "reason": "not found again on the slide"} for c in missed)
-        source = scorer.state.scale.source
+        source = scorer.scale.source
         sources[source] = sources.get(source, 0) + 1
     return SiteCells(merged([b for b in batches if len(b)]), np.array(labels, np.int64), files, skipped,
                      {"slides_by_scale_source": sources})

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.domain_alarm import records_alarm
 from cytoedge.runtime.errors import CalibrationError
-
-if TYPE_CHECKING:
-    from cytoedge.runtime.slide_scoring import SlideState
+from cytoedge.runtime.scale import ScaleEstimate
 
 MAX_DENSITY_BINS = 64  # per side; the bin grows on big slides
 
@@ -51,6 +48,32 @@ class TriagePolicy:
         if "not_in_differential" in overrides:
             overrides = {**overrides, "not_in_differential": tuple(overrides["not_in_differential"])}
         return cls(**overrides)
+
+
+@dataclass
+class SlideTally:
+    """What the tiles of a slide add up to besides its cells: size, tiles, area read, platelets and red
+    cells counted, and the parts (fields) that could not be read."""
+
+    name: str
+    width: int = 0
+    height: int = 0
+    tiles: int = 0
+    area_px: int = 0
+    platelets: int = 0
+    red_cells: int = 0
+    failures: list[dict] = field(default_factory=list)
+
+
+TRIAGE_ORDER = ("routine", "review", "urgent")
+
+
+def join_triage(slide: dict, part: dict, what: str) -> dict:
+    """The slide's triage with a part's (e.g. the red cells'): the more urgent level, both sets of reasons."""
+    level = max(slide["level"], part["level"], key=TRIAGE_ORDER.index)
+    reasons = [f"{what}: {r}" for r in part["reasons"]]
+    return {"level": level, "reasons": (reasons + slide["reasons"]) if part["level"] == "urgent"
+            else (slide["reasons"] + reasons)}
 
 
 def triage(flagged_classes: dict[str, int], n_cells: int, n_white: int, n_abnormal: int, n_uncertain: int,
@@ -110,9 +133,10 @@ def _cell_ref(r: dict) -> dict:
             "probability": p, "abnormal_probability": (r.get("estimator_detail") or {}).get("abnormal_probability")}
 
 
-def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePolicy, bin_um: float) -> dict:
-    """The slide summary (pure over the slide state's records and counts)."""
-    records = state.records
+def summarise_slide(records: list[dict], tally: SlideTally, scale: ScaleEstimate | None, stain: dict | None,
+                    bundle: ModelBundle, policy: TriagePolicy, bin_um: float) -> dict:
+    """The slide summary, pure over the stages' outputs: the records, the tally, the scale found and the
+    stain map's description (None: not normalised)."""
     names = bundle.class_names
     counts = {c: 0 for c in names}
     for r in records:
@@ -123,29 +147,32 @@ def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePoli
     abnormal = [r for r in records if r["flags"].get("abnormal")]
     uncertain = [r for r in records if r["flags"].get("uncertain")]
     anomalous = [r for r in records if r["flags"].get("anomalous")]
-    um = state.scale.um_per_px if state.scale else None
+    um = scale.um_per_px if scale else None
     flagged_classes: dict[str, int] = {}
     for r in abnormal:
         flagged_classes[r["class"]] = flagged_classes.get(r["class"], 0) + 1
     level = triage(flagged_classes, len(records), n_diff, len(abnormal), len(uncertain), len(anomalous),
                    differential, policy)
+    not_assessed = sum(r["flags"].get("anomalous") is None for r in records)
+    if not_assessed:  # a cell nobody checked for novelty is not a clean one
+        level = {"level": "review" if level["level"] == "routine" else level["level"],
+                 "reasons": [*level["reasons"], f"{not_assessed} cell{'s' if not_assessed > 1 else ''} not assessed "
+                             "for anomaly (the reference estimator has no calibrated anomaly score)"]}
     domain = records_alarm(records, bundle.domain)
     if domain["raised"]:  # an urgent call from a model reading foreign cells is not one either
         level = {"level": "review", "reasons": ["cells unlike this model's training data; results unreliable "
                                                 "until the site is adapted", *level["reasons"]]}
     out = {
-        "source": state.name,
-        "width_px": state.width,
-        "height_px": state.height,
-        "scale": ({"um_per_px": round(um, 6), "source": state.scale.source,
-                   "red_cell_diameter_px": round(state.scale.median_diameter_px, 2)} if state.scale else None),
-        "stain": ({"method": state.stain_method, "context": state.stain_context,
-                   "fitted": state.stain.to_dict() if state.stain else None,
-                   "left_as_scanned": state.stain_context == "slide" and state.stain_tried and state.stain is None}
-                  if state.stain_context else None),
-        "tiles": state.tiles,
-        "area_mm2": round(state.area_px * (um or 0) ** 2 * 1e-6, 6),
-        "counts": {"white_cells": len(records), "platelets": state.platelets, "red_cells_estimated": state.red_cells},
+        "source": tally.name,
+        "width_px": tally.width,
+        "height_px": tally.height,
+        "scale": ({"um_per_px": round(um, 6), "source": scale.source,
+                   "red_cell_diameter_px": round(scale.median_diameter_px, 2)} if scale else None),
+        "stain": stain,
+        "tiles": tally.tiles,
+        "area_mm2": round(tally.area_px * (um or 0) ** 2 * 1e-6, 6),
+        "counts": {"white_cells": len(records), "platelets": tally.platelets, "red_cells_estimated": tally.red_cells,
+                   "anomaly_not_assessed": not_assessed},
         "by_class": counts,
         "differential": differential,
         "differential_classes": in_diff,  # the classes a differential counts (platelets are not), even when empty
@@ -154,9 +181,9 @@ def summarise_slide(state: "SlideState", bundle: ModelBundle, policy: TriagePoli
         "anomalous_cells": [_cell_ref(r) for r in anomalous],
         "triage": level,
         "domain_alarm": domain,
-        "density_map": density_map(records, state.width, state.height, um or 1.0, bin_um) if um else None,
+        "density_map": density_map(records, tally.width, tally.height, um or 1.0, bin_um) if um else None,
         "nfe_total": int(sum(r.get("nfe", 0) for r in records)),
     }
-    if state.failures:
-        out["failures"] = state.failures
+    if tally.failures:
+        out["failures"] = tally.failures
     return out

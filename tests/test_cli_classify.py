@@ -2,8 +2,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import jsonschema
+import pytest
 
 from cytoedge.runtime.cli import main
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "schemas" / "result-document.schema.json").read_text())
 
 
 def test_classify_json_on_generated_crops(crop_files, capsys, bundle):
@@ -12,13 +18,19 @@ def test_classify_json_on_generated_crops(crop_files, capsys, bundle):
     assert rc == 0 and doc["errors"] == []
     assert doc["bundle_sha256"] == bundle.sha256 and doc["estimator"] == "fast"
     from cytoedge.runtime import __version__
-    from cytoedge.runtime.slide_scoring import estimator_settings
+    from cytoedge.runtime.result_document import estimator_settings
 
     assert (doc["format"], doc["format_version"], doc["cytoedge_version"]) == ("cytoedge-classify", 1, __version__)
     assert doc["estimator_settings"]["calibration_sha256"] == estimator_settings(bundle, "fast")["calibration_sha256"]
     assert [r["image"] for r in doc["results"]] == list(map(str, crop_files[:4]))
     for r in doc["results"]:
         assert r["class"] in bundle.class_names and r["nfe"] >= len(bundle.class_names)
+        assert r["runner_up"] in bundle.class_names and r["runner_up"] != r["class"]
+        assert r["estimator_detail"]["confidence_label"] in ("confident", "uncertain", "anomalous", "unreliable")
+    jsonschema.validate(doc, SCHEMA)  # the one schema of every result document
+    doc["results"][0].pop("runner_up")
+    with pytest.raises(jsonschema.ValidationError, match="runner_up"):
+        jsonschema.validate(doc, SCHEMA)
 
 
 def test_bad_files_are_named_and_the_others_go_on(crop_files, tmp_path, capsys):
@@ -56,6 +68,9 @@ def test_reference_estimator_from_the_cli(crop_files, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["results"][0]["estimator"] == "reference"
     assert doc["results"][0]["nfe"] >= 20 * 1
+    # the reference protocol has no calibrated anomaly score: "not assessed", not "not anomalous"
+    assert doc["results"][0]["flags"]["anomalous"] is None and doc["results"][0]["anomaly_score"] is None
+    jsonschema.validate(doc, SCHEMA)
 
 
 def test_folder_input_and_unknown_backend(crop_files, capsys):

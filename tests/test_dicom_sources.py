@@ -16,7 +16,8 @@ from pydicom.uid import (JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, Exp
                          generate_uid)
 
 from cytoedge.runtime.errors import InputImageError
-from cytoedge.runtime.sources import ENCAPSULATED_SYNTAXES, DicomSlideSource, open_source
+from cytoedge.runtime.dicom_source import ENCAPSULATED_SYNTAXES
+from cytoedge.runtime.sources import DicomSlideSource, open_source
 from cytoedge.runtime.synthetic_smear import frames_of, write_wsi_dicom
 
 SYNTAXES = {"native": ExplicitVRLittleEndian, "jpeg": JPEGBaseline8Bit, "jpeg2000": JPEG2000Lossless,
@@ -193,13 +194,13 @@ def test_focal_planes_the_middle_one_is_read_and_said(tmp_path, rng, caplog, zs,
     images = {(z, "brightfield"): np.roll(base, 17 * i, axis=1) for i, z in enumerate(zs)}
     path = _wsidicom_slide(tmp_path / "out", images, "jpeg2000")
     assert int(pydicom.dcmread(path, stop_before_pixels=True).TotalPixelMatrixFocalPlanes) == len(zs)
-    with caplog.at_level("WARNING", logger="cytoedge.runtime.sources"):
+    with caplog.at_level("WARNING", logger="cytoedge.runtime.dicom_source"):
         src = open_source(path)
     assert src.plane == {"focal_planes": len(zs), "focal_plane_index": chosen, "z_um": pytest.approx(zs[chosen]),
                          "optical_paths": ["brightfield"], "optical_path": "brightfield", "frames_read": 12,
                          "frames_skipped": 12 * (len(zs) - 1)}
     np.testing.assert_array_equal(src.read_region(0, 0, 200, 150)[0], images[(zs[chosen], "brightfield")])
-    said = [r.getMessage() for r in caplog.records if r.name == "cytoedge.runtime.sources"]
+    said = [r.getMessage() for r in caplog.records if r.name == "cytoedge.runtime.dicom_source"]
     assert len(said) == 1 and str(path) in said[0] and f"focal plane {chosen + 1} of {len(zs)}" in said[0]
 
 

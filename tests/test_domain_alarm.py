@@ -89,7 +89,7 @@ def test_classify_of_foreign_crops_raises_the_alarm_and_labels_none_confident(bu
     doc = json.loads(out.out)
     assert doc["domain_alarm"]["raised"] and "unreliable until the site is adapted" in out.err
     assert all(r["flags"]["atypical"] and r["flags"]["anomalous"] for r in doc["results"])
-    assert not any(r["confidence_label"] == "confident" for r in doc["results"])
+    assert not any(r["estimator_detail"]["confidence_label"] == "confident" for r in doc["results"])
 
 
 def test_a_slide_that_raises_the_alarm_is_triaged_review_with_the_reason(bundle, ort_backend):

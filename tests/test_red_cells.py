@@ -44,7 +44,7 @@ def test_a_slides_red_cells_are_sampled_classified_and_graded(bundle, ort_backen
     entry = score_slide(scorer, open_source(png, smear.um_per_px))
     red = entry["summary"]["red_cells"]
     assert red["red_cells_classified"] == 20 <= red["separated_red_cells_seen"]  # a bounded sample
-    xs = [c["centre"][0] for c in scorer.state.red_sample["cells"]]
+    xs = [c["centre"][0] for c in scorer.red_sample["cells"]]
     assert max(xs) - min(xs) > 256  # spread over the slide's tiles (256 px), not all from the first
     assert sum(v["count"] for v in red["by_class"].values()) == red["red_cells_classified"]
     assert set(red["by_class"]) == set(red_bundle.class_names) and red["provisional"]  # < 1,000 cells
@@ -59,7 +59,7 @@ def test_a_slides_red_cells_are_sampled_classified_and_graded(bundle, ort_backen
                                                                                 heatmaps=False, tile_px=256)),
                         open_source(png, smear.um_per_px))
     assert [c["class"] for c in plain["cells"]] == [c["class"] for c in entry["cells"]]
-    assert len(scorer.state.red_sample["cells"]) == red["red_cells_classified"]
+    assert len(scorer.red_sample["cells"]) == red["red_cells_classified"]
 
 
 def test_size_features_are_not_graded_at_a_scale_read_off_the_red_cells(red_bundle):

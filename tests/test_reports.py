@@ -26,7 +26,7 @@ def scored(bundle, ort_backend, tmp_path_factory):
                           organisation="TILED_FULL")
     scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(tile_px=256))
     entry = score_slide(scorer, open_source(dcm))
-    out = write_slide_reports(entry, scorer.audit, scorer.state, folder / "out", 0, dicom_source=True)
+    out = write_slide_reports(entry, scorer.audit, scorer.scored(), folder / "out", 0, dicom_source=True)
     return entry, out, scorer
 
 
@@ -41,11 +41,11 @@ def test_csv_has_one_row_per_cell(scored):
 def test_images_and_html(scored):
     entry, out, scorer = scored
     overlay = cv2.imread(out["overlay"])
-    assert overlay.shape[:2] == scorer.state.thumbnail.shape[:2]
-    assert np.any(overlay != cv2.cvtColor(scorer.state.thumbnail, cv2.COLOR_RGB2BGR))  # boxes were drawn
+    assert overlay.shape[:2] == scorer.pictures.thumbnail.image.shape[:2]
+    assert np.any(overlay != cv2.cvtColor(scorer.pictures.thumbnail.image, cv2.COLOR_RGB2BGR))  # boxes were drawn
     flagged = [c for c in entry["cells"] if any(c["flags"].get(k) for k in ("abnormal", "uncertain", "anomalous"))]
-    assert sorted(scorer.state.explained) == [c["id"] for c in flagged][:len(scorer.state.explained)]
-    assert sorted(scorer.state.views) == [c["id"] for c in entry["cells"]]  # every cell kept for review
+    assert sorted(scorer.pictures.explained) == [c["id"] for c in flagged][:len(scorer.pictures.explained)]
+    assert sorted(scorer.pictures.views) == [c["id"] for c in entry["cells"]]  # every cell kept for review
     if flagged:  # a gallery exactly when some cell is flagged
         gallery = cv2.imread(out["gallery"])
         assert gallery is not None and gallery.std() > 0

@@ -12,7 +12,8 @@ import pytest
 
 from cytoedge.runtime.cells import crops_to_batch
 from cytoedge.runtime.heatmap import counterfactual_heatmaps, heatmap_plan
-from cytoedge.runtime.slide_scoring import (ScoringOptions, SlideScorer, build_result_document, score_slide)
+from cytoedge.runtime.result_document import build_result_document
+from cytoedge.runtime.slide_scoring import ScoringOptions, SlideScorer, score_slide
 from cytoedge.runtime.sources import open_source
 from cytoedge.runtime.summary import TriagePolicy, triage
 from cytoedge.runtime.synthetic_smear import SmearSpec, frames_of, generate_smear, write_wsi_dicom
@@ -43,13 +44,31 @@ def test_tiled_dicom_finds_each_cell_once_like_the_whole_field(bundle, ort_backe
     dcm = write_wsi_dicom(tmp_path / "s.dcm", frames_of(smear.rgb, 128), (w, h), 128, 0.2, organisation="TILED_FULL")
     scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(tile_px=128, heatmaps=False, batch_cells=2))
     tiled = list(scorer.score_source(open_source(dcm)))
-    assert scorer.state.tiles > 4  # the cells (16 µm = 80 px) straddle the 128-px tile cores
+    assert scorer.tally.tiles > 4  # the cells (16 µm = 80 px) straddle the 128-px tile cores
     assert len(whole) >= 3 and len(tiled) == len(whole)
     a, b = _centres(whole), _centres(tiled)
     assert max(np.min(np.hypot(*(b - p).T)) for p in a) < 3.0
     assert [r["id"] for r in tiled] == list(range(len(tiled)))
     truth = np.array([t["centre"] for t in smear.truth])
     assert sum(np.min(np.hypot(*(b - t).T)) < 15 for t in truth) >= 3
+
+
+def test_each_tile_is_resampled_once_and_each_cell_cut_once_per_view(bundle, ort_backend, smear, tmp_path):
+    """The stage counts: a tile with cells is resampled once; the estimator cuts each cell once in each
+    probe view, and the heatmaps of the flagged cells reuse those cuts instead of cutting again."""
+    h, w = smear.rgb.shape[:2]
+    dcm = write_wsi_dicom(tmp_path / "s.dcm", frames_of(smear.rgb, 128), (w, h), 128, 0.2, organisation="TILED_FULL")
+    scorer = SlideScorer(bundle, ort_backend, "fast", ScoringOptions(tile_px=256, batch_cells=2,
+                                                                     heatmap_cells="all"))
+    entry = score_slide(scorer, open_source(dcm))
+    counts = scorer.scored().counts
+    views = {(p["angle"], p["flip"]) for p in bundle.calibration["probes"]}
+    cells = entry["cells"]
+    tiles_with_cells = len({(c["centre"][0] // 256, c["centre"][1] // 256) for c in cells})
+    assert counts["cells"] == len(cells) >= 3 and all("heatmap" in c for c in cells)
+    assert counts["tiles_resampled"] == tiles_with_cells < counts["tiles"]
+    assert counts["cell_cuts"] == len(cells) * len(views)
+    assert counts["heatmap_cell_cuts"] == 0
 
 
 def test_same_slide_twice_gives_identical_records(bundle, ort_backend, smear_png):
@@ -99,7 +118,7 @@ def test_summary_document_and_heatmaps(bundle, ort_backend, smear_png):
     assert s["triage"]["level"] in ("review", "urgent")  # 4 cells cannot make a differential
     assert any("white cells counted" in r for r in s["triage"]["reasons"])
     flagged = [c for c in cells if any(c["flags"].values())]
-    assert all("heatmap" in c and c["id"] in scorer.state.heatmaps for c in flagged)
+    assert all("heatmap" in c and c["id"] in scorer.pictures.heatmaps for c in flagged)
     doc = build_result_document(cells, s, {**scorer.audit, "source": str(smear_png)})
     jsonschema.validate(doc, SCHEMA)
     assert all(c["audit"]["bundle_sha256"] == bundle.sha256 for c in doc["slides"][0]["cells"])
@@ -229,8 +248,27 @@ def test_streamed_tiles_all_reach_the_thumbnail_within_its_size(bundle, ort_back
     half = w // 2
     scorer.score_tile(np.ascontiguousarray(rgb[:, :half]), (0, 0), 0.2)
     scorer.score_tile(np.ascontiguousarray(rgb[:, half:]), (half, 0), 0.2)
-    thumb = scorer.state.thumbnail
-    assert max(thumb.shape[:2]) <= 160 and thumb.shape[1] == round(w * scorer.state.thumb_scale)
+    thumb = scorer.pictures.thumbnail.image
+    assert max(thumb.shape[:2]) <= 160 and thumb.shape[1] == round(w * scorer.pictures.thumbnail.scale)
     expected = cv2.resize(rgb, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_AREA)
     right = slice(thumb.shape[1] // 2 + 2, None)  # the second tile's part: blank before the fix
     assert np.abs(thumb[:, right].astype(int) - expected[:, right]).mean() < 12
+
+
+def test_reference_records_say_not_assessed_and_triage_does_not_call_them_clean(bundle):
+    """The reference protocol gives no anomaly score: its records say "not assessed" (null), and a slide
+    of such cells is not routine, whatever its differential."""
+    from cytoedge.runtime.result_document import cell_record
+    from cytoedge.runtime.summary import SlideTally, summarise_slide
+
+    names = bundle.class_names
+    ref = {"class": "neutrophil", "scores": {n: 0.1 + i for i, n in enumerate(names)}, "survived": ["neutrophil"],
+           "confidence_label": "uncalibrated", "nfe": 40, "estimator": "reference"}
+    rec = cell_record(ref, bundle)
+    assert rec["flags"] == {"abnormal": False, "uncertain": False, "anomalous": None}
+    assert rec["runner_up"] == next(n for n in names if n != "neutrophil")  # the lowest error after the class
+    records = [{**rec, "id": i, "centre": [10.0 * i, 5.0], "bbox": [0, 0, 1, 1]} for i in range(150)]
+    s = summarise_slide(records, SlideTally("x", 2000, 100), None, None, bundle, TriagePolicy(), 200.0)
+    assert s["counts"]["anomaly_not_assessed"] == 150 and s["anomalous_cells"] == []
+    assert s["triage"]["level"] == "review"
+    assert any("150 cells not assessed for anomaly" in r for r in s["triage"]["reasons"])

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.crop_scale import estimate_crop_scales
     from cytoedge.runtime.domain_alarm import records_alarm
     from cytoedge.runtime.errors import CytoedgeError
-    from cytoedge.runtime.slide_scoring import run_audit
+    from cytoedge.runtime.result_document import cell_record, run_audit
 
     bundle, backend, estimator = load_bundle_and_backend(args)
     normaliser = crop_stain_normaliser(args, bundle)
@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
             batch = tiles_to_batch(tiles, bundle.input_size)
             records = mark_no_cell(classify_batch(batch, bundle, backend, estimator), crops, bundle.cell_type)
             for path, record in zip(chunk, records):
-                results.append({"image": str(path), **record, "scale": scales.scale(str(path)).to_record()})
+                results.append({"image": str(path), **cell_record(record, bundle),
+                                "scale": scales.scale(str(path)).to_record()})
             bar.update(len(chunk))
     verdict = records_alarm(results, bundle.domain)
     mark_unreliable(results, verdict)
@@ -85,5 +86,5 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         for r in results:
-            print(f"{r['image']}\t{r['class']}\t{r['confidence_label']}\tnfe={r['nfe']}")
+            print(f"{r['image']}\t{r['class']}\t{r['estimator_detail']['confidence_label']}\tnfe={r['nfe']}")
     return 1 if failures else 0

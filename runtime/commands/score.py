@@ -64,7 +64,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     from cytoedge.runtime.reports.tables import write_json
     from cytoedge.runtime.red_cells import RedCellReader
     from cytoedge.runtime.run_log import record_slide
-    from cytoedge.runtime.slide_scoring import (SlideScorer, build_slides_document, options_dict, slide_entry)
+    from cytoedge.runtime.result_document import build_slides_document, slide_entry
+    from cytoedge.runtime.slide_scoring import SlideScorer, options_dict
     from cytoedge.runtime.sources import DicomSlideSource, open_source, source_sha256
 
     if bundle is None:
@@ -73,13 +74,13 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
     red = red_cell_stage(args)
     scorer = SlideScorer(bundle, backend, estimator, options, red_cells=RedCellReader(*red) if red else None)
     out.mkdir(parents=True, exist_ok=True)
-    entries, errors, timings, outputs = [], [], {}, {}
+    entries, errors, timings, counts, outputs = [], [], {}, {}, {}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # the run's start: review pages carry it
     review_run = {"created": created, "options": review_scoring_options(options)}
     uids: dict[str, str] | None = {} if args.deidentify else None  # one UID map for the run's de-identified objects
     for index, path in enumerate(paths):
         t0 = time.perf_counter()
-        source = state = None
+        source = scored = None
         try:
             source = open_source(path, options.um_per_px)
             try:
@@ -89,8 +90,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
                     for record in scorer.score_source(source):
                         cells.append(record)
                         bar.update(1)
-                state = scorer.state
                 summary = scorer.summary()
+                scored = scorer.scored()
                 if args.include_identifiers and isinstance(source, DicomSlideSource):
                     summary["identifiers"] = source.identifiers()
             finally:
@@ -111,8 +112,8 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
         if "error" in entry:
             slide_errors.append(entry["error"])
         try:
-            outputs[str(path)] = write_slide_reports(entry, scorer.audit, state, out, index,
-                                                     state is not None and isinstance(source, DicomSlideSource),
+            outputs[str(path)] = write_slide_reports(entry, scorer.audit, scored, out, index,
+                                                     scored is not None and isinstance(source, DicomSlideSource),
                                                      uids, review_run)
         except Exception as e:  # results.json is still written, with this slide's entry
             log.exception("%s: reports not written", path)
@@ -122,11 +123,13 @@ def score_paths(paths: list[Path], out: Path, args: argparse.Namespace, bundle=N
             print(f"cytoedge score: {error}", file=sys.stderr)
         errors.extend(slide_errors)
         entries.append(entry)
-        stage = dict(state.timings) if state is not None else {}
+        stage = dict(scored.timings) if scored is not None else {}
+        if scored is not None:
+            counts[str(path)] = scored.counts
         stage["total"] = time.perf_counter() - t0
         timings[str(path)] = {k: round(v, 4) for k, v in stage.items()}
         record_slide(run_log, entry, scorer.audit, stage["total"], "score")
-    run = {"options": options_dict(options), "timings_s": timings, "outputs": outputs,
+    run = {"options": options_dict(options), "timings_s": timings, "stage_counts": counts, "outputs": outputs,
            "created": created}
     document = build_slides_document(entries, scorer.audit, run)
     write_json(document, out / "results.json")

@@ -52,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from cytoedge.runtime.errors import CytoedgeError
     from cytoedge.runtime.service.client import ServiceError
-    from cytoedge.runtime.slide_scoring import build_slides_document, slide_entry
+    from cytoedge.runtime.result_document import build_slides_document, slide_entry
     from cytoedge.runtime.sources import source_sha256
 
     plan: list[tuple[str, str | None, str | None]] = []  # per slide: source, job id, why it was refused

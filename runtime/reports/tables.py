@@ -27,7 +27,7 @@ def cell_rows(source: str, cells: list[dict]) -> list[dict]:
             "cx": c["centre"][0], "cy": c["centre"][1], "class": c["class"],
             "probability": probs.get(c["class"], ""), "runner_up": c.get("runner_up", ""),
             "abnormal": int(c["flags"]["abnormal"]), "uncertain": int(c["flags"]["uncertain"]),
-            "anomalous": int(c["flags"]["anomalous"]),
+            "anomalous": "" if c["flags"]["anomalous"] is None else int(c["flags"]["anomalous"]),  # "": not assessed
             "anomaly_score": "" if c.get("anomaly_score") is None else c["anomaly_score"],
             "entropy": unc.get("entropy", ""), "margin": unc.get("margin", ""),
             "prediction_set": "|".join(c.get("prediction_set") or []), "nfe": c.get("nfe", 0),

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import MutableMapping
+from typing import TYPE_CHECKING, MutableMapping
 
 from cytoedge.runtime.errors import CytoedgeError
 from cytoedge.runtime.reports.html import render_html, write_html
 from cytoedge.runtime.reports.images import gallery, overlay, write_png
 from cytoedge.runtime.reports.review import render_review
 from cytoedge.runtime.reports.tables import write_csv
+
+if TYPE_CHECKING:
+    from cytoedge.runtime.slide_scoring import ScoredSlide
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +25,12 @@ def slide_folder_name(source: str, index: int) -> str:
     return f"{index:03d}_{stem}"
 
 
-def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: int, dicom_source: bool,
+def write_slide_reports(entry: dict, audit: dict, scored: "ScoredSlide | None", out_dir: Path, index: int, dicom_source: bool,
                         deidentify_uids: MutableMapping[str, str] | None = None, run: dict | None = None) -> dict:
     """CSV, overlay, gallery, HTML (and DICOM annotations for DICOM input) for one document entry.
 
-    ``state`` is the scorer's SlideState (thumbnail, cell views, heatmap overlays) or None for a slide that failed.
+    ``scored`` is what the scorer's stages left of the slide (thumbnail, cell views, heatmap overlays, the
+    red-cell sample), or None for a slide that failed.
     ``deidentify_uids`` (a UID map, shared by a run's slides) also writes annotations.deid.dcm, the
     annotations with the PS3.15 Basic Profile applied. ``run`` (``created``, scoring ``options``) goes into
     the review page, and so into its exports.
@@ -37,17 +41,18 @@ def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: i
     written: dict[str, str] = {}
     written["csv"] = str(write_csv(entry["source"], cells, folder / "cells.csv"))
     overlay_rgb = gallery_rgb = None
-    if state is not None and state.thumbnail is not None:
-        overlay_rgb = overlay(state.thumbnail, state.thumb_scale, cells)
+    pictures = scored.pictures if scored is not None else None
+    if pictures is not None and pictures.thumbnail is not None and pictures.thumbnail.image is not None:
+        overlay_rgb = overlay(pictures.thumbnail.image, pictures.thumbnail.scale, cells)
         written["overlay"] = str(write_png(overlay_rgb, folder / "overlay.png"))
-    if state is not None:
-        flagged = [c for c in cells if c["id"] in state.explained]
-        gallery_rgb = gallery(flagged, state.views, state.overlays)
+    if pictures is not None:
+        flagged = [c for c in cells if c["id"] in pictures.explained]
+        gallery_rgb = gallery(flagged, pictures.views, pictures.overlays)
         if gallery_rgb is not None:
             written["gallery"] = str(write_png(gallery_rgb, folder / "gallery.png"))
-    views = state.views if state is not None else {}
-    if state is not None and cells:
-        written["review"] = str(write_html(render_review(entry, audit, state.views, state.overlays, run),
+    views = pictures.views if pictures is not None else {}
+    if pictures is not None and cells:
+        written["review"] = str(write_html(render_review(entry, audit, pictures.views, pictures.overlays, run),
                                            folder / "review.html"))
     written["html"] = str(write_html(render_html(entry, audit, overlay_rgb, gallery_rgb, views,
                                                  "review.html" if "review" in written else None),
@@ -59,7 +64,7 @@ def write_slide_reports(entry: dict, audit: dict, state, out_dir: Path, index: i
         try:
             written.update(write_annotations(Path(entry["source"]), cells, audit, folder / "annotations.dcm",
                                              deidentified, deidentify_uids,
-                                             state.red_sample if state is not None else None))
+                                             scored.red_sample if scored is not None else None))
         except (CytoedgeError, ValueError, TypeError, AttributeError) as e:
             log.warning("%s: DICOM annotations not written (%s)", entry["source"], e)
             written["dicom_annotations_error"] = str(e)

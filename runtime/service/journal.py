@@ -8,6 +8,10 @@ their cells are journaled: the same transaction stores the cells, the stream sco
 back to the file system (incremental vacuum), and the WAL is truncated after checkpoints, so the
 file stays as large as the work in flight plus the retained results. Each thread opens its own
 Journal.
+
+Longer than most modules (about 390 lines) because the schema and every statement that writes it
+belong together: each transaction's atomicity is the delivery guarantee, and splitting them would
+spread one invariant over several files.
 """
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ goes on with the next item. The socket thread supervises the thread itself: ``en
 restarts it if it ever ends, and ``health`` is what STATUS reports. A slide scored to its end is
 appended to the run log (runtime/run_log.py, the ``run_log`` setting) once its final state is
 journaled, so a job is logged once even if the daemon stops around it.
+
+Longer than most modules (about 370 lines) because each kind of work item's attempt, scoring and
+journaling must follow the same failure rules, which read best side by side.
 """
 from __future__ import annotations
 
