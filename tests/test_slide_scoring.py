@@ -122,9 +122,9 @@ def test_heatmap_plan_follows_the_calibration_or_falls_back(bundle):
     import dataclasses
 
     plan = heatmap_plan(bundle)
-    assert bundle.calibration["probes"]  # the bundled model is calibrated: its plan is the calibration's
+    assert bundle.calibration.probes  # the bundled model is calibrated: its plan is the calibration's
     assert plan.source == "calibration"
-    assert plan.timesteps.tolist() == [p["timestep"] for p in bundle.calibration["probes"]]
+    assert plan.timesteps.tolist() == [p.timestep for p in bundle.calibration.probes]
     bare = heatmap_plan(dataclasses.replace(bundle, calibration=None))
     assert bare.source == "fallback" and bare.noise.shape == (len(bare.timesteps), 3, bundle.input_size,
                                                               bundle.input_size)
