@@ -71,7 +71,7 @@ def nfe_curve(files, y, bundle, backend) -> list[dict]:
         for scale in (0.5, 1.0, 2.0, np.inf):
             w = settings.weights[:n_probes]
             margins = settings.margins[:n_probes] * scale if np.isfinite(scale) else np.full(n_probes, np.inf)
-            race = offline_race(E[:, :k, :n_probes], RaceSettings(w, margins, settings.temperature),
+            race = offline_race(E[:, :k, :n_probes], RaceSettings(w, margins),
                                 None if null is None else null[:, :n_probes])
             pred = race.gaps.argmin(1)
             rows.append({"probes": n_probes, "margin_scale": "none" if scale == np.inf else scale,
@@ -124,15 +124,15 @@ def main() -> None:
 
     dec, nfe, temperature, secs = run_fast(files, bundle, backend)
     full = evaluate_arrays(labels, dec.class_id, nfe, secs, names, bundle.abnormal_classes, dec,
-                           bundle.calibration["settings"]["abnormal_sensitivity"])
+                           bundle.calibration.settings["abnormal_sensitivity"])
     best = full["abnormal_probability_at_target_sensitivity"]
     false_pos = ", ".join(f"{n} {v}/{int((labels == names.index(n)).sum())}"
                           for n, v in sorted(best["false_positives_by_class"].items(), key=lambda kv: -kv[1]) if v)
     raw_p = np.exp(-(-np.log(np.clip(dec.probabilities, 1e-300, 1)) * temperature[:, None]))
     raw_p /= raw_p.sum(1, keepdims=True)
     before = {"ece_15": m.expected_calibration_error(raw_p, labels), "nll": m.nll(raw_p, labels)}
-    figures = plots(dec, labels, "T by depth " + ", ".join(f"{t:.3g}" for t in bundle.calibration.get(
-        "temperature_by_depth", [bundle.calibration["temperature"]])))
+    figures = plots(dec, labels, "T by depth " + ", ".join(f"{t:.3g}" for t in bundle.calibration.temperature_by_depth
+                                                            or [bundle.calibration.temperature]))
 
     sub = stratified_subset(labels, args.reference_per_class, seed=1)
     sub_files, y = [files[i] for i in sub], labels[sub]
@@ -181,7 +181,7 @@ Fast estimator on the held-out half — calibration and flags:
 | ECE (15 bins), before (T = 1) | {before['ece_15']:.4f} | |
 | NLL after / before | {full['nll']:.3f} / {before['nll']:.3f} | |
 | Brier | {full['brier']:.4f} | |
-| conformal coverage (nominal {bundle.calibration['settings']['coverage']}) | {full['conformal_coverage']:.3f} | within 0.02 |
+| conformal coverage (nominal {bundle.calibration.settings['coverage']}) | {full['conformal_coverage']:.3f} | within 0.02 |
 | conformal mean set size | {full['conformal_mean_set_size']:.2f} | |
 | abstention rate / accuracy when not abstaining | {full['abstention_rate']:.3f} / {full['accuracy_when_not_abstaining']:.3f} | |
 | abnormal review flag (abnormal ∪ uncertain ∪ anomalous): sensitivity / specificity | {flag['sensitivity']:.3f} / {flag['specificity']:.3f} | ≥ 0.95 / ≥ 0.96 |

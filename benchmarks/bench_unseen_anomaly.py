@@ -48,7 +48,7 @@ def main() -> None:
     keep = stratified_subset(labels, args.per_class)
     files, labels = [files[i] for i in keep], labels[keep]
     scores, top, best_error, nfe = [], [], [], []
-    weights = np.asarray(bundle.calibration["probe_weights"])
+    weights = bundle.calibration.probe_weights
     for s in range(0, len(files), CHUNK):
         batch = crops_to_batch([read_rgb(f) for f in files[s:s + CHUNK]], bundle)
         out = score_cells_fast(batch, bundle, backend)
@@ -58,9 +58,9 @@ def main() -> None:
         best_error.append(np.nanmean(estimate(batch, bundle, backend).leader_errors / weights, axis=1))
     scores, top, best_error, nfe = map(np.concatenate, (scores, top, best_error, nfe))
     is_unseen = labels >= len(bundle.class_names)
-    flagged = scores > bundle.calibration["anomaly_threshold"]
+    flagged = scores > bundle.calibration.thresholds.anomaly
     result = {"unseen_classes": unseen, "cells_known": int((~is_unseen).sum()), "cells_unseen": int(is_unseen.sum()),
-              "anomaly_kind": bundle.calibration["anomaly_normalisation"].get("kind", "leader_error"),
+              "anomaly_kind": bundle.calibration.anomaly_normalisation.kind,
               "auroc_anomaly_score": auroc(scores, is_unseen), "auroc_one_minus_top_probability": auroc(1 - top, is_unseen),
               "auroc_best_class_error": auroc(best_error, is_unseen), "nfe_mean": float(nfe.mean()),
               "flag_rate_unseen": float(flagged[is_unseen].mean()), "flag_rate_known": float(flagged[~is_unseen].mean())}

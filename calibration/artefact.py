@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from cytoedge.runtime.bundle import MANIFEST, ModelBundle, write_manifest
-from cytoedge.runtime.estimator import Probe
+from cytoedge.runtime.calibration_config import FORMAT_VERSION, Calibration, Probe
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_FILE = "calibration.json"
-CALIBRATION_FORMAT = 1
 
 DEFAULT_CANDIDATES = {
     "timesteps": [30, 100, 200, 300, 400, 500, 650, 800],
@@ -32,24 +31,36 @@ def candidate_probes(timesteps: list[int], replicas: int) -> list[Probe]:
     return probes
 
 
-def write_calibration(bundle: ModelBundle, fitted: dict, candidates: list[Probe], noise_seed: int,
-                      provenance: dict) -> Path:
-    """Store the fitted calibration in the bundle and re-hash its manifest; returns the file written."""
-    chosen = [candidates[i] for i in fitted["chosen_candidates"]]
+def fitted_calibration(fitted: dict, candidates: list[Probe], noise_seed: int, provenance: dict, class_count: int,
+                       timesteps: int, where: str) -> Calibration:
+    """The checked calibration of a fit (calibration/fit.fit_calibration), whose chosen probes index
+    ``candidates``, drawn from a bank of one noise per candidate seeded ``noise_seed``."""
     doc = {
-        "format_version": CALIBRATION_FORMAT,
-        "probes": [p.to_dict() for p in chosen],
+        "format_version": FORMAT_VERSION,
+        "probes": [candidates[i].to_dict() for i in fitted["chosen_candidates"]],
         "noise_seed": noise_seed,
         "noise_bank_size": len(candidates),
         **{k: v for k, v in fitted.items() if k != "chosen_candidates"},
-        "provenance": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                       "model_sha256_before": bundle.sha256, **provenance},
+        "provenance": provenance,
     }
+    return Calibration.from_dict(doc, class_count, timesteps, where)
+
+
+def write_calibration(bundle: ModelBundle, fitted: dict, candidates: list[Probe], noise_seed: int,
+                      provenance: dict) -> Path:
+    """Store the fitted calibration in the bundle and re-hash its manifest; returns the file written.
+
+    The document is checked as loading checks it (runtime/calibration_config.py) before anything is
+    written, so a bundle is never left with a calibration it refuses."""
     path = bundle.path / CALIBRATION_FILE
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    provenance = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                  "model_sha256_before": bundle.sha256, **provenance}
+    calibration = fitted_calibration(fitted, candidates, noise_seed, provenance, len(bundle.class_names),
+                                     bundle.schedule.num_train_timesteps, str(path))
+    path.write_text(json.dumps(calibration.to_dict(), indent=2) + "\n")
     manifest = json.loads((bundle.path / MANIFEST).read_text())
     manifest["calibration"] = CALIBRATION_FILE
     manifest["files"][CALIBRATION_FILE] = {"sha256": ""}
     write_manifest(bundle.path, manifest)
-    log.info("wrote %s (%d probes)", path, len(chosen))
+    log.info("wrote %s (%d probes)", path, len(calibration.probes))
     return path

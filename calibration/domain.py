@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cytoedge.runtime.calibration_config import AnomalyNormalisation
 from cytoedge.runtime.decisions import anomaly_scores
 from cytoedge.runtime.domain_alarm import run_shift, typicality_values
 
@@ -27,7 +28,7 @@ def _stats(a: np.ndarray, z: np.ndarray) -> dict:
 
 
 def fit_domain(leader_weighted: np.ndarray, null_weighted: np.ndarray | None, called: list[str],
-               anomaly_normalisation: dict, seed: int = 0, min_cells: int = 10) -> dict:
+               anomaly_normalisation: AnomalyNormalisation, seed: int = 0, min_cells: int = 10) -> dict:
     """The domain reference from the race's weighted errors on calibration cells and the class each
     was called (classes called fewer than ``min_cells`` times use the pooled statistics)."""
     t = typicality_values(leader_weighted, null_weighted)
@@ -82,7 +83,7 @@ def fit_domain_on_cells(bundle, backend, batches, provenance: dict) -> dict:
         nulls.append(null)
         called += [bundle.class_names[k] for k in gaps.argmin(1)]
     null_all = None if nulls[0] is None else np.concatenate(nulls)
-    domain = fit_domain(np.concatenate(leaders), null_all, called, bundle.calibration["anomaly_normalisation"])
+    domain = fit_domain(np.concatenate(leaders), null_all, called, bundle.calibration.anomaly_normalisation)
     return {"format_version": 1, **domain, "provenance": provenance}
 
 

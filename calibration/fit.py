@@ -22,9 +22,12 @@ abnormal operating point when no abnormal class is labelled) is kept from the so
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from scipy import optimize
 
+from cytoedge.runtime.calibration_config import AnomalyNormalisation, Calibration, Thresholds
 from cytoedge.runtime.decisions import anomaly_scores, anomaly_values, cell_temperatures, decide
 from cytoedge.runtime.errors import CalibrationError
 from cytoedge.runtime.estimator import RaceSettings, run_race
@@ -202,13 +205,14 @@ def abstention_threshold(p: np.ndarray, y: np.ndarray, target: float, max_abstai
 
 
 def abnormal_threshold(p: np.ndarray, anomaly: np.ndarray, y: np.ndarray, abnormal_mask: np.ndarray,
-                       partial_cal: dict, sensitivity: float) -> float:
-    """Highest threshold on P(abnormal) whose review flag (abnormal ∪ uncertain ∪ anomalous) reaches the target."""
+                       thresholds: Thresholds, sensitivity: float) -> float:
+    """Highest threshold on P(abnormal) whose review flag (abnormal ∪ uncertain ∪ anomalous) reaches the
+    target, the other ``thresholds`` as fitted (their ``abnormal`` is the one tried)."""
     truth = abnormal_mask[y]
     if not truth.any():
         raise CalibrationError("the calibration data holds no cells of an abnormal class")
     for tau in np.linspace(0.99, 0.01, 99):
-        d = decide(p, anomaly, abnormal_mask, {**partial_cal, "abnormal_threshold": tau})
+        d = decide(p, anomaly, abnormal_mask, replace(thresholds, abnormal=float(tau)))
         review = d.abnormal | d.uncertain | d.anomalous
         if review[truth].mean() >= sensitivity:
             return float(tau)
@@ -273,8 +277,10 @@ def split_ab(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.
 
 
 def fit_calibration(E: np.ndarray, y: np.ndarray, class_names: list[str], abnormal_classes: list[str],
-                    settings: dict | None = None, site_of: dict | None = None) -> dict:
-    """Everything the fast estimator and the flags need, as a JSON-ready dict (without provenance).
+                    settings: dict | None = None, site_of: Calibration | None = None) -> dict:
+    """Everything the fast estimator and the flags need, as a JSON-ready dict: calibration.json's fields
+    but the probes (``chosen_candidates`` indexes the candidates), the noise bank and the provenance, which
+    calibration/artefact.write_calibration adds.
 
     ``E [N, K, P]`` (or ``[N, K+1, P]``: the last column the null class's) masked errors of every
     class under every candidate probe; ``y [N]`` labels. The labels are checked first
@@ -302,41 +308,43 @@ def fit_calibration(E: np.ndarray, y: np.ndarray, class_names: list[str], abnorm
         weights, offsets = w_std / scale, d_std * scale
     terms_a = (Ew[a] + (0.0 if offsets is None else offsets[None])) * weights
     margins = elimination_margins(terms_a, s["elimination_quantile"])
-    race_a = offline_race(Ew[a], RaceSettings(weights, margins, 1.0, offsets))
+    race_settings = RaceSettings(weights, margins, offsets)
+    race_a = offline_race(Ew[a], race_settings)
     temperature = fit_temperature(race_a.gaps, y[a])
     by_depth = fit_depth_temperatures(race_a.gaps, race_a.depth, y[a], s["depth_temperatures"],
                                       s["min_cells_per_temperature"], temperature)
-    settings_t = RaceSettings(weights, margins, temperature, offsets)
     true_w = Ew[a, :, :][np.arange(len(a)), y[a]] * weights
     known = anomaly_values(true_w, None if null_w is None else null_w[a] * weights)
-    normalisation = {"kind": "leader_error" if null_w is None else "null_ratio",
-                     "mean": known.mean(0).tolist(), "std": (known.std(0) + 1e-12).tolist()}
-    race_b = offline_race(Ew[b], settings_t, None if null_w is None else null_w[b])
-    p_b = race_b.probabilities(cell_temperatures(race_b.depth, {"temperature_by_depth": by_depth}))
+    normalisation = AnomalyNormalisation("leader_error" if null_w is None else "null_ratio", known.mean(0),
+                                         known.std(0) + 1e-12)
+    race_b = offline_race(Ew[b], race_settings, None if null_w is None else null_w[b])
+    p_b = race_b.probabilities(cell_temperatures(race_b.depth, temperature, by_depth))
     anomaly_b = anomaly_scores(race_b.leader_errors, race_b.null_errors, normalisation)
     abnormal_mask = np.array([c in abnormal_classes for c in class_names])
-    cal = {
-        "temperature": temperature,
-        "temperature_by_depth": by_depth,
-        "conformal_threshold": conformal_threshold(p_b, y[b], s["coverage"]),
-        "abstention_threshold": abstention_threshold(p_b, y[b], s["selective_accuracy"], s["max_abstention"])
+    fitted = Thresholds(
+        conformal=conformal_threshold(p_b, y[b], s["coverage"]),
+        abstention=abstention_threshold(p_b, y[b], s["selective_accuracy"], s["max_abstention"])
         if site_of is None else abstention_threshold(p_b, y[b], s["site_selective_accuracy"], s["site_max_abstention"],
                                                      s["site_accuracy_bound_confidence"]),
-        "anomaly_threshold": float(np.quantile(anomaly_b, s["anomaly_quantile"])),
-    }
+        anomaly=float(np.quantile(anomaly_b, s["anomaly_quantile"])), abnormal=float("nan"))
     if site_of is not None and not abnormal_mask[y[b]].any():
-        cal["abnormal_threshold"] = float(site_of["abnormal_threshold"])  # no abnormal cell to set it on
+        fitted = replace(fitted, abnormal=site_of.thresholds.abnormal)  # no abnormal cell to set it on
     else:
-        cal["abnormal_threshold"] = abnormal_threshold(p_b, anomaly_b, y[b], abnormal_mask, cal,
-                                                       s["abnormal_sensitivity"])
+        fitted = replace(fitted, abnormal=abnormal_threshold(p_b, anomaly_b, y[b], abnormal_mask, fitted,
+                                                             s["abnormal_sensitivity"]))
     extra = {} if offsets is None else {"class_offsets": offsets.tolist(),
                                         "labelled_classes": [class_names[c] for c in np.unique(y)]}
     return {
         "chosen_candidates": [int(c) for c in chosen],
         "probe_weights": weights.tolist(),
         "elimination_margins": margins.tolist(),
-        "anomaly_normalisation": normalisation,
-        **cal,
+        "anomaly_normalisation": normalisation.to_dict(),
+        "temperature": temperature,
+        "temperature_by_depth": by_depth,
+        "conformal_threshold": fitted.conformal,
+        "abstention_threshold": fitted.abstention,
+        "anomaly_threshold": fitted.anomaly,
+        "abnormal_threshold": fitted.abnormal,
         "settings": s,
         "fit_cells": {"A": int(len(a)), "B": int(len(b))},
         **extra,

@@ -77,7 +77,7 @@ def score_inputs(bundle: ModelBundle, x0: np.ndarray) -> ScoreInputs:
         parts["noise"].append(np.broadcast_to(noise, (n * k, *noise.shape)))
         parts["weight"].append(np.full(n * k, w))
     return ScoreInputs(*(np.concatenate(parts[name]) for name in ("x_t", "timestep", "class_id", "noise", "weight")),
-                       cells=n, classes=k, temperature=settings.temperature)
+                       cells=n, classes=k, temperature=bundle.calibration.temperature)
 
 
 def class_scores(bundle: ModelBundle, graph: Path, inputs: ScoreInputs, threads: int | None = None) -> np.ndarray:

@@ -26,8 +26,7 @@ def calibration_feeds(bundle: ModelBundle, x0: np.ndarray, batches: int = 32, ba
                       seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Seeded (x_t, timestep, class_id) batches built from clean denoiser inputs ``x0 [N,C,S,S]``."""
     rng = np.random.default_rng(seed)
-    probes = (bundle.calibration or {}).get("probes")
-    timesteps = (np.array([p["timestep"] for p in probes]) if probes
+    timesteps = (np.array([p.timestep for p in bundle.calibration.probes]) if bundle.calibration is not None
                  else np.arange(bundle.schedule.num_train_timesteps))
     feeds = []
     for _ in range(batches):

@@ -20,7 +20,8 @@ import numpy as np
 
 from cytoedge.kernels import ColourTransform
 
-from cytoedge.runtime.errors import BundleError
+from cytoedge.runtime.calibration_config import Calibration
+from cytoedge.runtime.errors import BundleError, CalibrationError
 from cytoedge.runtime.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class ModelBundle:
     manifest: dict
     sha256: str
     schedule: NoiseSchedule
-    calibration: dict | None
+    calibration: Calibration | None  # calibration.json, checked and typed at load
     domain: dict | None = None  # the out-of-domain alarm's reference (runtime/domain_alarm.py), if fitted
     grading: dict | None = None  # a red-cell bundle's ICSH grading table (calibration/icsh_grading.py)
 
@@ -174,12 +175,15 @@ class ModelBundle:
                     "the file was changed or corrupted — restore it or rebuild the bundle"
                 )
         schedule = NoiseSchedule.from_config(manifest["noise_schedule"])
-        calibration = json.loads((path / manifest["calibration"]).read_text()) if manifest.get("calibration") else None
-        if calibration is not None:
-            from cytoedge.runtime.calibration_check import validate_calibration
-
-            validate_calibration(calibration, len(manifest["class_names"]), schedule.num_train_timesteps,
-                                 str(path / manifest["calibration"]))
+        calibration = None
+        if manifest.get("calibration"):
+            cpath = path / manifest["calibration"]
+            try:
+                doc = json.loads(cpath.read_text())
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{cpath}: not valid JSON ({e})") from None
+            calibration = Calibration.from_dict(doc, len(manifest["class_names"]), schedule.num_train_timesteps,
+                                                str(cpath))
         domain = json.loads((path / manifest["domain"]).read_text()) if manifest.get("domain") else None
         grading = json.loads((path / manifest["grading"]).read_text()) if manifest.get("grading") else None
         return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration, domain, grading)

@@ -33,10 +33,10 @@ def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBac
 
     race = estimate(batch, bundle, backend)
     cal = bundle.calibration
-    temperature = cell_temperatures(race.depth, cal)
+    temperature = cell_temperatures(race.depth, cal.temperature, cal.temperature_by_depth)
     p = race.probabilities(temperature)
     try:
-        anomaly = anomaly_scores(race.leader_errors, race.null_errors, cal["anomaly_normalisation"])
+        anomaly = anomaly_scores(race.leader_errors, race.null_errors, cal.anomaly_normalisation)
     except ValueError as e:
         raise CalibrationError(f"{bundle.path}: {e}") from None
     abnormal_mask = np.array([c in bundle.abnormal_classes for c in bundle.class_names])
@@ -44,7 +44,7 @@ def score_cells_fast(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBac
     if bundle.domain is not None:
         typicality = typicality_scores(race.leader_errors, race.null_errors, bundle.domain)
         typical_range = tuple(bundle.domain["typicality"]["range"])
-    return FastOutcome(decide(p, anomaly, abnormal_mask, cal, typicality, typical_range), race.nfe, temperature)
+    return FastOutcome(decide(p, anomaly, abnormal_mask, cal.thresholds, typicality, typical_range), race.nfe, temperature)
 
 
 def classify_batch(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, estimator: str = "fast",

@@ -27,6 +27,7 @@ import numpy as np
 from cytoedge.kernels import add_noise, masked_weighted_error
 from cytoedge.runtime.backends import DenoiserBackend
 from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.calibration_config import Probe
 from cytoedge.runtime.cells import CellBatch
 from cytoedge.runtime.encoders import create_encoder
 from cytoedge.runtime.errors import BackendError, CalibrationError
@@ -36,28 +37,13 @@ ErrorSource = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
 
 
 @dataclass(frozen=True)
-class Probe:
-    timestep: int
-    noise_index: int
-    angle: float
-    flip: bool
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Probe":
-        return cls(int(d["timestep"]), int(d["noise_index"]), float(d["angle"]), bool(d["flip"]))
-
-    def to_dict(self) -> dict:
-        return {"timestep": self.timestep, "noise_index": self.noise_index, "angle": self.angle, "flip": self.flip}
-
-
-@dataclass(frozen=True)
 class RaceSettings:
-    """What the sequential race needs: probe weights, elimination margins (one per probe), temperature,
-    and optionally class offsets ``[K, M]`` (added to class c's error at probe k; none = zeros)."""
+    """What the sequential race needs: probe weights, elimination margins (one per probe), and optionally
+    class offsets ``[K, M]`` (added to class c's error at probe k; none = zeros). The temperature is not
+    the race's: it turns the race's gaps into probabilities afterwards (runtime/decisions.cell_temperatures)."""
 
     weights: np.ndarray
     margins: np.ndarray
-    temperature: float
     class_offsets: np.ndarray | None = None
 
     def __post_init__(self):
@@ -65,8 +51,6 @@ class RaceSettings:
             raise CalibrationError("probe weights must be a non-empty list of positive numbers")
         if self.margins.shape != self.weights.shape:
             raise CalibrationError(f"{self.margins.size} elimination margins for {self.weights.size} probes")
-        if not self.temperature > 0:
-            raise CalibrationError(f"temperature must be positive, got {self.temperature}")
         if self.class_offsets is not None and (self.class_offsets.ndim != 2 or self.class_offsets.shape[1] != self.weights.size
                                                or not np.all(np.isfinite(self.class_offsets))):
             raise CalibrationError(f"class offsets of shape {self.class_offsets.shape} for {self.weights.size} probes; "
@@ -98,11 +82,13 @@ class RaceResult:
 
 def noise_bank(bundle: ModelBundle, count: int | None = None, seed: int | None = None) -> np.ndarray:
     """The seeded noise bank ``[P,3,S,S] float32`` the probes draw from (same on every machine: PCG64)."""
-    cal = bundle.calibration or {}
-    count = count if count is not None else int(cal.get("noise_bank_size", 0))
-    seed = seed if seed is not None else int(cal.get("noise_seed", 0))
-    if count <= 0:
-        raise CalibrationError(f"{bundle.path}: no noise bank size in the calibration; run `cytoedge calibrate`")
+    cal = bundle.calibration
+    if count is None:
+        if cal is None:
+            raise CalibrationError(f"{bundle.path}: no calibration, so no noise bank size; run `cytoedge calibrate`")
+        count = cal.noise_bank_size
+    if seed is None:
+        seed = cal.noise_seed if cal is not None else 0
     channels, size = bundle.denoiser_shape
     return np.random.default_rng(seed).standard_normal((count, channels, size, size), dtype=np.float32)
 
@@ -188,19 +174,12 @@ class DenoiserErrorSource:
 
 
 def probes_from_calibration(bundle: ModelBundle) -> tuple[list[Probe], RaceSettings]:
+    """The bundle's calibrated probes, in race order, and the race's settings."""
     cal = bundle.calibration
-    if not cal:
+    if cal is None:
         raise CalibrationError(f"{bundle.path} has no calibration; run `cytoedge calibrate --data DIR --model "
                                f"{bundle.path}` with labelled cells first")
-    try:
-        probes = [Probe.from_dict(p) for p in cal["probes"]]
-        offsets = cal.get("class_offsets")
-        settings = RaceSettings(np.asarray(cal["probe_weights"], np.float64),
-                                np.asarray(cal["elimination_margins"], np.float64), float(cal["temperature"]),
-                                None if offsets is None else np.asarray(offsets, np.float64))
-    except KeyError as missing:
-        raise CalibrationError(f"{bundle.path}: calibration field {missing} is missing; rerun `cytoedge calibrate`") from None
-    return probes, settings
+    return list(cal.probes), RaceSettings(cal.probe_weights, cal.elimination_margins, cal.class_offsets)
 
 
 def estimate(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) -> RaceResult:

@@ -46,18 +46,16 @@ class HeatmapPlan:
 
 def heatmap_plan(bundle: ModelBundle) -> HeatmapPlan:
     """Probes the maps use: the calibrated ones with their weights, else the documented fallback."""
-    cal = bundle.calibration or {}
+    cal = bundle.calibration
     size = bundle.input_size
-    if cal.get("probes"):
+    if cal is not None:
         from cytoedge.runtime.estimator import noise_bank
 
         bank = noise_bank(bundle)
-        probes = cal["probes"]
-        ts = np.asarray([p["timestep"] for p in probes], np.int64)
-        noise_index = np.asarray([p["noise_index"] for p in probes], np.int64) % len(bank)
-        views = np.asarray([(p["angle"], float(p["flip"])) for p in probes], np.float64)
-        w = np.abs(np.asarray(cal.get("probe_weights") or np.ones(len(probes)), np.float64))
-        return HeatmapPlan(ts, bank[noise_index], views, w / w.sum(), "calibration")
+        ts = np.asarray([p.timestep for p in cal.probes], np.int64)
+        noise_index = np.asarray([p.noise_index for p in cal.probes], np.int64)
+        views = np.asarray([(p.angle, float(p.flip)) for p in cal.probes], np.float64)
+        return HeatmapPlan(ts, bank[noise_index], views, cal.probe_weights / cal.probe_weights.sum(), "calibration")
     n = bundle.schedule.num_train_timesteps
     ts = np.array([round(f * (n - 1)) for f in FALLBACK_TIMESTEP_FRACTIONS], np.int64)
     noise = np.random.default_rng(FALLBACK_NOISE_SEED).standard_normal((len(ts), 3, size, size), dtype=np.float32)

@@ -2,7 +2,7 @@
 
 Per cell, trial i uses timestep ``ts[i]`` from ``linspace(1, 999, N)`` shuffled, one Gaussian noise
 shared by all classes still in the race, and a random rotation/flip of the input. The score of a
-class is the masked, per-timestep-weighted squared error of its noise prediction. From trial
+class is the masked squared error of its noise prediction, every timestep weighed alike. From trial
 ``first_test`` on, every ``test_every`` trials, a one-sided paired t-test of each class against the
 current best drops it when p < ``p_drop``; the race ends when one class remains or after N trials.
 
@@ -77,12 +77,6 @@ def paired_drop(errors: np.ndarray, alive: np.ndarray, p_drop: float) -> np.ndar
     return keep
 
 
-def timestep_weights(bundle: ModelBundle) -> np.ndarray:
-    """Per-timestep weights of the error (``[T]``); uniform unless the bundle's calibration sets them."""
-    table = (bundle.calibration or {}).get("reference_timestep_weights")
-    return np.asarray(table, np.float64) if table else np.ones(bundle.schedule.num_train_timesteps)
-
-
 def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend,
                        settings: ReferenceSettings = ReferenceSettings(),
                        progress=None) -> ReferenceResult:
@@ -91,7 +85,6 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
     channels, model_size = bundle.denoiser_shape
     encoder = create_encoder(bundle)
     mask = bundle.loss_mask()[None, None]
-    weights = timestep_weights(bundle)
     base_ts = np.linspace(1, bundle.schedule.num_train_timesteps - 1, settings.n_trials).round().astype(np.int64)
     races = []
     for i in range(len(batch)):
@@ -120,8 +113,7 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
                 owner.append(i)
         xin = np.asarray(xin)
         eps = backend.predict_noise(xt[xin], np.asarray(ts)[xin], np.asarray(cls))
-        err = masked_weighted_error(eps, np.stack(noises)[xin], mask,
-                                    weights[np.asarray(ts)[xin]].astype(np.float32)).astype(np.float64)
+        err = masked_weighted_error(eps, np.stack(noises)[xin], mask, np.ones(len(xin), np.float32)).astype(np.float64)
         for j, i in enumerate(active):
             r = races[i]
             sel = xin == j

@@ -25,11 +25,13 @@ def estimator_settings(bundle: ModelBundle, estimator: str) -> dict:
         from cytoedge.runtime.reference_estimator import ReferenceSettings
 
         return {"name": "reference", **asdict(ReferenceSettings())}
-    cal = bundle.calibration or {}
+    cal = bundle.calibration
+    doc = cal.to_dict() if cal is not None else {}  # the file's JSON: its sha256 is the same for the same file
     return {"name": estimator,
-            "calibration_sha256": hashlib.sha256(json.dumps(cal, sort_keys=True).encode()).hexdigest(),
-            "calibration_date": (cal.get("provenance") or {}).get("date"),
-            "probes": len(cal.get("probes", [])), "temperature": cal.get("temperature")}
+            "calibration_sha256": hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest(),
+            "calibration_date": cal.provenance.get("date") if cal is not None else None,
+            "probes": len(cal.probes) if cal is not None else 0,
+            "temperature": cal.temperature if cal is not None else None}
 
 
 def run_audit(bundle: ModelBundle, backend: DenoiserBackend, estimator: str) -> dict:

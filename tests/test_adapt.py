@@ -25,15 +25,15 @@ def test_class_offsets_move_the_race_but_not_the_measured_errors():
     as measured (weighted), so an adapted bundle's anomaly statistics are of real errors."""
     table = np.array([[[1.0, 1.0], [1.1, 1.1]]])  # one cell, class 0 better at both probes
     w = np.array([1.0, 2.0])
-    plain = run_race(1, 2, RaceSettings(w, np.full(2, 10.0), 1.0), lambda c, k, j: table[c, k, j])
+    plain = run_race(1, 2, RaceSettings(w, np.full(2, 10.0)), lambda c, k, j: table[c, k, j])
     assert plain.gaps.argmin(1)[0] == 0
-    shifted = run_race(1, 2, RaceSettings(w, np.full(2, 10.0), 1.0, np.array([[0.2, 0.2], [0.0, 0.0]])),
+    shifted = run_race(1, 2, RaceSettings(w, np.full(2, 10.0), np.array([[0.2, 0.2], [0.0, 0.0]])),
                        lambda c, k, j: table[c, k, j])
     assert shifted.gaps.argmin(1)[0] == 1
     np.testing.assert_allclose(shifted.gaps[0, 0], (1.2 - 1.1) * 3.0)  # (1.2·1 + 1.2·2) − (1.1·1 + 1.1·2)
     np.testing.assert_allclose(shifted.leader_errors[0], w * 1.1)
     with pytest.raises(CalibrationError, match="class offsets"):
-        RaceSettings(w, np.full(2, 1.0), 1.0, np.zeros((2, 3)))
+        RaceSettings(w, np.full(2, 1.0), np.zeros((2, 3)))
 
 
 def site_errors(rng, n=300, bias=0.5):
@@ -47,7 +47,7 @@ def site_errors(rng, n=300, bias=0.5):
 
 
 def test_site_fit_learns_the_offset_of_a_class_that_wins_everything(rng):
-    source = fit_calibration(*reference_errors(rng), CLASSES, ["d"])
+    source = as_source(fit_calibration(*reference_errors(rng), CLASSES, ["d"]))
     E, y = site_errors(rng)
     fitted = fit_calibration(E, y, CLASSES, ["d"], site_of=source)
     chosen = fitted["chosen_candidates"]
@@ -56,14 +56,22 @@ def test_site_fit_learns_the_offset_of_a_class_that_wins_everything(rng):
     # Offsets act relative to each other (a shift common to all classes cancels): c's advantage is taken back.
     assert np.all(offsets[2] - offsets[:2].mean(0) > 0.3)
     assert fitted["labelled_classes"] == ["a", "b", "c"]
-    assert fitted["abnormal_threshold"] == source["abnormal_threshold"]  # no d cell: kept from the source
+    assert fitted["abnormal_threshold"] == source.thresholds.abnormal  # no d cell: kept from the source
     E_new, y_new = site_errors(np.random.default_rng(1))
     race = offline_race(E_new[:, :, chosen], RaceSettings(np.asarray(fitted["probe_weights"]),
-                                                         np.asarray(fitted["elimination_margins"]), 1.0, offsets))
+                                                         np.asarray(fitted["elimination_margins"]), offsets))
     before = offline_race(E_new[:, :, chosen], RaceSettings(np.asarray(fitted["probe_weights"]),
-                                                           np.asarray(fitted["elimination_margins"]), 1.0))
+                                                           np.asarray(fitted["elimination_margins"])))
     assert (before.gaps.argmin(1) == y_new).mean() < 0.5  # c wins nearly everything unadapted
     assert (race.gaps.argmin(1) == y_new).mean() > 0.95
+
+
+def as_source(fitted: dict):
+    """A fit as a source bundle's calibration (one candidate probe per error column, 1000-step schedule)."""
+    from cytoedge.calibration.artefact import candidate_probes, fitted_calibration
+
+    return fitted_calibration(fitted, candidate_probes([100, 200, 300, 400, 500, 600], 1), 0, {}, len(CLASSES),
+                              1000, "source")
 
 
 def reference_errors(rng, n=400):
@@ -74,7 +82,7 @@ def reference_errors(rng, n=400):
 
 
 def test_site_fit_refuses_a_single_class(rng):
-    source = fit_calibration(*reference_errors(rng), CLASSES, ["d"])
+    source = as_source(fit_calibration(*reference_errors(rng), CLASSES, ["d"]))
     E, y = site_errors(rng)
     with pytest.raises(CalibrationError, match="at least two"):
         fit_calibration(E, np.zeros_like(y), CLASSES, ["d"], site_of=source)
@@ -128,8 +136,8 @@ def test_adapt_writes_a_new_valid_bundle_and_leaves_the_source_alone(bundle, sit
     assert a["cells"] == {c: 6 for c in SITE_CLASSES} and len(a["data_sha256"]) == 64
     assert "denoiser_int8" not in adapted.manifest["networks"] and not (out / "denoiser_int8.onnx").exists()
     cal = adapted.calibration
-    assert cal["labelled_classes"] == list(SITE_CLASSES)
-    assert np.asarray(cal["class_offsets"]).shape == (len(bundle.class_names), len(cal["probes"]))
+    assert cal.labelled_classes == SITE_CLASSES
+    assert cal.class_offsets.shape == (len(bundle.class_names), len(cal.probes))
     assert adapted.domain["provenance"]["part"].startswith("B of the adaptation")
     crop = sorted(site_folder.rglob("*.png"))[0]
     classified = cytoedge("classify", crop, "--model", out, "--json", "--threads", "1")
@@ -175,14 +183,14 @@ def test_adapt_refuses_data_it_cannot_adapt_on_in_one_line(bundle, site_folder, 
 def test_a_site_the_errors_cannot_separate_is_called_uncertain_not_confident(rng):
     """Labels unrelated to the errors (a site whose cells the model cannot read): the adapted calibration
     abstains on most cells instead of capping abstention as the source's fit does."""
-    source = fit_calibration(*reference_errors(rng), CLASSES, ["d"])
+    source = as_source(fit_calibration(*reference_errors(rng), CLASSES, ["d"]))
     E = np.abs(rng.normal(1.0, 0.1, (300, 4, 6)))
     y = rng.integers(0, 3, 300)
     fitted = fit_calibration(E, y, CLASSES, ["d"], site_of=source)
     chosen = fitted["chosen_candidates"]
     race = offline_race(E[:, :, chosen], RaceSettings(np.asarray(fitted["probe_weights"]),
                                                       np.asarray(fitted["elimination_margins"]),
-                                                      fitted["temperature"], np.asarray(fitted["class_offsets"])))
+                                                      np.asarray(fitted["class_offsets"])))
     confident = race.probabilities(fitted["temperature"]).max(1) >= fitted["abstention_threshold"]
     assert confident.mean() < 0.15
 
@@ -213,7 +221,7 @@ def test_adapt_finetune_trains_the_network_and_records_it(bundle, site_folder, t
     assert ft["steps"] == 3 and ft["cells"] < 18 and ft["export_max_abs_error_vs_torch"] < 1e-3  # part A only
     source_hash = bundle.manifest["files"]["denoiser.onnx"]["sha256"]
     assert adapted.manifest["files"]["denoiser.onnx"]["sha256"] != source_hash
-    assert adapted.calibration["provenance"]["command"] == "cytoedge adapt --method finetune"
+    assert adapted.calibration.provenance["command"] == "cytoedge adapt --method finetune"
 
 
 def test_adapt_on_fields_reads_them_as_score_does(bundle, ort_backend, tmp_path):

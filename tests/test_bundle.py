@@ -103,7 +103,7 @@ def test_a_staged_file_replaces_its_namesake_only_together_with_the_manifest(bun
     name = "calibration.json"
     old = {p.name: p.read_bytes() for p in bundle_copy.iterdir()}
     staged = bundle_copy / ".calibration.staged"
-    new = (bundle_copy / name).read_text().replace("{", '{"staged": 1, ', 1).encode()
+    new = (bundle_copy / name).read_text().replace('"provenance": {', '"provenance": {"staged": 1, ', 1).encode()
     staged.write_bytes(new)
     manifest = json.loads((bundle_copy / "manifest.json").read_text())
 
@@ -127,7 +127,7 @@ def test_a_staged_file_replaces_its_namesake_only_together_with_the_manifest(bun
     write_manifest(bundle_copy, manifest, staged={name: staged})
     assert not staged.exists() and (bundle_copy / name).read_bytes() == new
     assert sorted(p.name for p in bundle_copy.iterdir()) == sorted(old)  # no temporary file left behind
-    assert ModelBundle.load(bundle_copy).calibration["staged"] == 1
+    assert ModelBundle.load(bundle_copy).calibration.provenance["staged"] == 1
 
 
 @pytest.mark.parametrize("change,field", [
@@ -136,6 +136,9 @@ def test_a_staged_file_replaces_its_namesake_only_together_with_the_manifest(bun
     (lambda c: c.update(abstention_threshold=1.5), "'abstention_threshold'"),
     (lambda c: c["probes"][0].update(timestep=5000), "outside the schedule"),
     (lambda c: c.update(class_offsets=[[0.0]]), "'class_offsets' must be"),
+    (lambda c: c["probes"][1].pop("timestep"), r"'probes\[1\]\.timestep' is missing"),
+    (lambda c: c.update(temperature=-1), "field 'temperature' is -1; it must be a positive number"),
+    (lambda c: c.update(triage={"min_white_cell": 50}), "'triage.min_white_cell' is not a calibration field"),
 ])
 def test_a_malformed_calibration_is_refused_at_load_naming_the_field(bundle_copy, change, field):
     from cytoedge.runtime.bundle import write_manifest
@@ -147,5 +150,17 @@ def test_a_malformed_calibration_is_refused_at_load_naming_the_field(bundle_copy
     path.write_text(json.dumps(cal))
     write_manifest(bundle_copy, json.loads((bundle_copy / "manifest.json").read_text()))  # re-hash: only the content is wrong
     with pytest.raises(CalibrationError, match=field) as e:
+        ModelBundle.load(bundle_copy)
+    assert str(path) in str(e.value)
+
+
+def test_a_calibration_that_is_not_json_is_refused_at_load_naming_the_file(bundle_copy):
+    from cytoedge.runtime.bundle import write_manifest
+    from cytoedge.runtime.errors import CalibrationError
+
+    path = bundle_copy / "calibration.json"
+    path.write_text(path.read_text()[:-20])  # truncated
+    write_manifest(bundle_copy, json.loads((bundle_copy / "manifest.json").read_text()))
+    with pytest.raises(CalibrationError, match="not valid JSON") as e:
         ModelBundle.load(bundle_copy)
     assert str(path) in str(e.value)

@@ -6,6 +6,7 @@ import pytest
 
 from cytoedge.calibration import metrics as m
 from cytoedge.calibration.fit import conformal_threshold, fit_calibration, fit_temperature, select_probes
+from cytoedge.runtime.calibration_config import AnomalyNormalisation, Thresholds
 from cytoedge.runtime.estimator import RaceSettings
 
 CLASSES = ["a", "b", "c", "d"]
@@ -49,16 +50,17 @@ def test_null_ratio_anomaly_score_flags_cells_no_class_explains(rng):
     unseen = 0.5 * np.abs(rng.normal(1.0, 0.2, (200, 4, 4)))
     unseen_null = unseen.min(1) * 0.98
     chosen = cal["chosen_candidates"]
-    settings = RaceSettings(np.asarray(cal["probe_weights"]), np.asarray(cal["elimination_margins"]), cal["temperature"])
+    settings = RaceSettings(np.asarray(cal["probe_weights"]), np.asarray(cal["elimination_margins"]))
+    normalisation = AnomalyNormalisation.from_dict(cal["anomaly_normalisation"])
     scores = {}
     for name, (errs, nulls) in {"known": (E, null), "unseen": (unseen, unseen_null)}.items():
         race = offline_race(errs[:, :, chosen], settings, nulls[:, chosen])
-        scores[name] = anomaly_scores(race.leader_errors, race.null_errors, cal["anomaly_normalisation"])
+        scores[name] = anomaly_scores(race.leader_errors, race.null_errors, normalisation)
     truth = np.r_[np.zeros(600, bool), np.ones(200, bool)]
     assert m.auroc(np.r_[scores["known"], scores["unseen"]], truth) > 0.95
     assert (scores["unseen"] > cal["anomaly_threshold"]).mean() > 0.8
     with pytest.raises(ValueError, match="recalibrate"):
-        anomaly_scores(race.leader_errors, None, cal["anomaly_normalisation"])
+        anomaly_scores(race.leader_errors, None, normalisation)
 
 
 def test_temperatures_by_race_depth_recover_each_depths_scale(rng):
@@ -75,9 +77,8 @@ def test_temperatures_by_race_depth_recover_each_depths_scale(rng):
     temps = fit_depth_temperatures(gaps, depth, y, groups=3, min_cells=20, fallback=9.0)
     np.testing.assert_allclose(temps, [3.0, 1.0, 1.0], rtol=0.15)
     assert fit_depth_temperatures(gaps, depth, y, groups=3, min_cells=10**6, fallback=9.0) == [9.0] * 3
-    np.testing.assert_array_equal(cell_temperatures(np.array([1, 2, 3, 7]), {"temperature_by_depth": [3.0, 2.0, 1.0]}),
-                                  [3.0, 2.0, 1.0, 1.0])
-    np.testing.assert_array_equal(cell_temperatures(np.array([1, 5]), {"temperature": 1.5}), [1.5, 1.5])
+    np.testing.assert_array_equal(cell_temperatures(np.array([1, 2, 3, 7]), 9.0, (3.0, 2.0, 1.0)), [3.0, 2.0, 1.0, 1.0])
+    np.testing.assert_array_equal(cell_temperatures(np.array([1, 5]), 1.5), [1.5, 1.5])
 
 
 def test_fit_refuses_data_missing_a_class(rng):
@@ -157,8 +158,8 @@ def test_evaluation_names_the_normal_classes_an_abnormal_screen_would_flag():
     names = ["normal_a", "normal_b", "abn"]
     y = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([[.9, .05, .05], [.8, .1, .1], [.2, .2, .6], [.5, .1, .4], [.1, .1, .8], [.3, .2, .5]])
-    cal = {"conformal_threshold": 0.9, "abstention_threshold": 0.0, "anomaly_threshold": np.inf, "abnormal_threshold": 0.5}
-    d = decide(p, np.zeros(6), np.array([False, False, True]), cal)
+    d = decide(p, np.zeros(6), np.array([False, False, True]),
+               Thresholds(conformal=0.9, abstention=0.0, anomaly=np.inf, abnormal=0.5))
     out = evaluate_arrays(y, p.argmax(1), np.ones(6), 1.0, names, ["abn"], d, abnormal_sensitivity=1.0)
     best = out["abnormal_probability_at_target_sensitivity"]
     assert best["threshold"] == pytest.approx(0.5) and best["specificity"] == pytest.approx(0.75)

@@ -187,11 +187,11 @@ def test_calibrate_rewrites_a_copy_of_the_bundle_and_leaves_the_repos_alone(bund
     assert run.stdout.rstrip().endswith(f"-> {bundle_copy / 'calibration.json'}")
     assert (bundle_copy / "calibration.json").read_bytes() != before
     recalibrated = ModelBundle.load(bundle_copy)  # schema and every hash still check out
-    provenance = recalibrated.calibration["provenance"]
+    provenance = recalibrated.calibration.provenance
     assert provenance["command"] == "cytoedge calibrate" and provenance["data"] == str(labelled)
     assert provenance["half"] == "fit" and provenance["cells"] == len(fit)
     assert provenance["model_sha256_before"] == bundle.sha256 and recalibrated.sha256 != bundle.sha256
-    assert recalibrated.calibration["probes"] and recalibrated.calibration["temperature"] > 0
+    assert recalibrated.calibration.probes and recalibrated.calibration.temperature > 0
     crop = sorted(labelled.rglob("*.png"))[0]
     classified = cytoedge("classify", crop, "--model", bundle_copy, "--json", "--threads", "1")
     assert classified.returncode == 0, classified.stderr

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cytoedge.calibration.domain import fit_domain
+from cytoedge.runtime.calibration_config import AnomalyNormalisation
 from cytoedge.runtime.domain_alarm import records_alarm, run_alarm, typicality_scores
 
 
@@ -18,7 +19,7 @@ def errors(rng, n, classes=4, probes=3, shift=0.0):
     return level, null, y
 
 
-NORMALISATION = {"kind": "null_ratio", "mean": [-0.15] * 3, "std": [0.05] * 3}
+NORMALISATION = AnomalyNormalisation("null_ratio", [-0.15] * 3, [0.05] * 3)
 
 
 @pytest.fixture(scope="module")

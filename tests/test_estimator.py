@@ -26,7 +26,7 @@ def lookup(E):
 
 def test_race_without_elimination_sums_weighted_errors():
     E = np.array([[[1.0, 2.0], [1.5, 1.0], [3.0, 3.0]]])  # 1 cell, 3 classes, 2 probes
-    settings = RaceSettings(np.array([1.0, 2.0]), np.array([np.inf, np.inf]), 1.0)
+    settings = RaceSettings(np.array([1.0, 2.0]), np.array([np.inf, np.inf]))
     errors, calls = lookup(E)
     res = run_race(1, 3, settings, errors)
     scores = E[0] @ np.array([1.0, 2.0])  # 5.0, 3.5, 9.0
@@ -38,7 +38,7 @@ def test_race_without_elimination_sums_weighted_errors():
 
 def test_elimination_drops_far_classes_and_extrapolates_their_gap():
     E = np.array([[[1.0, 1.0, 1.0], [1.2, 1.1, 1.0], [4.0, 4.0, 4.0]]])
-    settings = RaceSettings(np.ones(3), np.array([1.0, 1.0, 0.0]), 1.0)
+    settings = RaceSettings(np.ones(3), np.array([1.0, 1.0, 0.0]))
     errors, calls = lookup(E)
     res = run_race(1, 3, settings, errors)
     assert calls == [(0, 3), (1, 2), (2, 2)]  # class 2 dropped after probe 0
@@ -50,7 +50,7 @@ def test_elimination_drops_far_classes_and_extrapolates_their_gap():
 
 def test_race_stops_when_one_class_is_left():
     E = np.array([[[0.1, 0.1], [5.0, 5.0]], [[1.0, 1.0], [1.0, 1.0]]])
-    res = run_race(2, 2, RaceSettings(np.ones(2), np.array([1.0, 1.0]), 1.0), lookup(E)[0])
+    res = run_race(2, 2, RaceSettings(np.ones(2), np.array([1.0, 1.0])), lookup(E)[0])
     assert res.nfe.tolist() == [2, 4]
 
 
@@ -58,18 +58,18 @@ def test_null_class_is_measured_beside_every_probe_a_cell_runs():
     # cell 0 is decided after probe 0; cell 1 stays open. Class id 2 is the null class.
     E = np.array([[[0.1, 0.1], [5.0, 5.0], [0.4, 0.2]], [[1.0, 1.0], [1.0, 1.0], [2.0, 4.0]]])
     errors, calls = lookup(E)
-    res = run_race(2, 2, RaceSettings(np.array([1.0, 3.0]), np.array([1.0, 1.0]), 1.0), errors, null_class=2)
+    res = run_race(2, 2, RaceSettings(np.array([1.0, 3.0]), np.array([1.0, 1.0])), errors, null_class=2)
     assert calls == [(0, 6), (1, 3)]  # null pairs ride in the same backend call
     assert res.nfe.tolist() == [3, 6]
     np.testing.assert_allclose(res.null_errors, [[0.4, np.nan], [2.0, 12.0]])
-    np.testing.assert_allclose(res.gaps, run_race(2, 2, RaceSettings(np.array([1.0, 3.0]), np.array([1.0, 1.0]), 1.0),
+    np.testing.assert_allclose(res.gaps, run_race(2, 2, RaceSettings(np.array([1.0, 3.0]), np.array([1.0, 1.0])),
                                                   lookup(E[:, :2])[0]).gaps)  # the null class never races
 
 
 def test_non_finite_errors_are_refused():
     E = np.full((1, 2, 1), np.nan)
     with pytest.raises(BackendError, match="non-finite"):
-        run_race(1, 2, RaceSettings(np.ones(1), np.ones(1), 1.0), lookup(E)[0])
+        run_race(1, 2, RaceSettings(np.ones(1), np.ones(1)), lookup(E)[0])
 
 
 def test_results_are_bit_identical_across_backend_batch_sizes(generated_batch, bundle):
@@ -89,10 +89,10 @@ def test_fast_records_are_consistent(generated_batch, bundle, ort_backend):
         assert set(probs) == set(bundle.class_names) and sum(probs.values()) == pytest.approx(1, abs=1e-4)
         assert r["class"] == max(probs, key=probs.get)
         assert r["class"] in r["prediction_set"] or r["flags"]["uncertain"]
-        assert len(bundle.class_names) <= r["nfe"] <= len(bundle.class_names) * len(bundle.calibration["probes"])
+        assert len(bundle.class_names) <= r["nfe"] <= len(bundle.class_names) * len(bundle.calibration.probes)
         abnormal_p = sum(probs[c] for c in bundle.abnormal_classes)
         assert r["abnormal_probability"] == pytest.approx(abnormal_p, abs=1e-5)
-        assert r["flags"]["abnormal"] == (abnormal_p >= bundle.calibration["abnormal_threshold"])
+        assert r["flags"]["abnormal"] == (abnormal_p >= bundle.calibration.thresholds.abnormal)
 
 
 def test_generated_cells_are_mostly_recognised(generated_batch, generated_cells, bundle, ort_backend):

@@ -95,7 +95,7 @@ def test_quantize_command_writes_a_checked_int8_graph_and_only_a_passed_one_runs
     assert "INT8" in out
     assert sorted(q["score_shift_per_conv"]) == sorted(candidates)
     assert set(q["fp32_convs"]) == set(q["macs_per_conv"]) - set(candidates)  # budget 1e9: both candidates INT8
-    probes = len(b.calibration["probes"])
+    probes = len(b.calibration.probes)
     assert len(q["measured_score_shift"]) == probes and max(q["measured_score_shift"]) > 0
     assert all(len(v) == probes and max(v) > 0 for v in q["score_shift_per_conv"].values())
     assert check["cells"] == 2 * len(b.class_names) and check["bar"] == 0.995
@@ -119,7 +119,7 @@ def test_quantize_command_writes_a_checked_int8_graph_and_only_a_passed_one_runs
         create_backend(ModelBundle.load(copy), "onnxruntime-cpu-int8")
     manifest["networks"]["denoiser_int8"]["decision_check"]["passed"] = True
     calibration = copy / manifest["calibration"]
-    calibration.write_text(calibration.read_text().replace('"temperature":', '"temperature": 1.5, "was":', 1))
+    calibration.write_text(json.dumps({**json.loads(calibration.read_text()), "temperature": 1.5}))  # recalibrated
     write_manifest(copy, manifest)
     assert "recalibrated after" in int8_availability(ModelBundle.load(copy)).reason
     manifest["networks"]["denoiser_int8"]["source_sha256"] = "0" * 64

@@ -62,7 +62,7 @@ def test_each_tile_is_resampled_once_and_each_cell_cut_once_per_view(bundle, ort
                                                                      heatmap_cells="all"))
     entry = score_slide(scorer, open_source(dcm))
     counts = scorer.scored().counts
-    views = {(p["angle"], p["flip"]) for p in bundle.calibration["probes"]}
+    views = {(p.angle, p.flip) for p in bundle.calibration.probes}
     cells = entry["cells"]
     tiles_with_cells = len({(c["centre"][0] // 256, c["centre"][1] // 256) for c in cells})
     assert counts["cells"] == len(cells) >= 3 and all("heatmap" in c for c in cells)
@@ -141,9 +141,9 @@ def test_heatmap_plan_follows_the_calibration_or_falls_back(bundle):
     import dataclasses
 
     plan = heatmap_plan(bundle)
-    assert bundle.calibration["probes"]  # the bundled model is calibrated: its plan is the calibration's
+    assert bundle.calibration.probes  # the bundled model is calibrated: its plan is the calibration's
     assert plan.source == "calibration"
-    assert plan.timesteps.tolist() == [p["timestep"] for p in bundle.calibration["probes"]]
+    assert plan.timesteps.tolist() == [p.timestep for p in bundle.calibration.probes]
     bare = heatmap_plan(dataclasses.replace(bundle, calibration=None))
     assert bare.source == "fallback" and bare.noise.shape == (len(bare.timesteps), 3, bundle.input_size,
                                                               bundle.input_size)

@@ -267,7 +267,7 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
     out = ModelBundle.load(out.path)
     provenance = {"data": data_description(args), "cells": int(len(y)), "crop_scale": cells.scale, "backend": backend.name,
                   "candidates": DEFAULT_CANDIDATES, "command": adaptation["command"],
-                  "adapted_from_calibration": source.calibration.get("provenance", {}).get("date")}
+                  "adapted_from_calibration": source.calibration.provenance.get("date")}
     write_calibration(out, fitted, candidates, DEFAULT_CANDIDATES["noise_seed"], provenance)
     out = ModelBundle.load(out.path)
     probes, settings = probes_from_calibration(out)
@@ -275,7 +275,7 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
     k = len(names)
     race_b = offline_race(E[part_b][:, :k, chosen], settings, E[part_b][:, k, chosen] if E.shape[1] > k else None)
     called = [names[c] for c in race_b.gaps.argmin(1)]
-    domain = fit_domain(race_b.leader_errors, race_b.null_errors, called, out.calibration["anomaly_normalisation"])
+    domain = fit_domain(race_b.leader_errors, race_b.null_errors, called, out.calibration.anomaly_normalisation)
     write_domain(out, {"format_version": 1, **domain, "provenance": {
         "data": data_description(args), "part": "B of the adaptation's A/B split", "cells": int(len(part_b)),
         "calibration_sha256": out.manifest["files"][out.manifest["calibration"]]["sha256"],

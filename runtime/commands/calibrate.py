@@ -101,7 +101,7 @@ def fit_domain_reference(args, bundle, backend, cells: "LabelledCells") -> dict:
     from cytoedge.calibration.fit import split_ab
     from cytoedge.runtime.bundle import ModelBundle
 
-    settings = bundle.calibration.get("settings", {})
+    settings = bundle.calibration.settings
     _, part_b = split_ab(cells.labels, settings.get("split_a_fraction", 0.6), settings.get("seed", 0))
     provenance = {**cells.provenance, "part": "B of the calibration's A/B split (calibration/fit.py split_ab)",
                   "cells": int(len(part_b)), "backend": backend.name,

@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     decisions = concat_decisions(parts) if parts else None
     report = evaluate_arrays(labels, np.concatenate(preds), np.concatenate(nfes), seconds, bundle.class_names,
                              bundle.abnormal_classes, decisions,
-                             (bundle.calibration or {}).get("settings", {}).get("abnormal_sensitivity"))
+                             bundle.calibration.settings.get("abnormal_sensitivity") if bundle.calibration else None)
     if decisions is not None:
         report.update(confidence_report(labels, decisions, bundle.class_names, bundle.domain))
     report = {"model": bundle.name, "bundle_sha256": bundle.sha256, "backend": backend.name, "estimator": estimator,

@@ -12,14 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from typing import Iterable
 
 import numpy as np
 import zmq
-from jsonschema import Draft202012Validator, validators
+from jsonschema import Draft202012Validator
 
 from cytoedge.runtime.errors import CytoedgeError
+from cytoedge.runtime.json_schema import packaged_validator
 
 PROTOCOL_VERSION = 1
 VERSION_FRAME = str(PROTOCOL_VERSION).encode("ascii")
@@ -101,28 +101,10 @@ class Message:
     payload: list[bytes] = field(default_factory=list)
 
 
-def _is_integer(checker, value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(checker, value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# JSON Schema calls 2.0 an integer; a tile shape of [2.0, 2.0, 3] is not one for numpy or a C client.
-StrictValidator = validators.extend(
-    Draft202012Validator,
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine_many({"integer": _is_integer, "number": _is_number}))
-
-
 @lru_cache(maxsize=None)
 def validator(direction: str, command: str) -> Draft202012Validator:
     """The compiled JSON Schema of ``direction`` ('client' | 'server') ``command`` (package data)."""
-    schemas = resources.files("cytoedge.runtime.service").joinpath("schemas")
-    text = schemas.joinpath(f"{direction}.{command}.json").read_text()
-    schema = json.loads(text)
-    Draft202012Validator.check_schema(schema)
-    return StrictValidator(schema)
+    return packaged_validator("cytoedge.runtime.service", f"schemas/{direction}.{command}.json")
 
 
 def validate_header(direction: str, command: str, header: object) -> None:
