@@ -3,6 +3,8 @@
 ``prepare_batch`` is the CPU twin (numpy, cpu_twin.py); ``select_preprocessor`` returns the pycuda
 runner of the same CUDA kernels (cuda_runner.py) where pycuda and a GPU are present, else the twin.
 Both have ``prepare_batch``, ``add_noise`` and ``masked_weighted_error`` with the same semantics.
+On device arrays (device_ops.py, the estimator's on-device probe loop): the CuPy runner of the same
+kernels (cupy_runner.py) and, on the CPU, their g++ emulation (emulated.py).
 """
 from __future__ import annotations
 

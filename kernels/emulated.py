@@ -4,6 +4,8 @@ This is how the .cu files are checked where there is no GPU: the very same sourc
 blockIdx/threadIdx as loop variables (``__syncthreads`` kernels with one OS thread per CUDA thread)
 and must match the numpy twin. It is a test and benchmark tool, not a production path: it needs
 a C++20 compiler and builds a shared library into a cache folder on first use.
+``EmulatedDeviceKernels`` puts these kernels behind the device-array interface (device_ops.py) with
+numpy arrays as the "device" ones, so the estimator's on-device loop runs, and is tested, on the CPU.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import numpy as np
 from cytoedge.kernels.cell_batch import ColourTransform
 from cytoedge.kernels.cpu_twin import (check_alphas, check_dtype, check_noise_inputs, error_norm,
                                        kernel_inputs)
+from cytoedge.kernels.device_ops import check_device_shapes
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,10 @@ class EmulatedKernels:
         """Run ``masked_weighted_error_f32`` (one block per sample, block-wide reduction): ``[B] float32``."""
         eps_hat, noise, weights = check_noise_inputs(eps_hat, noise, weights, "weights")
         mask, inv_norm = error_norm(mask, eps_hat.shape)
+        return self._error(eps_hat, noise, mask, weights, inv_norm, block, grid)
+
+    def _error(self, eps_hat: np.ndarray, noise: np.ndarray, mask: np.ndarray, weights: np.ndarray, inv_norm: float,
+               block: int, grid: int | None) -> np.ndarray:
         if block & (block - 1) or not 1 <= block <= 1024:
             raise ValueError(f"block must be a power of two in [1, 1024], got {block}")
         batch, channels = eps_hat.shape[:2]
@@ -178,3 +185,41 @@ class EmulatedKernels:
             _ptr(weights), ctypes.c_int(batch), ctypes.c_int(channels), ctypes.c_int(mask.shape[0]),
             ctypes.c_int(int(noise.shape[0] != batch)), ctypes.c_float(inv_norm), _ptr(out))
         return out
+
+
+class EmulatedDeviceKernels(EmulatedKernels):
+    """``device_ops.DeviceKernels`` over numpy: the emulated .cu kernels as the CPU stand-in of a GPU runner.
+
+    Counts what crosses "device→host" (``downloads``: the element count of each ``to_host``), so a test can
+    check that the loop brings back one float per sample and nothing else. ``error_block`` is the error
+    kernel's block size: each emulated block starts that many OS threads, so it is kept small here."""
+
+    name = "cuda-emulated-device"
+    xp = np
+
+    def __init__(self, compiler: str = "g++", error_block: int = 32):
+        super().__init__(compiler)
+        self.error_block = error_block
+        self.downloads: list[int] = []
+
+    def to_device(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array)
+
+    def to_host(self, array: np.ndarray) -> np.ndarray:
+        self.downloads.append(int(np.size(array)))
+        return np.array(array)
+
+    def prepare_batch_device(self, tiles: list[np.ndarray], cells: np.ndarray, out_size: int,
+                             colour: ColourTransform = ColourTransform(),
+                             dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+        return self.prepare_batch(tiles, cells, out_size, colour, dtype)
+
+    def add_noise_device(self, x0: np.ndarray, noise: np.ndarray, alphas_cumprod_at_t: np.ndarray) -> np.ndarray:
+        check_device_shapes(x0, noise, alphas_cumprod_at_t, "alphas_cumprod_at_t")
+        return self.add_noise(x0, noise, alphas_cumprod_at_t)
+
+    def masked_weighted_error_device(self, eps_hat: np.ndarray, noise: np.ndarray, mask: np.ndarray,
+                                     weights: np.ndarray, inv_norm: float) -> np.ndarray:
+        check_device_shapes(eps_hat, noise, weights, "weights")
+        return self._error(np.ascontiguousarray(eps_hat), np.ascontiguousarray(noise), np.ascontiguousarray(mask),
+                           np.ascontiguousarray(weights), inv_norm, self.error_block, None)

@@ -62,9 +62,14 @@ def model_inputs(tiles: list[np.ndarray], cells: np.ndarray, bundle: ModelBundle
     x, valid = prepare_batch(tiles, cells, bundle.input_size, colour)
     if valid.all():
         return x
-    white = ((np.clip(np.asarray(colour.gain) + np.asarray(colour.bias), 0.0, 1.0) - np.asarray(colour.mean))
-             / np.asarray(colour.std)).astype(x.dtype)
-    return np.where(valid[:, None] > 0, x, white[None, :, None, None])
+    return np.where(valid[:, None] > 0, x, glass_values(colour, x.dtype)[None, :, None, None])
+
+
+def glass_values(colour: ColourTransform, dtype: type = np.float32) -> np.ndarray:
+    """``[3]``: white (glass) through ``colour``, the model input of a pixel beyond the tile (host and device
+    loops fill with the same numbers)."""
+    return ((np.clip(np.asarray(colour.gain) + np.asarray(colour.bias), 0.0, 1.0) - np.asarray(colour.mean))
+            / np.asarray(colour.std)).astype(dtype)
 
 
 def header_size(path: str | Path) -> tuple[int, int] | None:

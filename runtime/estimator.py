@@ -19,18 +19,22 @@ All the numbers (probes, weights, margins, temperature) come from the bundle's c
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from cytoedge.kernels import add_noise, masked_weighted_error
-from cytoedge.runtime.backends import DenoiserBackend
+from cytoedge.runtime.backends import DenoiserBackend, device_loop_of
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.calibration_config import Probe
 from cytoedge.runtime.cells import CellBatch
+from cytoedge.runtime.device_errors import DeviceErrorSource
 from cytoedge.runtime.encoders import create_encoder
 from cytoedge.runtime.errors import BackendError, CalibrationError
+
+log = logging.getLogger(__name__)
 
 # errors(cell_index [n], class_id [n], probe k) -> masked error [n]
 ErrorSource = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
@@ -173,6 +177,21 @@ class DenoiserErrorSource:
         return masked_weighted_error(eps, noise[None], self.mask, np.ones(cell_idx.size, np.float32)).astype(np.float64)
 
 
+def error_source_for(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend, probes: list[Probe],
+                     noise: np.ndarray) -> ErrorSource:
+    """The one place the probe loop's home is chosen: on the backend's device where it offers a device loop
+    (runtime/device_errors.py) and the bundle scores pixels, else on the host (``DenoiserErrorSource``)."""
+    loop = device_loop_of(backend)
+    if loop is None:
+        return DenoiserErrorSource(batch, bundle, backend, probes, noise)
+    if bundle.manifest.get("latent"):
+        log.info("%s: latent bundle, its encoder runs on the host: probe loop on the host, not on %s's device",
+                 bundle.path.name, backend.name)
+        return DenoiserErrorSource(batch, bundle, backend, probes, noise)
+    log.debug("probe loop on %s's device (%s kernels)", backend.name, loop.kernels.name)
+    return DeviceErrorSource(batch, bundle, loop, probes, noise)
+
+
 def probes_from_calibration(bundle: ModelBundle) -> tuple[list[Probe], RaceSettings]:
     """The bundle's calibrated probes, in race order, and the race's settings."""
     cal = bundle.calibration
@@ -187,5 +206,5 @@ def estimate(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBackend) ->
     if len(batch) == 0:
         raise ValueError("empty cell batch: nothing to classify")
     probes, settings = probes_from_calibration(bundle)
-    source = DenoiserErrorSource(batch, bundle, backend, probes, noise_bank(bundle))
+    source = error_source_for(batch, bundle, backend, probes, noise_bank(bundle))
     return run_race(len(batch), len(bundle.class_names), settings, source, bundle.null_class_id)

@@ -57,7 +57,7 @@ def test_doctor_lists_every_backend(capsys):
     assert main(["doctor", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     names = [b["name"] for b in report["backends"]]
-    assert names == ["tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "onnxruntime-cpu-int8", "torch"]
+    assert names == ["tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "onnxruntime-cpu-int8", "torch", "torch-cuda"]
     assert all(b["reason"] for b in report["backends"])
     assert report["auto"] in names
 

@@ -13,7 +13,22 @@ def check_batch(x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray, sha
     channels, size = shape
     if x_t.ndim != 4 or x_t.shape[1:] != (channels, size, size):
         raise BackendError(f"x_t has shape {x_t.shape}; expected [B, {channels}, {size}, {size}]")
-    b = x_t.shape[0]
+    timestep, class_id = check_ids(x_t.shape[0], timestep, class_id, num_classes, num_timesteps)
+    return x_t, timestep, class_id
+
+
+def check_device_batch(x_t, timestep: np.ndarray, class_id: np.ndarray, shape: tuple[int, int], num_classes: int,
+                       num_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+    """``check_batch`` for an ``x_t`` on a device: its shape and dtype only, the host ids in full."""
+    channels, size = shape
+    if x_t.ndim != 4 or tuple(x_t.shape[1:]) != (channels, size, size) or np.dtype(x_t.dtype) != np.float32:
+        raise BackendError(f"x_t is {x_t.dtype} {tuple(x_t.shape)}; expected float32 [B, {channels}, {size}, {size}]")
+    return check_ids(int(x_t.shape[0]), timestep, class_id, num_classes, num_timesteps)
+
+
+def check_ids(b: int, timestep: np.ndarray, class_id: np.ndarray, num_classes: int,
+              num_timesteps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validate the host-side timesteps and class ids of a ``b``-sample batch (x_t may be on a device)."""
     if b == 0:
         raise BackendError("empty batch: x_t has 0 samples")
     timestep = np.ascontiguousarray(timestep, dtype=np.int64).reshape(-1)
@@ -24,7 +39,7 @@ def check_batch(x_t: np.ndarray, timestep: np.ndarray, class_id: np.ndarray, sha
         raise BackendError(f"timestep values must lie in [0, {num_timesteps - 1}]")
     if class_id.min() < 0 or class_id.max() >= num_classes:
         raise BackendError(f"class_id values must lie in [0, {num_classes - 1}]")
-    return x_t, timestep, class_id
+    return timestep, class_id
 
 
 def check_output(eps: np.ndarray, backend: str) -> np.ndarray:

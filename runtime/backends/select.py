@@ -1,7 +1,8 @@
 """Pick a denoiser backend by name, or the fastest one that works here ("auto").
 
 auto = TensorRT (a cached engine for this bundle, GPU and TensorRT) > ONNX Runtime CUDA > ONNX Runtime
-CPU; each backend passed over is logged with the reason. ``backend_availability`` gives the same
+CPU; each backend passed over is logged with the reason. ``torch-cuda`` (PyTorch FP16 on a GPU, the probe
+loop on the device with CuPy) is chosen by name only. ``backend_availability`` gives the same
 reasons to ``cytoedge doctor``.
 """
 from __future__ import annotations
@@ -19,7 +20,8 @@ from cytoedge.runtime.errors import BackendError
 
 log = logging.getLogger(__name__)
 
-BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "onnxruntime-cpu-int8", "torch")
+BACKEND_NAMES = ("auto", "tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "onnxruntime-cpu-int8", "torch",
+                 "torch-cuda")
 
 
 @dataclass(frozen=True)
@@ -116,11 +118,25 @@ def backend_availability(bundle: ModelBundle | None = None, cache_dir: Path | No
            Availability("onnxruntime-cpu", True, cpu), int8_availability(bundle)]
     try:
         import torch
-
-        out.append(Availability("torch", True, f"PyTorch {torch.__version__} (reference, eager CPU)"))
     except ImportError as e:
-        out.append(Availability("torch", False, f"torch is not installed ({e}); pip install 'cytoedge[torch]'"))
-    return out
+        missing = f"torch is not installed ({e}); pip install 'cytoedge[torch]'"
+        return out + [Availability("torch", False, missing), Availability("torch-cuda", False, missing)]
+    out.append(Availability("torch", True, f"PyTorch {torch.__version__} (reference, eager CPU)"))
+    return out + [torch_cuda_availability()]
+
+
+def torch_cuda_availability() -> Availability:
+    """PyTorch FP16 on CUDA; with CuPy its probe loop stays on the GPU (runtime/device_errors.py)."""
+    import torch
+
+    from cytoedge.kernels.cupy_runner import cupy_device_available
+
+    if not torch.cuda.is_available():
+        return Availability("torch-cuda", False, f"PyTorch {torch.__version__} sees no CUDA device")
+    cupy_ok, cupy_why = cupy_device_available(torch.cuda.current_device())
+    loop = "probe loop on the GPU (CuPy kernels)" if cupy_ok else f"probe loop on the host: {cupy_why}"
+    return Availability("torch-cuda", True, f"PyTorch {torch.__version__} FP16 on {torch.cuda.get_device_name()}; "
+                                            f"{loop}")
 
 
 def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None = None,
@@ -136,6 +152,10 @@ def create_backend(bundle: ModelBundle, name: str = "auto", threads: int | None 
         from cytoedge.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(bundle, max_batch=max_batch, threads=threads)
+    if name == "torch-cuda":
+        from cytoedge.runtime.backends.torch_backend import TorchBackend
+
+        return TorchBackend(bundle, max_batch=max_batch, device="cuda", precision="fp16")
     if name == "onnxruntime-cpu-int8":
         int8 = int8_availability(bundle)
         if not int8.available:

@@ -16,7 +16,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=None, help="model bundle folder (default: the bundled model)")
     p.add_argument("--backend", default="auto",
                    help="auto (TensorRT > ONNX Runtime CUDA > CPU) | tensorrt | onnxruntime-cuda | onnxruntime-cpu | "
-                        "onnxruntime-cpu-int8 (after `cytoedge quantize`) | torch")
+                        "onnxruntime-cpu-int8 (after `cytoedge quantize`) | torch | torch-cuda (PyTorch FP16 on a GPU; "
+                        "with CuPy the probe loop stays on the GPU)")
     p.add_argument("--estimator", choices=("fast", "reference"), default="fast",
                    help="fast: calibrated fixed-timestep estimator; reference: CytoDiffusion's protocol")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
