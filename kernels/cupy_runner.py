@@ -32,7 +32,7 @@ def import_cupy():
     try:
         import cupy
     except ImportError as missing:
-        raise CudaUnavailable(f"the CuPy kernel runner needs cupy (pip install cupy-cuda12x): {missing}") from None
+        raise CudaUnavailable(f"the CuPy kernel runner needs cupy (pip install 'cytoedge[torch-cuda]', which brings cupy-cuda12x): {missing}") from None
     return cupy
 
 
