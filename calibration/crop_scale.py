@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                          "crop's scale), so there is no estimator reference to fit")
     files, labels, _ = list_labelled_files(args.data, bundle.class_names)
     pick = stratified_subset(labels, args.per_class, seed=1)
-    known = round(bundle.um_per_px / float(bundle.manifest["input"].get("source_px_per_model_px", 1.0)), 6)
+    known = round(bundle.crop_um_per_px, 6)
     fitted = fit_crop_scale_reference((read_crop(files[i]) for i in pick), known)
     manifest = bundle.manifest
     manifest["input"]["crop_scale"] = {

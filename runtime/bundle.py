@@ -14,7 +14,8 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -22,15 +23,14 @@ from cytoedge.kernels import ColourTransform
 
 from cytoedge.runtime.calibration_config import Calibration
 from cytoedge.runtime.errors import BundleError, CalibrationError
+from cytoedge.runtime.json_schema import describe_error, packaged_validator
 from cytoedge.runtime.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-# What kind of cell a bundle reads (manifest ``cell_type``; absent: white): decides how a crop is checked
-# for holding a cell at all (a red cell has no nucleus to find; runtime/detection.holds_a_cell).
-CELL_TYPES = ("white", "red")
+MANIFEST_SCHEMA = "schemas/manifest.schema.json"
 # How a crop's pixel scale may be estimated when its file does not declare one (runtime/crop_scale.py);
 # a bundle lists the ones it allows in ``input.crop_scale.estimate_from`` (absent: all). A red-cell
 # bundle allows none: the size of the cell it reads is a class feature, so it cannot also set the scale.
@@ -45,71 +45,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _is_str_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(s, str) and s for s in v)
+@lru_cache(maxsize=None)
+def _manifest_validator():
+    return packaged_validator("cytoedge.runtime", MANIFEST_SCHEMA)
 
 
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_pos(v: Any) -> bool:
-    return _is_num(v) and v > 0
-
-
-def _is_triplet(v: Any) -> bool:
-    return isinstance(v, list) and len(v) == 3 and all(_is_num(x) for x in v)
-
-
-# (field path, check, what it must be) — one table, applied in order.
-REQUIRED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("format_version", lambda v: v == FORMAT_VERSION, f"the integer {FORMAT_VERSION}"),
-    ("name", lambda v: isinstance(v, str) and bool(v), "a non-empty string"),
-    ("class_names", _is_str_list, "a non-empty list of class names"),
-    ("abnormal_classes", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v), "a list of class names"),
-    ("input.size", lambda v: isinstance(v, int) and v >= 8, "an integer >= 8 (model pixels)"),
-    ("input.channels", lambda v: v == 3, "3 (RGB)"),
-    ("input.um_per_px", _is_pos, "a positive number (micrometres per model pixel)"),
-    ("input.normalisation.mean", _is_triplet, "three numbers (per RGB channel, on [0, 1] pixels)"),
-    ("input.normalisation.std", _is_triplet, "three numbers (per RGB channel, on [0, 1] pixels)"),
-    ("noise_schedule", lambda v: isinstance(v, dict), "an object (kind + parameters)"),
-    ("prediction_type", lambda v: v == "epsilon", "'epsilon'"),
-    ("loss_mask.kind", lambda v: v in ("disc", "none"), "'disc' or 'none'"),
-    ("networks.denoiser.file", lambda v: isinstance(v, str) and bool(v), "a file name in the bundle"),
-    ("files", lambda v: isinstance(v, dict) and bool(v), "an object {file name: {sha256: ...}}"),
-    ("provenance", lambda v: isinstance(v, dict), "an object (data, steps, seed, date, code commit)"),
-]
-
-
-def _get(manifest: dict, dotted: str) -> Any:
-    node: Any = manifest
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(dotted)
-        node = node[part]
-    return node
-
-
-def validate_manifest(manifest: dict, where: str) -> None:
-    """Raise BundleError naming the first field that is missing or has the wrong form."""
+def validate_manifest(manifest: Any, where: str) -> None:
+    """Raise BundleError naming ``where`` and the first field that is missing or has the wrong form: the
+    JSON Schema (runtime/schemas/manifest.schema.json) first, then what spans several fields."""
     if not isinstance(manifest, dict):
         raise BundleError(f"{where}: manifest must be a JSON object")
-    for dotted, check, expected in REQUIRED:
-        try:
-            value = _get(manifest, dotted)
-        except KeyError:
-            raise BundleError(f"{where}: required field '{dotted}' is missing (it must be {expected})") from None
-        if not check(value):
-            raise BundleError(f"{where}: field '{dotted}' is {value!r}; it must be {expected}")
-    cell_type = manifest.get("cell_type", "white")
-    if cell_type not in CELL_TYPES:
-        raise BundleError(f"{where}: field 'cell_type' is {cell_type!r}; it must be one of {list(CELL_TYPES)} or absent "
-                          "(absent: white)")
-    crop_scale = manifest["input"].get("crop_scale") or {}
-    estimate_from = crop_scale.get("estimate_from", list(CROP_SCALE_ESTIMATORS)) if isinstance(crop_scale, dict) else None
-    if not (isinstance(estimate_from, list) and set(estimate_from) <= set(CROP_SCALE_ESTIMATORS)):
-        raise BundleError(f"{where}: field 'input.crop_scale.estimate_from' is {estimate_from!r}; it must be a list of "
-                          f"{list(CROP_SCALE_ESTIMATORS)} (possibly empty) or absent (absent: all)")
+    validator = _manifest_validator()
+    error = next(iter(validator.iter_errors(manifest)), None)
+    if error is not None:
+        raise BundleError(f"{where}: {describe_error(error, manifest, validator.schema, 'manifest')}")
     unknown = sorted(set(manifest["abnormal_classes"]) - set(manifest["class_names"]))
     if unknown:
         raise BundleError(f"{where}: abnormal_classes {unknown} are not in class_names {manifest['class_names']}")
@@ -117,19 +66,16 @@ def validate_manifest(manifest: dict, where: str) -> None:
     if null_id is not None and null_id != len(manifest["class_names"]):
         raise BundleError(f"{where}: field 'null_class_id' is {null_id!r}; it must be {len(manifest['class_names'])} "
                           "(the id after the last class) or absent")
-    if manifest["loss_mask"]["kind"] == "disc" and not (0 < manifest["loss_mask"].get("radius", 0) <= 0.5):
-        raise BundleError(f"{where}: field 'loss_mask.radius' must be in (0, 0.5] (fraction of the input size)")
-    sampling = manifest.get("sampling")
-    if sampling is not None:
-        scale = sampling.get("guidance_scale") if isinstance(sampling, dict) else None
-        if not (_is_num(scale) and 1 <= scale < float("inf")):
-            raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale!r}; it must be a finite number >= 1")
-        if scale != 1 and null_id is None:
-            raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale}, but classifier-free guidance "
-                              "needs a null class and 'null_class_id' is absent")
-    for key, entry in manifest["files"].items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
-            raise BundleError(f"{where}: files['{key}'] must be {{'sha256': <64 hex digits>}}")
+    if manifest["loss_mask"]["kind"] == "disc" and "radius" not in manifest["loss_mask"]:
+        raise BundleError(f"{where}: field 'loss_mask.radius' is missing; a disc mask needs it (a fraction of the "
+                          "input size in (0, 0.5])")
+    scale = (manifest.get("sampling") or {}).get("guidance_scale", 1)
+    if scale != 1 and null_id is None:
+        raise BundleError(f"{where}: field 'sampling.guidance_scale' is {scale}, but classifier-free guidance "
+                          "needs a null class and 'null_class_id' is absent")
+    for key in ("calibration", "domain", "grading"):
+        if key in manifest and manifest[key] not in manifest["files"]:
+            raise BundleError(f"{where}: field '{key}' names {manifest[key]!r}, which 'files' does not list")
 
 
 @dataclass(frozen=True)
@@ -214,14 +160,47 @@ class ModelBundle:
 
     @property
     def cell_type(self) -> str:
-        """The kind of cell the bundle reads: "white" (with a nucleus) or "red"."""
+        """The kind of cell the bundle reads: "white" (with a nucleus) or "red". It decides how a crop is
+        checked for holding a cell at all (a red cell has no nucleus to find; runtime/detection.holds_a_cell)."""
         return str(self.manifest.get("cell_type", "white"))
+
+    @property
+    def is_latent(self) -> bool:
+        """Whether the denoiser works on a VAE latent (an encoder network turns pixels into it) rather than
+        on the pixels themselves."""
+        return bool(self.manifest.get("latent"))
+
+    @property
+    def encoder_network(self) -> str | None:
+        """The name of a latent bundle's encoder network (None for a pixel bundle)."""
+        latent = self.manifest.get("latent")
+        return latent.get("encoder", "vae_encoder") if latent else None
+
+    @property
+    def crop_um_per_px(self) -> float:
+        """Micrometres per pixel of the training crops (``input.source_px_per_model_px`` of them per model pixel):
+        the scale a crop with no other clue is assumed to have."""
+        return self.um_per_px / float(self.manifest["input"].get("source_px_per_model_px", 1.0))
+
+    @property
+    def crop_scale_reference(self) -> dict:
+        """What calibration/crop_scale.py measured on the training crops (``input.crop_scale``; empty if never)."""
+        return dict(self.manifest["input"].get("crop_scale") or {})
+
+    @property
+    def stain_reference(self) -> dict | None:
+        """The stain targets the slides' colours are mapped to (``stain_reference``), or None."""
+        ref = self.manifest.get("stain_reference")
+        return dict(ref) if ref else None
+
+    def file_sha256(self, name: str) -> str:
+        """The sha256 the manifest records for the bundle file ``name`` (checked against the file at load)."""
+        return self.manifest["files"][name]["sha256"]
 
     @property
     def crop_scale_estimators(self) -> list[str]:
         """How a crop without a declared scale may have it estimated (CROP_SCALE_ESTIMATORS, in order)."""
-        ref = self.manifest["input"].get("crop_scale") or {}
-        return list(ref.get("estimate_from", CROP_SCALE_ESTIMATORS))
+        return list(self.crop_scale_reference.get("estimate_from", CROP_SCALE_ESTIMATORS))
 
     @property
     def abnormal_classes(self) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cytoedge.runtime.errors import CalibrationError
-from cytoedge.runtime.json_schema import packaged_validator
+from cytoedge.runtime.json_schema import describe_error, packaged_validator
 
 FORMAT_VERSION = 1
 SCHEMA_FILE = "schemas/calibration.schema.json"
@@ -126,7 +126,7 @@ class Calibration:
             raise CalibrationError(f"{where}: a calibration is a JSON object, not {type(d).__name__}")
         error = next(iter(_validator().iter_errors(d)), None)
         if error is not None:
-            raise CalibrationError(f"{where}: {_describe(error, d)}")
+            raise CalibrationError(f"{where}: {describe_error(error, d, calibration_schema(), 'calibration', '; rerun `cytoedge calibrate`')}")
         _check_against_model(d, class_count, timesteps, where)
         thresholds = Thresholds(float(d["conformal_threshold"]), float(d["abstention_threshold"]),
                                 float(d["anomaly_threshold"]), float(d["abnormal_threshold"]))
@@ -192,71 +192,3 @@ def _check_against_model(d: dict, class_count: int, timesteps: int, where: str) 
         for i, row in enumerate(offsets):
             if len(row) != n:
                 raise CalibrationError(f"{where}: field 'class_offsets[{i}]' has {len(row)} values; {shape}")
-
-
-def _field_name(path: list) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _resolve(node: dict) -> dict:
-    ref = node.get("$ref")
-    if ref:
-        node = calibration_schema()["$defs"][ref.rsplit("/", 1)[1]]
-    return node
-
-
-def _child(node: dict, part: Any) -> dict | None:
-    node = _resolve(node)
-    if isinstance(part, int):
-        prefix = node.get("prefixItems", [])
-        return prefix[part] if part < len(prefix) else node.get("items")
-    sub = node.get("properties", {}).get(part)
-    if sub is None and isinstance(node.get("additionalProperties"), dict):
-        sub = node["additionalProperties"]
-    return sub
-
-
-def _described(path: list) -> tuple[list, str]:
-    """The longest prefix of ``path`` whose schema has a description (what the field must be), and it."""
-    node: dict | None = calibration_schema()
-    best: tuple[list, str] = ([], "a calibration object")
-    for i, part in enumerate(path):
-        node = _child(node, part) if node is not None else None
-        if node is None:
-            break
-        text = _resolve(node).get("description")
-        if text:
-            best = (path[:i + 1], text)
-    return best
-
-
-def _value_at(doc: Any, path: list) -> Any:
-    for part in path:
-        doc = doc[part]
-    return doc
-
-
-def _describe(error, doc: dict) -> str:
-    """One line for a schema error: the field (dotted, with [i] for list items), its value, what it must be."""
-    path = list(error.absolute_path)
-    if error.validator == "required":
-        missing = next(k for k in error.validator_value if k not in error.instance)
-        _, expected = _described(path + [missing])
-        return f"field '{_field_name(path + [missing])}' is missing (it must be {expected}); rerun `cytoedge calibrate`"
-    if error.validator == "additionalProperties" and error.validator_value is False:
-        known = _resolve(_schema_at(path)).get("properties", {})
-        extra = sorted(set(error.instance) - set(known))[0]
-        return f"field '{_field_name(path + [extra])}' is not a calibration field (known here: {', '.join(known)})"
-    described, expected = _described(path)
-    must = "it" if described == path else f"'{_field_name(described)}'"
-    return f"field '{_field_name(path)}' is {_value_at(doc, path)!r:.80}; {must} must be {expected}"
-
-
-def _schema_at(path: list) -> dict:
-    node = calibration_schema()
-    for part in path:
-        node = _child(node, part)
-    return node

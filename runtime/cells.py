@@ -191,7 +191,7 @@ def to_model_scale(rgb: np.ndarray, um_per_px: float, bundle: ModelBundle) -> np
 
 def default_crop_um_per_px(bundle: ModelBundle) -> float:
     """Scale assumed for single-cell crops when none is given: the training crops' scale."""
-    return bundle.um_per_px / float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
+    return bundle.crop_um_per_px
 
 
 def crop_to_tile(rgb: np.ndarray, bundle: ModelBundle, um_per_px: float | None = None, name: str = "image") -> np.ndarray:

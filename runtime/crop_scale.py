@@ -85,8 +85,8 @@ class CropScaleEstimator:
 
     def __init__(self, bundle: ModelBundle, user_um_per_px: float | None = None):
         self.bundle, self.user = bundle, user_um_per_px
-        ref = bundle.manifest["input"].get("crop_scale") or {}
-        self.default = bundle.um_per_px / float(bundle.manifest["input"].get("source_px_per_model_px", 1.0))
+        ref = bundle.crop_scale_reference
+        self.default = bundle.crop_um_per_px
         self.red_correction = float(ref.get("red_cell_correction", 1.0))
         self.nucleus_diameter_um = float(ref.get("nucleus_diameter_um", 7.0))
         self.estimators = bundle.crop_scale_estimators

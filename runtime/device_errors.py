@@ -30,7 +30,7 @@ class DeviceErrorSource:
 
     def __init__(self, batch: CellBatch, bundle: ModelBundle, loop: DeviceLoop, probes: list["Probe"],
                  noise: np.ndarray):
-        if bundle.manifest.get("latent"):
+        if bundle.is_latent:
             raise BackendError(f"{bundle.path} is a latent bundle: its encoder runs on the host; use the host loop")
         self.bundle, self.loop, self.probes = bundle, loop, probes
         kernels = loop.kernels

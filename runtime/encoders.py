@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
+import logging
+
+from cytoedge.runtime.backends import DenoiserBackend, backend_device
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.errors import BackendError
+
+log = logging.getLogger(__name__)
 
 
 class PixelSpace:
@@ -33,7 +38,7 @@ class VaeLatentSpace:
 
         from cytoedge.runtime.backends.onnxruntime_backend import session_options
 
-        path = bundle.network_path(bundle.manifest["latent"].get("encoder", "vae_encoder"))
+        path = bundle.network_path(bundle.encoder_network)
         if path is None:
             raise BackendError(f"{bundle.path}: manifest 'latent' names no encoder network among 'networks'")
         try:
@@ -56,15 +61,31 @@ class VaeLatentSpace:
         return z
 
 
-_ENCODERS: dict[tuple[str, str], VaeLatentSpace] = {}
+_ENCODERS: dict[tuple[str, str, tuple[str, ...]], VaeLatentSpace] = {}
 
 
-def create_encoder(bundle: ModelBundle) -> PixelSpace | VaeLatentSpace:
-    """The encoder of ``bundle``'s scoring space; a latent bundle's ONNX session is opened once per
-    process and bundle version (the estimators ask for it on every batch)."""
-    if not bundle.manifest.get("latent"):
+def encoder_providers(backend: DenoiserBackend | None) -> list[str]:
+    """ONNX Runtime providers for the encoder: on the backend's GPU where the denoiser runs on one and this
+    ONNX Runtime offers CUDA (onnxruntime-gpu), else the CPU (said once in the log)."""
+    if backend is None or backend_device(backend) != "cuda":
+        return ["CPUExecutionProvider"]
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    log.info("%s runs on a GPU but this ONNX Runtime has no CUDA provider: the VAE encoder runs on the CPU",
+             backend.name)
+    return ["CPUExecutionProvider"]
+
+
+def create_encoder(bundle: ModelBundle, backend: DenoiserBackend | None = None) -> PixelSpace | VaeLatentSpace:
+    """The encoder of ``bundle``'s scoring space, on ``backend``'s device (``encoder_providers``); a latent
+    bundle's ONNX session is opened once per process, bundle version and device (the estimators ask for
+    it on every batch)."""
+    if not bundle.is_latent:
         return PixelSpace()
-    key = (str(bundle.path.resolve()), bundle.sha256)
+    providers = tuple(encoder_providers(backend))
+    key = (str(bundle.path.resolve()), bundle.sha256, providers)
     if key not in _ENCODERS:
-        _ENCODERS[key] = VaeLatentSpace(bundle)
+        _ENCODERS[key] = VaeLatentSpace(bundle, providers=list(providers))
     return _ENCODERS[key]

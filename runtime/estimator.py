@@ -158,7 +158,7 @@ class DenoiserErrorSource:
                  noise: np.ndarray):
         self.bundle, self.backend, self.probes, self.noise = bundle, backend, probes, noise
         self.mask = bundle.loss_mask()[None, None]
-        encoder = create_encoder(bundle)
+        encoder = create_encoder(bundle, backend)
         views = sorted({(p.angle, p.flip) for p in probes})
         self.view_index = {v: i for i, v in enumerate(views)}
         channels, size = bundle.denoiser_shape
@@ -184,7 +184,7 @@ def error_source_for(batch: CellBatch, bundle: ModelBundle, backend: DenoiserBac
     loop = device_loop_of(backend)
     if loop is None:
         return DenoiserErrorSource(batch, bundle, backend, probes, noise)
-    if bundle.manifest.get("latent"):
+    if bundle.is_latent:
         log.info("%s: latent bundle, its encoder runs on the host: probe loop on the host, not on %s's device",
                  bundle.path.name, backend.name)
         return DenoiserErrorSource(batch, bundle, backend, probes, noise)

@@ -83,7 +83,7 @@ def classify_reference(batch: CellBatch, bundle: ModelBundle, backend: DenoiserB
     """Run the reference protocol on every cell of ``batch``."""
     k = len(bundle.class_names)
     channels, model_size = bundle.denoiser_shape
-    encoder = create_encoder(bundle)
+    encoder = create_encoder(bundle, backend)
     mask = bundle.loss_mask()[None, None]
     base_ts = np.linspace(1, bundle.schedule.num_train_timesteps - 1, settings.n_trials).round().astype(np.int64)
     races = []

@@ -47,7 +47,7 @@ def ddim_sample(bundle: ModelBundle, backend: DenoiserBackend, class_ids: np.nda
     """Sample one cell per entry of ``class_ids``; returns RGB uint8 ``[N, S, S, 3]`` at model scale.
     ``guidance`` overrides the bundle's classifier-free guidance scale."""
     class_ids = np.asarray(class_ids, np.int64).reshape(-1)
-    if bundle.manifest.get("latent"):
+    if bundle.is_latent:
         raise BundleError(f"{bundle.path} is a latent-diffusion bundle without a VAE decoder: it can score cells "
                           "but not draw them")
     if steps < 1:
@@ -69,6 +69,6 @@ def ddim_sample(bundle: ModelBundle, backend: DenoiserBackend, class_ids: np.nda
         x = (np.sqrt(a_prev) * x0 + direction).astype(np.float32)
         if sigma > 0:
             x += (sigma * rng.standard_normal(x.shape)).astype(np.float32)
-    norm = bundle.manifest["input"]["normalisation"]
-    rgb01 = x.transpose(0, 2, 3, 1) * np.asarray(norm["std"], np.float32) + np.asarray(norm["mean"], np.float32)
+    colour = bundle.colour_transform()  # the inverse of the normalisation every cut goes through
+    rgb01 = x.transpose(0, 2, 3, 1) * np.asarray(colour.std, np.float32) + np.asarray(colour.mean, np.float32)
     return np.clip(rgb01 * 255.0 + 0.5, 0, 255).astype(np.uint8)

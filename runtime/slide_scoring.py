@@ -110,7 +110,7 @@ class SlideScorer:
         self._stain = slide_stain(bundle, options.stain_method, options.stain_context) if options.stain_normalise else None
         self._cutter = CellCutter(bundle, self._stain, options.stain_field_um)
         # Counterfactual maps are pixel-space: a latent bundle's errors have no pixel to point at.
-        plan = heatmap_plan(bundle) if options.heatmaps and not bundle.manifest.get("latent") else None
+        plan = heatmap_plan(bundle) if options.heatmaps and not bundle.is_latent else None
         self._explainer = HeatmapExplainer(bundle, backend, plan, options.heatmap_cells, options.max_heatmaps)
         self._policy = TriagePolicy.from_bundle(bundle)
         self.audit = run_audit(bundle, backend, estimator)

@@ -88,7 +88,7 @@ def lab_stats(rgb: np.ndarray) -> LabStats | None:
 
 def reference_stats(bundle: ModelBundle) -> LabStats | None:
     """The bundle's Reinhard reference (``manifest["stain_reference"]``), or None when it has none."""
-    ref = bundle.manifest.get("stain_reference")
+    ref = bundle.stain_reference
     if not ref:
         return None
     if ref.get("method") != "reinhard" or ref.get("space") != "opencv-lab-uint8":
@@ -287,7 +287,7 @@ def stain_normaliser(bundle: ModelBundle, method: str = "reinhard") -> StainNorm
     reference = reference_stats(bundle)
     if method == "reinhard":
         return None if reference is None else StainNormaliser(method, reference)
-    entry = (bundle.manifest.get("stain_reference") or {}).get(method)
+    entry = (bundle.stain_reference or {}).get(method)
     if not entry:
         raise BundleError(f"{bundle.path}: the manifest's stain_reference has no '{method}' target; fit it on the "
                           f"bundle's training crops: python -m cytoedge.export.stain_reference --model {bundle.path}")

@@ -114,3 +114,27 @@ def test_default_stream_plan_follows_the_cores_this_process_may_use(monkeypatch)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert ob.usable_cores() == 2
     assert ob.stream_plan(None, None) == (2, 1)
+
+
+def test_a_latent_bundles_encoder_follows_the_backends_device(monkeypatch, caplog):
+    """The VAE encoder runs where the denoiser does: on the GPU with a GPU backend when this ONNX Runtime
+    offers CUDA, else on the CPU, and the log says why."""
+    import onnxruntime as ort
+
+    from cytoedge.runtime.encoders import encoder_providers
+
+    class Backend:
+        name, max_batch = "fake", 8
+
+        def __init__(self, device_kind=None):
+            if device_kind:
+                self.device_kind = device_kind
+
+    assert encoder_providers(None) == encoder_providers(Backend()) == ["CPUExecutionProvider"]
+    assert encoder_providers(Backend("cpu")) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with caplog.at_level("INFO", logger="cytoedge.runtime.encoders"):
+        assert encoder_providers(Backend("cuda")) == ["CPUExecutionProvider"]
+    assert "no CUDA provider" in caplog.text
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert encoder_providers(Backend("cuda")) == ["CUDAExecutionProvider", "CPUExecutionProvider"]

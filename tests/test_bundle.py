@@ -44,6 +44,35 @@ def test_tampered_network_is_refused_naming_the_file(bundle_copy):
         ModelBundle.load(bundle_copy)
 
 
+MANIFEST_BREAKS = {
+    "a nested field of the wrong type": (lambda m: m["input"].update(size="32"),
+                                         r"field 'input\.size' is '32'; it must be an integer >= 8"),
+    "std of zero": (lambda m: m["input"]["normalisation"].update(std=[0.5, 0.0, 0.5]),
+                    r"field 'input\.normalisation\.std\[1\]' is 0\.0; 'input\.normalisation\.std' must be three positive"),
+    "a key no reader knows": (lambda m: m.update(clas_names=["x"]), r"field 'clas_names' is not a manifest field"),
+    "a file hash cut short": (lambda m: m["files"]["denoiser.onnx"].update(sha256="abc"),
+                              r"field 'files\.denoiser\.onnx\.sha256' is 'abc'; it must be 64 hex digits"),
+    "a network without its file": (lambda m: m["networks"]["denoiser"].pop("file"),
+                                   r"field 'networks\.denoiser\.file' is missing"),
+    "a mask radius past the edge": (lambda m: m["loss_mask"].update(radius=0.7),
+                                    r"field 'loss_mask\.radius' is 0\.7; it must be a number in \(0, 0\.5\]"),
+    "an unknown cell type": (lambda m: m.update(cell_type="platelet"), r"field 'cell_type' is 'platelet'; it must be"),
+    "a calibration the files do not list": (lambda m: m.update(calibration="cal2.json"),
+                                            r"field 'calibration' names 'cal2\.json', which 'files' does not list"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_BREAKS))
+def test_the_manifest_schema_names_the_field_and_what_it_must_be(bundle_copy, case):
+    """manifest.json is checked at load by runtime/schemas/manifest.schema.json, then across fields: the
+    message names the file, the field (nested, with list indices) and what it must be."""
+    change, message = MANIFEST_BREAKS[case]
+    edit_manifest(bundle_copy, change)
+    with pytest.raises(BundleError, match=message) as e:
+        ModelBundle.load(bundle_copy)
+    assert str(bundle_copy / "manifest.json") in str(e.value)
+
+
 def test_missing_field_is_named(bundle_copy):
     edit_manifest(bundle_copy, lambda m: m["input"].pop("um_per_px"))
     with pytest.raises(BundleError, match=r"'input\.um_per_px' is missing"):

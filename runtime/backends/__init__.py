@@ -43,6 +43,12 @@ class DeviceLoop(Protocol):
         ...
 
 
+def backend_device(backend: DenoiserBackend) -> str:
+    """Where the backend computes: "cuda" or "cpu" (a backend's optional ``device_kind``; absent: cpu).
+    What runs beside the denoiser (a latent bundle's encoder) follows it."""
+    return str(getattr(backend, "device_kind", "cpu"))
+
+
 def device_loop_of(backend: DenoiserBackend) -> DeviceLoop | None:
     """The backend's device loop, or None where it has none (a CPU backend, or CuPy missing)."""
     offer = getattr(backend, "device_loop", None)

@@ -101,8 +101,8 @@ class OnnxRuntimeBackend:
             raise BackendError(f"ONNX Runtime could not load {path}: {e}") from e
         # onnxruntime-gpu falls back to the CPU silently when CUDA libraries are missing: report what runs.
         self.providers = self.sessions[0].get_providers()
-        self.name = "onnxruntime-" + ("cuda" if "CUDAExecutionProvider" in self.providers else "cpu") \
-            + ("-int8" if precision == "int8" else "")
+        self.device_kind = "cuda" if "CUDAExecutionProvider" in self.providers else "cpu"
+        self.name = f"onnxruntime-{self.device_kind}" + ("-int8" if precision == "int8" else "")
         self.streams = n_streams
         self._pool = ThreadPoolExecutor(n_streams, thread_name_prefix="ort-stream") if n_streams > 1 else None
         log.info("ONNX Runtime on %s: providers %s, %d stream(s) × %s thread(s)", path.name, self.providers,

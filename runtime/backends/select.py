@@ -91,12 +91,12 @@ def int8_availability(bundle: ModelBundle | None) -> Availability:
     net = bundle.manifest["networks"].get("denoiser_int8")
     if net is None:
         return Availability(name, False, f"the bundle has no INT8 graph; run `cytoedge quantize --model {bundle.path}`")
-    fp32_sha = bundle.manifest["files"][bundle.manifest["networks"]["denoiser"]["file"]]["sha256"]
+    fp32_sha = bundle.file_sha256(bundle.manifest["networks"]["denoiser"]["file"])
     if net.get("source_sha256") != fp32_sha:
         return Availability(name, False, "the INT8 graph was quantised from another FP32 graph; rerun `cytoedge quantize`")
     check = net.get("decision_check") or {}
     calibration = bundle.manifest.get("calibration")
-    if calibration and check.get("calibration_sha256") != bundle.manifest["files"][calibration]["sha256"]:
+    if calibration and check.get("calibration_sha256") != bundle.file_sha256(calibration):
         return Availability(name, False, "the bundle was recalibrated after the INT8 graph's decision check; rerun "
                                          f"`cytoedge quantize --model {bundle.path}`")
     if not check.get("passed"):

@@ -78,6 +78,7 @@ class TensorRTBackend:
         self.engine_path = Path(engine_path)
         self.cuda_graphs = cuda_graphs
         self.name = "tensorrt"
+        self.device_kind = "cuda"
         sidecar = read_sidecar(self.engine_path)
         self.spec = NetworkSpec.from_dict(sidecar["spec"])
         self.max_batch = max(p.max for p in self.spec.profiles)

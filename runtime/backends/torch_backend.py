@@ -76,6 +76,7 @@ class TorchBackend:
         self.bundle = bundle
         self.max_batch = max_batch
         self.precision = precision
+        self.device_kind = self.device.type
         self.name = f"torch-{self.device.type}" + ("-fp16" if precision == "fp16" else "")
         self.model = load_torch_denoiser(bundle).to(self.device)
         self._loop = TorchCudaLoop(self, device_kernels) if device_kernels is not None else None

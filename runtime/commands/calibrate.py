@@ -105,7 +105,7 @@ def fit_domain_reference(args, bundle, backend, cells: "LabelledCells") -> dict:
     _, part_b = split_ab(cells.labels, settings.get("split_a_fraction", 0.6), settings.get("seed", 0))
     provenance = {**cells.provenance, "part": "B of the calibration's A/B split (calibration/fit.py split_ab)",
                   "cells": int(len(part_b)), "backend": backend.name,
-                  "calibration_sha256": bundle.manifest["files"][bundle.manifest["calibration"]]["sha256"],
+                  "calibration_sha256": bundle.file_sha256(bundle.manifest["calibration"]),
                   "command": "cytoedge calibrate" + (" --domain-only" if args.domain_only else "")}
     with progress_bar(len(part_b), "cells (domain)") as bar:
         def batches():

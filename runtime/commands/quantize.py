@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
                                        OnnxRuntimeBackend(bundle, threads=args.threads, model_path=staged),
                                        fast_classifier())
         check = {"data": str(args.check), "per_class": args.check_per_class or "all", "estimator": "fast",
-                 "calibration_sha256": bundle.manifest["files"][bundle.manifest["calibration"]]["sha256"],
+                 "calibration_sha256": bundle.file_sha256(bundle.manifest["calibration"]),
                  "cells": agreement.cells, "agreeing": agreement.agreeing, "agreement": agreement.rate,
                  "bar": DECISION_AGREEMENT_BAR, "passed": agreement.rate >= DECISION_AGREEMENT_BAR}
         manifest = json.loads((bundle.path / MANIFEST).read_text())
