@@ -261,8 +261,8 @@ def adapt_section(args) -> str:
         by_class.setdefault(kind, []).append(record["bccd_field"])
     by_class = {c: v for c, v in by_class.items() if len(v) >= 10}  # BCCD's one basophil cannot be split
     rows = []
-    runs = [("features", k, draw) for k in ADAPT_K for draw in range(args.draws)]
-    runs += [("finetune", k, draw) for k in ADAPT_K for draw in range(args.finetune_draws)]
+    draws = {"features": args.draws, "finetune": args.finetune_draws}
+    runs = [(method, k, draw) for method in args.methods for k in ADAPT_K for draw in range(draws[method])]
     for method, k, draw in runs:
         rng = np.random.default_rng(draw)
         chosen = {c: list(rng.permutation(v)[:min(k, len(v) // 2)]) for c, v in by_class.items()}
@@ -297,11 +297,12 @@ def adapt_section(args) -> str:
         lines.append(f"| {method} | {k} | {len(rk)} | {np.mean([r['cells'] for r in rk]):.0f} | {acc.mean():.3f} ± {acc.std():.3f} | "
                      f"{np.mean([r['alarm_rate_50'] for r in rk]):.0%} | "
                      f"{np.mean([r['confident_cells'] for r in rk]):.0f}{right} | {np.mean([r['seconds'] for r in rk]):.0f} |")
-    return (f"`cytoedge adapt --fields` (`--method features`, and `finetune` with `--steps {args.finetune_steps}`) on "
-            f"k BCCD trainval fields per class (at most half of a "
-            f"class), drawn from the fields in which `score` finds one white cell, {args.draws} random draws per k "
-            f"({args.finetune_draws} for finetune); each adapted bundle scores the other fields as `cytoedge score` does. Classes: " + ", ".join(f"{c} ({len(v)})" for c, v in by_class.items()) +
-            ".\n\n" + "\n".join(lines) + "\n")
+    how = {"features": f"`--method features` ({args.draws} random draws per k)",
+           "finetune": f"`--method finetune --steps {args.finetune_steps}` ({args.finetune_draws} draws per k)"}
+    return ("`cytoedge adapt --fields`, " + " and ".join(how[m] for m in args.methods) + ", on k BCCD trainval "
+            "fields per class (at most half of a class), drawn from the fields in which `score` finds one white "
+            "cell; each adapted bundle scores the other fields as `cytoedge score` does. Classes: "
+            + ", ".join(f"{c} ({len(v)})" for c, v in by_class.items()) + ".\n\n" + "\n".join(lines) + "\n")
 
 
 ADAPT_K = (5, 10, 20)
@@ -371,6 +372,8 @@ def main() -> int:
     ap.add_argument("--draws", type=int, default=3, help="random draws of the labelled cells per k (adapt, features)")
     ap.add_argument("--finetune-draws", type=int, default=1, help="draws per k for --method finetune (minutes each)")
     ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--methods", nargs="+", choices=("features", "finetune"), default=["features", "finetune"],
+                    help="adapt: the `cytoedge adapt --method`s measured")
     ap.add_argument("--model", type=Path, default=None, help="bundle to measure (default: the bundled model)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()

@@ -105,6 +105,8 @@ class Calibration:
     temperature_by_depth: tuple[float, ...] | None = None
     class_offsets: np.ndarray | None = None  # [K, M], a site adaptation's
     labelled_classes: tuple[str, ...] | None = None  # a site adaptation's
+    # a site adaptation's: the held part's confident-cell accuracy under each of settings.site_prevalences
+    abstention_check: tuple[Mapping[str, Any], ...] | None = None
     triage: Mapping[str, Any] | None = None  # runtime/summary.TriagePolicy overrides
 
     def __post_init__(self):
@@ -117,6 +119,8 @@ class Calibration:
             object.__setattr__(self, "temperature_by_depth", tuple(float(t) for t in self.temperature_by_depth))
         if self.labelled_classes is not None:
             object.__setattr__(self, "labelled_classes", tuple(self.labelled_classes))
+        if self.abstention_check is not None:
+            object.__setattr__(self, "abstention_check", tuple(dict(c) for c in self.abstention_check))
 
     @classmethod
     def from_dict(cls, d: Any, class_count: int, timesteps: int, where: str) -> "Calibration":
@@ -138,7 +142,8 @@ class Calibration:
             temperature=float(d["temperature"]), thresholds=thresholds, settings=dict(d["settings"]),
             fit_cells=dict(d["fit_cells"]), provenance=dict(d["provenance"]),
             temperature_by_depth=d.get("temperature_by_depth"), class_offsets=d.get("class_offsets"),
-            labelled_classes=d.get("labelled_classes"), triage=d.get("triage"))
+            labelled_classes=d.get("labelled_classes"), abstention_check=d.get("abstention_check"),
+            triage=d.get("triage"))
 
     def to_dict(self) -> dict:
         """The calibration.json document (its fields in the order the artefact writes them)."""
@@ -162,6 +167,8 @@ class Calibration:
             doc["class_offsets"] = self.class_offsets.tolist()
         if self.labelled_classes is not None:
             doc["labelled_classes"] = list(self.labelled_classes)
+        if self.abstention_check is not None:
+            doc["abstention_check"] = [dict(c) for c in self.abstention_check]
         if self.triage is not None:
             doc["triage"] = dict(self.triage)
         doc["provenance"] = dict(self.provenance)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -39,12 +40,28 @@ class TriagePolicy:
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle) -> "TriagePolicy":
-        """The defaults with the bundle's calibration ``triage`` overrides (checked at load against the
-        schema, whose ``triage`` keys are this class's fields)."""
-        overrides = dict(bundle.calibration.triage or {}) if bundle.calibration else {}
+        """The defaults with the bundle's calibration ``triage`` overrides."""
+        return cls.from_overrides(bundle.calibration.triage if bundle.calibration else None)
+
+    @classmethod
+    def from_overrides(cls, triage: Mapping[str, Any] | None) -> "TriagePolicy":
+        """The defaults with a calibration's ``triage`` overrides (checked at load against the schema, whose
+        ``triage`` keys are this class's fields)."""
+        overrides = dict(triage or {})
         if "not_in_differential" in overrides:
-            overrides = {**overrides, "not_in_differential": tuple(overrides["not_in_differential"])}
+            overrides["not_in_differential"] = tuple(overrides["not_in_differential"])
         return cls(**overrides)
+
+    def expected_differential(self, class_names: list[str], floor: float) -> dict[str, float]:
+        """The class mix of a typical smear, ``{class: share}`` summing to 1 over ``class_names``: each
+        reference range's midpoint, at least ``floor`` (a class without a range, e.g. ig or platelet, gets
+        ``floor``: rare, not absent). What a site's confident calls are checked under (calibration/fit.py)."""
+        raw = {c: max(sum(self.differential_ranges[c]) / 2 if c in self.differential_ranges else 0.0, floor)
+               for c in class_names}
+        total = sum(raw.values())
+        if not total > 0:
+            raise ValueError(f"no class of {class_names} has a positive expected share (floor {floor})")
+        return {c: v / total for c, v in raw.items()}
 
 
 @dataclass

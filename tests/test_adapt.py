@@ -139,6 +139,19 @@ def test_adapt_writes_a_new_valid_bundle_and_leaves_the_source_alone(bundle, sit
     assert cal.labelled_classes == SITE_CLASSES
     assert cal.class_offsets.shape == (len(bundle.class_names), len(cal.probes))
     assert adapted.domain["provenance"]["part"].startswith("B of the adaptation")
+    # The class mixes the abstention threshold was checked under, and what it read, are in the artefact.
+    from cytoedge.calibration.fit import HELD_MIX, SMEAR_MIX
+    from cytoedge.runtime.summary import TriagePolicy
+
+    floor = cal.settings["site_prevalence_floor"]
+    smear = TriagePolicy.from_bundle(bundle).expected_differential(bundle.class_names, floor)
+    mixes = cal.settings["site_prevalences"]
+    assert set(mixes) == {HELD_MIX, SMEAR_MIX} and "triage policy" in cal.settings["site_prevalence_source"]
+    assert mixes[SMEAR_MIX] == pytest.approx({c: smear[c] / sum(smear[c] for c in SITE_CLASSES)
+                                              for c in SITE_CLASSES}, abs=1e-4)
+    assert [c["prevalence"] for c in cal.abstention_check] == [HELD_MIX, SMEAR_MIX]
+    assert a["abstention_check"] == list(cal.abstention_check)
+    assert all(f"  {name} (" in run.stdout for name in mixes)
     crop = sorted(site_folder.rglob("*.png"))[0]
     classified = cytoedge("classify", crop, "--model", out, "--json", "--threads", "1")
     assert classified.returncode == 0, classified.stderr
@@ -193,6 +206,97 @@ def test_a_site_the_errors_cannot_separate_is_called_uncertain_not_confident(rng
                                                       np.asarray(fitted["class_offsets"])))
     confident = race.probabilities(fitted["temperature"]).max(1) >= fitted["abstention_threshold"]
     assert confident.mean() < 0.15
+
+
+def two_class_probabilities(conf: np.ndarray, y: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Probabilities ``[N, 2]`` whose top class has probability ``conf`` and is ``y`` where ``right``."""
+    pred = np.where(right, y, 1 - y)
+    p = np.empty((len(y), 2))
+    p[np.arange(len(y)), pred] = conf
+    p[np.arange(len(y)), 1 - pred] = 1 - conf
+    return p
+
+
+def test_the_abstention_threshold_must_hold_under_a_skewed_mix_too():
+    """A balanced held part where class 0 is always right and class 1 right about as often as its top
+    probability: the balanced mix passes at τ, a smear of mostly class 1 does not, so the threshold that
+    holds under both is higher, and it does hold there."""
+    from cytoedge.calibration.fit import abstention_threshold, prevalence_weights, weighted_accuracy
+
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 200)
+    conf = rng.uniform(0.5, 1.0, len(y))
+    right = (y == 0) | (rng.uniform(size=len(y)) < conf)
+    p = two_class_probabilities(conf, y, right)
+    skewed = np.array([0.1, 0.9])
+    target, confidence = 0.9, 0.9
+
+    def bound(tau, prevalence):
+        kept = conf >= tau
+        w = np.ones(len(y)) if prevalence is None else prevalence_weights(y, prevalence)
+        return weighted_accuracy(right[kept], w[kept], confidence)[0]
+
+    balanced = abstention_threshold(p, y, target, 1.0, confidence)
+    both = abstention_threshold(p, y, target, 1.0, confidence, [skewed])
+    assert bound(balanced, None) >= target > bound(balanced, skewed)
+    assert both > balanced
+    assert bound(both, None) >= target and bound(both, skewed) >= target
+    assert both <= conf.max()  # some cells are still kept
+
+
+def test_when_every_class_is_read_alike_the_mix_changes_nothing():
+    """Each class the same cells (right ones spread over high probabilities, wrong ones at one lower
+    value): reweighting to any mix leaves every kept set's accuracy as it is, and the threshold is the one
+    the held part's own mix gives."""
+    from cytoedge.calibration.fit import abstention_threshold, prevalence_weights, weighted_accuracy
+
+    rng = np.random.default_rng(6)
+    per_class = np.concatenate([rng.uniform(0.6, 1.0, 80), np.full(20, 0.55)])
+    k = 3
+    y = np.repeat(np.arange(k), len(per_class))
+    conf = np.tile(per_class, k)
+    right = np.tile(np.arange(len(per_class)) < 80, k)
+    pred = np.where(right, y, (y + 1) % k)
+    p = np.tile(((1 - conf) / (k - 1))[:, None], (1, k))
+    p[np.arange(len(y)), pred] = conf
+    mix = np.array([0.8, 0.15, 0.05])
+    w = prevalence_weights(y, mix)
+    for tau in np.unique(conf):
+        kept = conf >= tau
+        assert np.isclose(weighted_accuracy(right[kept], w[kept], None)[0], right[kept].mean())
+    for confidence in (None, 0.9):
+        assert (abstention_threshold(p, y, 0.9, 1.0, confidence, [mix])
+                == abstention_threshold(p, y, 0.9, 1.0, confidence))
+
+
+def test_a_held_part_too_small_to_certify_any_threshold_keeps_no_cell_at_all():
+    """Six held cells, all right, cannot bound the accuracy at 0.9: the threshold lies above 1, so the
+    bundle's later cells, whatever their probability, are not labelled confident either."""
+    from cytoedge.calibration.fit import abstention_threshold, weighted_accuracy
+
+    y = np.array([0, 0, 0, 1, 1, 1])
+    conf = np.linspace(0.6, 0.9, 6)
+    p = two_class_probabilities(conf, y, np.ones(6, bool))
+    assert weighted_accuracy(np.ones(6, bool), np.ones(6), 0.9)[0] < 0.9
+    assert abstention_threshold(p, y, 0.9, 1.0, 0.9) > 1.0
+    assert abstention_threshold(p, y, 0.9, 1.0) == 0.0  # the point estimate (the source fit's) keeps them
+
+
+def test_the_smear_mix_is_the_triage_ranges_midpoints_with_a_floor_over_the_labelled_classes():
+    from cytoedge.calibration.fit import HELD_MIX, SMEAR_MIX, site_prevalence_set
+    from cytoedge.runtime.summary import TriagePolicy
+
+    names = ["ig", "lymphocyte", "monocyte", "neutrophil"]
+    y = np.repeat([0, 1, 3], [4, 4, 8])  # no monocyte labelled
+    for triage in (None, {"differential_ranges": {"neutrophil": [0.8, 1.0], "lymphocyte": [0.0, 0.1]}}):
+        policy = TriagePolicy.from_overrides(triage)
+        raw = {c: max(sum(policy.differential_ranges.get(c, [0, 0])) / 2, 0.02) for c in ("ig", "lymphocyte", "neutrophil")}
+        mixes = site_prevalence_set(y, names, triage, 0.02)
+        assert mixes[HELD_MIX] == {"ig": 0.25, "lymphocyte": 0.25, "neutrophil": 0.5}
+        assert mixes[SMEAR_MIX] == pytest.approx({c: v / sum(raw.values()) for c, v in raw.items()}, abs=1e-4)
+    assert mixes[SMEAR_MIX]["neutrophil"] > 0.8
+    with pytest.raises(CalibrationError, match="site_prevalence_floor"):
+        site_prevalence_set(y, names, None, 0.0)
 
 
 def test_cell_windows_are_centred_on_the_cell_and_reflected_at_tile_edges():

@@ -15,7 +15,10 @@ a held part B.
 
 Both refit the out-of-domain alarm's reference on B. What the command prints on the held part
 (balanced accuracy before and after) is what to expect on the lab's other cells of those classes;
-classes not labelled are not measured.
+classes not labelled are not measured. It also prints how right the cells labelled confident are on
+B, as a lower confidence bound under B's own class mix and under the expected smear differential (the
+triage reference ranges' midpoints): the abstention threshold is set so that both reach the target, since
+B holds as many cells of each class and a smear is mostly neutrophils and lymphocytes.
 
 The source bundle is untouched; NEW_BUNDLE is a full bundle with its own provenance (source bundle
 hash, data hash, method, cells, time). The INT8 graph is not carried over: its decision check belongs to
@@ -169,7 +172,27 @@ def run(args: argparse.Namespace) -> int:
           f"{time.time() - started:.0f} s")
     print(f"held part ({report['held_cells']} cells): balanced accuracy {report['before']} before, "
           f"{report['after']:.3f} after -> {args.out}")
+    print("\n".join(report["confident"]))
     return 0
+
+
+def confident_lines(fitted: dict) -> list[str]:
+    """What the abstention threshold read on the held part under each class mix (calibration/fit.py), in
+    words: how sure a lab may be of the cells the adapted bundle labels confident."""
+    s, tau = fitted["settings"], fitted["abstention_threshold"]
+    need = (f"a {s['site_accuracy_bound_confidence']:.0%} lower bound on the held part's accuracy >= "
+            f"{s['site_selective_accuracy']:.2f} under every class mix")
+    lines = [f"confident cells: top-class probability >= {tau:.3f}, where {need}:" if tau <= 1 else
+             f"confident cells: none (no threshold gives {need}; more labelled cells per class narrow the "
+             "bound); with every held cell kept:"]
+    for check in fitted["abstention_check"]:
+        mix = ", ".join(f"{c} {v:.2f}" for c, v in sorted(s["site_prevalences"][check["prevalence"]].items(),
+                                                            key=lambda cv: -cv[1]))
+        read = ("none kept" if check["bound"] is None else
+                f"{check['kept_cells']} kept ({check['effective_cells']:.1f} effective), accuracy "
+                f"{check['accuracy']:.3f}, lower bound {check['bound']:.3f}")
+        lines.append(f"  {check['prevalence']} ({mix}): {read}")
+    return lines
 
 
 def input_kind(args) -> str:
@@ -259,6 +282,7 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": f"cytoedge adapt --method {args.method}" + {"fields": " --fields", "reviews": " --reviews"}.get(
             input_kind(args), ""),
+        "abstention_check": fitted["abstention_check"],
         **({"finetune": finetune} if finetune else {}),
     }
     manifest = json.loads((out.path / MANIFEST).read_text())
@@ -281,5 +305,6 @@ def calibrate_adapted(args, source, out, backend, cells, finetune: dict | None):
         "calibration_sha256": out.manifest["files"][out.manifest["calibration"]]["sha256"],
         "command": adaptation["command"]}})
     report = {"held_cells": int(len(part_b)), "after": balanced_accuracy(y[part_b], race_b.gaps.argmin(1), k),
-              "before": "not measured" if before is None else f"{balanced_accuracy(y[part_b], before.argmin(1), k):.3f}"}
+              "before": "not measured" if before is None else f"{balanced_accuracy(y[part_b], before.argmin(1), k):.3f}",
+              "confident": confident_lines(fitted)}
     return ModelBundle.load(out.path), report
