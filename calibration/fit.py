@@ -20,26 +20,22 @@ probe weights (``fit_class_offsets``), so that a class whose denoiser reads this
 systematically better or worse than the others is corrected. What the labels cannot inform (the
 abnormal operating point when no abnormal class is labelled) is kept from the source calibration.
 
-A site's abstention threshold is judged by a lower confidence bound of the kept cells' accuracy, and
-under more than B's own class mix: B holds about as many cells of each labelled class, a smear is mostly
-neutrophils and lymphocytes, and accuracy among kept cells depends on the mix (the per-class terms do
-not). So the bound must reach the target under every prevalence of ``site_prevalences``: B's own mix and
-the expected smear differential (``site_prevalence_set``), written into the calibration's settings, with
-what the check read at the fitted threshold (``abstention_check``).
+A site's abstention threshold is certified by a lower confidence bound under several class mixes
+(calibration/abstention.py).
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 
+from cytoedge.calibration.abstention import (HELD_MIX, SMEAR_MIX, abstention_check, abstention_threshold,
+                                              prevalence_vector, site_prevalence_set)
 from cytoedge.runtime.calibration_config import AnomalyNormalisation, Calibration, Thresholds
 from cytoedge.runtime.decisions import anomaly_scores, anomaly_values, cell_temperatures, decide
 from cytoedge.runtime.errors import CalibrationError
 from cytoedge.runtime.estimator import RaceSettings, run_race
-from cytoedge.runtime.summary import TriagePolicy
 
 DEFAULT_SETTINGS = {
     "max_probes": 6,
@@ -74,8 +70,6 @@ DEFAULT_SETTINGS = {
     "site_prevalence_floor": 0.01,
 }
 
-HELD_MIX = "held part B"
-SMEAR_MIX = "expected smear differential"
 
 
 def _nll_and_grad(w: np.ndarray, feats: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
@@ -196,95 +190,6 @@ def conformal_threshold(p: np.ndarray, y: np.ndarray, coverage: float) -> float:
     n = len(scores)
     level = min(1.0, np.ceil((n + 1) * coverage) / n)
     return float(np.quantile(scores, level, method="higher"))
-
-
-def prevalence_weights(y: np.ndarray, prevalence: np.ndarray) -> np.ndarray:
-    """Importance weights ``w_i = π_{y_i} / p̂_{y_i}`` that take the cells' own class mix p̂ to ``prevalence``
-    π ``[K]``, renormalised over the classes among ``y`` (a class without cells cannot be reweighted)."""
-    counts = np.bincount(y, minlength=len(prevalence)).astype(np.float64)
-    present = counts > 0
-    pi = np.where(present, prevalence, 0.0)
-    if not pi.sum() > 0:
-        raise CalibrationError(f"prevalence {list(prevalence)} gives no weight to the classes labelled")
-    return (pi / pi.sum() / np.where(present, counts / counts.sum(), 1.0))[y]
-
-
-def weighted_accuracy(correct: np.ndarray, w: np.ndarray, bound_confidence: float | None) -> tuple[float, float]:
-    """(accuracy of cells weighted ``w``, Kish's effective sample size n_eff = (Σw)²/Σw²); with
-    ``bound_confidence`` the accuracy is its one-sided Clopper–Pearson lower bound, taken as if n_eff cells
-    had been seen with the weighted accuracy (an approximation: exact for equal weights, and the usual
-    design-effect correction otherwise). Unit weights give the plain count and bound."""
-    sw, sw2 = float(w.sum()), float((w * w).sum())
-    if not sw:
-        return 0.0, 0.0
-    right_w, n_eff = float(w[correct].sum()), sw * sw / sw2
-    if bound_confidence is None:
-        return right_w / sw, n_eff
-    right = right_w * sw / sw2  # weighted accuracy × n_eff
-    return (float(stats.beta.ppf(1 - bound_confidence, right, n_eff - right + 1)) if right else 0.0), n_eff
-
-
-def abstention_threshold(p: np.ndarray, y: np.ndarray, target: float, max_abstain: float,
-                         bound_confidence: float | None = None, prevalences: Sequence[np.ndarray] = ()) -> float:
-    """Lowest top-class probability to keep a cell so that accuracy among kept cells ≥ target: the
-    observed accuracy, or with ``bound_confidence`` its one-sided Clopper–Pearson lower bound (few
-    labelled cells must show more than a point estimate before a cell is called confident). With
-    ``prevalences`` (class mixes ``[K]``) the target must also be reached with the cells reweighted to each
-    (``prevalence_weights``, ``weighted_accuracy``): the kept cells' accuracy depends on the class mix, and
-    the cells' own mix need not be the one the model will read. Where no threshold reaches the target,
-    the result lies above every probability the held cells have, or, with ``bound_confidence``, above 1:
-    no cell is kept, here or on the cells the bundle reads later (a site too small to certify any
-    threshold must not pass its unseen cells of higher probability as confident)."""
-    conf, correct = p.max(1), p.argmax(1) == y
-    mixes = [np.ones(len(y))] + [prevalence_weights(y, pi) for pi in prevalences]
-    for tau in np.unique(np.concatenate([[0.0], conf])):
-        kept = conf >= tau
-        if (~kept).mean() > max_abstain:
-            return float(tau)
-        if not kept.any():
-            break
-        if all(weighted_accuracy(correct[kept], w[kept], bound_confidence)[0] >= target for w in mixes):
-            return float(tau)
-    return float(np.nextafter(1.0, np.inf)) if bound_confidence is not None else float(conf.max())
-
-
-def abstention_check(p: np.ndarray, y: np.ndarray, threshold: float, prevalences: Mapping[str, np.ndarray],
-                     bound_confidence: float) -> list[dict]:
-    """What the kept cells read under each named prevalence: the threshold read at, cells kept, effective
-    cells, weighted accuracy and its lower bound (None where no cell is kept). A ``threshold`` above 1 (none
-    certified) is read at 0, every held cell kept: how far the site is from the target."""
-    conf, correct = p.max(1), p.argmax(1) == y
-    threshold = threshold if threshold <= 1 else 0.0
-    kept = conf >= threshold
-    out = []
-    for name, pi in prevalences.items():
-        w = prevalence_weights(y, pi)[kept]
-        accuracy, n_eff = weighted_accuracy(correct[kept], w, None)
-        bound, _ = weighted_accuracy(correct[kept], w, bound_confidence)
-        out.append({"prevalence": name, "threshold": threshold, "kept_cells": int(kept.sum()), "effective_cells": round(n_eff, 2),
-                    "accuracy": round(accuracy, 4) if kept.any() else None,
-                    "bound": round(bound, 4) if kept.any() else None})
-    return out
-
-
-def site_prevalence_set(y: np.ndarray, class_names: list[str], triage: Mapping | None, floor: float) -> dict:
-    """The class mixes a site's abstention threshold must hold under, ``{name: {class: share}}`` over the
-    classes labelled in ``y``: the cells' own, and the expected smear differential (``TriagePolicy
-    .expected_differential`` with the bundle's ``triage`` overrides and ``floor``)."""
-    if not isinstance(floor, (int, float)) or isinstance(floor, bool) or not 0 < floor < 1:
-        raise CalibrationError(f"site_prevalence_floor must be a number strictly between 0 and 1 (the expected "
-                               f"share of a class without a reference range), got {floor!r}")
-    labelled = [class_names[c] for c in np.unique(y)]
-    counts = np.bincount(y, minlength=len(class_names))
-    smear = TriagePolicy.from_overrides(triage).expected_differential(class_names, floor)
-    total = sum(smear[c] for c in labelled)
-    return {HELD_MIX: {c: round(float(counts[class_names.index(c)] / len(y)), 4) for c in labelled},
-            SMEAR_MIX: {c: round(smear[c] / total, 4) for c in labelled}}
-
-
-def prevalence_vector(mix: Mapping[str, float], class_names: list[str]) -> np.ndarray:
-    """A ``{class: share}`` mix as a vector over ``class_names`` (0 for a class it leaves out)."""
-    return np.array([mix.get(c, 0.0) for c in class_names])
 
 
 def abnormal_threshold(p: np.ndarray, anomaly: np.ndarray, y: np.ndarray, abnormal_mask: np.ndarray,

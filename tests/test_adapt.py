@@ -140,7 +140,7 @@ def test_adapt_writes_a_new_valid_bundle_and_leaves_the_source_alone(bundle, sit
     assert cal.class_offsets.shape == (len(bundle.class_names), len(cal.probes))
     assert adapted.domain["provenance"]["part"].startswith("B of the adaptation")
     # The class mixes the abstention threshold was checked under, and what it read, are in the artefact.
-    from cytoedge.calibration.fit import HELD_MIX, SMEAR_MIX
+    from cytoedge.calibration.abstention import HELD_MIX, SMEAR_MIX
     from cytoedge.runtime.summary import TriagePolicy
 
     floor = cal.settings["site_prevalence_floor"]
@@ -221,7 +221,7 @@ def test_the_abstention_threshold_must_hold_under_a_skewed_mix_too():
     """A balanced held part where class 0 is always right and class 1 right about as often as its top
     probability: the balanced mix passes at τ, a smear of mostly class 1 does not, so the threshold that
     holds under both is higher, and it does hold there."""
-    from cytoedge.calibration.fit import abstention_threshold, prevalence_weights, weighted_accuracy
+    from cytoedge.calibration.abstention import abstention_threshold, prevalence_weights, weighted_accuracy
 
     rng = np.random.default_rng(5)
     y = np.repeat([0, 1], 200)
@@ -248,7 +248,7 @@ def test_when_every_class_is_read_alike_the_mix_changes_nothing():
     """Each class the same cells (right ones spread over high probabilities, wrong ones at one lower
     value): reweighting to any mix leaves every kept set's accuracy as it is, and the threshold is the one
     the held part's own mix gives."""
-    from cytoedge.calibration.fit import abstention_threshold, prevalence_weights, weighted_accuracy
+    from cytoedge.calibration.abstention import abstention_threshold, prevalence_weights, weighted_accuracy
 
     rng = np.random.default_rng(6)
     per_class = np.concatenate([rng.uniform(0.6, 1.0, 80), np.full(20, 0.55)])
@@ -272,7 +272,7 @@ def test_when_every_class_is_read_alike_the_mix_changes_nothing():
 def test_a_held_part_too_small_to_certify_any_threshold_keeps_no_cell_at_all():
     """Six held cells, all right, cannot bound the accuracy at 0.9: the threshold lies above 1, so the
     bundle's later cells, whatever their probability, are not labelled confident either."""
-    from cytoedge.calibration.fit import abstention_threshold, weighted_accuracy
+    from cytoedge.calibration.abstention import abstention_threshold, weighted_accuracy
 
     y = np.array([0, 0, 0, 1, 1, 1])
     conf = np.linspace(0.6, 0.9, 6)
@@ -283,7 +283,7 @@ def test_a_held_part_too_small_to_certify_any_threshold_keeps_no_cell_at_all():
 
 
 def test_the_smear_mix_is_the_triage_ranges_midpoints_with_a_floor_over_the_labelled_classes():
-    from cytoedge.calibration.fit import HELD_MIX, SMEAR_MIX, site_prevalence_set
+    from cytoedge.calibration.abstention import HELD_MIX, SMEAR_MIX, site_prevalence_set
     from cytoedge.runtime.summary import TriagePolicy
 
     names = ["ig", "lymphocyte", "monocyte", "neutrophil"]
