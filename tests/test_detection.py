@@ -152,3 +152,87 @@ def test_touching_red_cells_are_separated_one_centre_each():
     for x, y in truth:  # each cell is found within a third of a radius of its centre, and labels it alone
         d = np.hypot(centres[:, 0] - x, centres[:, 1] - y)
         assert d.min() < r / 3 and labels[y, x] == 1 + int(d.argmin())
+
+
+RED, PLASMA_GLASS = (205, 120, 130), (236, 226, 214)
+
+
+def _red_field(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Plasma with a little sensor noise, as a camera gives it."""
+    rng = np.random.default_rng(seed)
+    rgb = np.empty((*shape, 3), np.float64)
+    rgb[:] = PLASMA_GLASS
+    return np.clip(rgb + rng.normal(0, 2, rgb.shape), 0, 255).astype(np.uint8)
+
+
+def _matches(centres: np.ndarray, labels: np.ndarray, truth: list[tuple[int, int]], tolerance: float) -> bool:
+    """Each true centre has one detected centre within ``tolerance`` px, whose region holds it."""
+    if len(centres) != len(truth):
+        return False
+    for x, y in truth:
+        d = np.hypot(centres[:, 0] - x, centres[:, 1] - y)
+        if d.min() >= tolerance or labels[y, x] != 1 + int(d.argmin()):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.1, 0.25])
+def test_touching_and_overlapping_discs_are_split_into_their_count(overlap):
+    """A pair, a straight chain of three and a bent one, overlapping by ``overlap`` of a diameter, at
+    0.2 µm/px. (Four round a pool of plasma are not: the pool is filled as if it were a pale centre.)"""
+    from cytoedge.runtime.detection import detect_red_cells
+
+    r = 18
+    step = round(2 * r * (1 - overlap))
+    groups = [[(0, 0), (step, 0)], [(0, 0), (step, 0), (2 * step, 0)], [(0, 0), (step, 0), (step, step)]]
+    rgb, truth = _red_field((320, 420)), []
+    for (gx, gy), group in zip([(40, 40), (200, 40), (60, 170)], groups):
+        truth += [(gx + r + x, gy + r + y) for x, y in group]
+    for x, y in truth:
+        cv2.circle(rgb, (x, y), r, RED, -1)
+    centres, labels = detect_red_cells(rgb, 0.2)
+    assert _matches(centres, labels, truth, r / 2)
+
+
+@pytest.mark.parametrize("kind", ["hypochromic", "target"])
+def test_a_pale_centred_cell_is_found_once_not_as_a_ring(kind):
+    """A hypochromic cell (a thin rim round a centre nearly as pale as the plasma) and a target cell (a
+    dark spot inside the pale ring) are each one cell, their whole disc, beside a normal one."""
+    from cytoedge.runtime.detection import detect_red_cells
+
+    r = 18
+    rgb = _red_field((160, 200))
+    truth = [(50, 80), (140, 80)]
+    for x, y in truth:
+        cv2.circle(rgb, (x, y), r, RED, -1)
+    pale = tuple(int(0.8 * p + 0.2 * c) for p, c in zip(PLASMA_GLASS, RED))
+    cv2.circle(rgb, truth[0], int(r * 0.7), pale, -1)
+    if kind == "target":
+        cv2.circle(rgb, truth[0], int(r * 0.3), RED, -1)
+    centres, labels = detect_red_cells(rgb, 0.2)
+    assert _matches(centres, labels, truth, r / 3)
+    disc = np.zeros(labels.shape, np.uint8)
+    cv2.circle(disc, truth[0], r, 1, -1)
+    assert (labels == labels[truth[0][1], truth[0][0]]).sum() >= 0.9 * disc.sum()
+
+
+def test_a_fragment_a_third_of_the_diameter_is_found():
+    """A schistocyte-sized fragment beside normal cells (which set the threshold) is kept as a cell."""
+    from cytoedge.runtime.detection import detect_red_cells
+
+    r = 18
+    rgb = _red_field((160, 260))
+    truth = [(50, 80), (130, 80), (215, 80)]
+    cv2.circle(rgb, truth[0], r, RED, -1)
+    cv2.circle(rgb, truth[1], r, RED, -1)
+    cv2.circle(rgb, truth[2], r // 3, RED, -1)
+    centres, labels = detect_red_cells(rgb, 0.2)
+    assert _matches(centres, labels, truth, r / 3)
+
+
+def test_nothing_is_found_on_blank_glass():
+    from cytoedge.runtime.detection import detect_red_cells
+
+    for seed in range(3):
+        centres, labels = detect_red_cells(_red_field((240, 320), seed), 0.2)
+        assert len(centres) == 0 and not labels.any()
