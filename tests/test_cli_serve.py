@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import cv2
+import jsonschema
 import pytest
 
 from cytoedge.runtime.service.client import ScannerLinkClient, ServiceError
 from cytoedge.runtime.synthetic_smear import SmearSpec, generate_smear
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "schemas" / "result-document.schema.json").read_text())
 
 CLI = [sys.executable, "-m", "cytoedge.runtime.cli"]
 SCORING = ["--threads", "1", "--no-heatmaps", "--stain-context", "slide"]  # shared scoring options, on both sides
@@ -93,6 +96,8 @@ def test_submit_json_matches_score_json(daemon, slides, tmp_path):
     assert submitted.returncode == 0, submitted.stderr
     assert scored.returncode == 0, scored.stderr
     served, local = json.loads(submitted.stdout), json.loads(scored.stdout)
+    jsonschema.validate(served, SCHEMA)  # the one schema of every result document
+    jsonschema.validate(local, SCHEMA)
     assert local["slides"][0]["cells"], "the field should have white cells"
     assert served["slides"][0]["cells"] == local["slides"][0]["cells"]  # record for record
     assert without_run(served) == without_run(local)
