@@ -183,7 +183,7 @@ def garbage_report() -> dict:
     records = mark_no_cell(classify_batch(crops_to_batch(list(crops.values()), bundle), bundle, backend),
                            list(crops.values()))
     backend.close()
-    return {name: {"class": r["class"], "anomalous": r["flags"]["anomalous"], "label": r["estimator_detail"]["confidence_label"],
+    return {name: {"class": r["class"], "anomalous": r["flags"]["anomalous"], "label": r["confidence_label"],
                    "typicality": r["typicality"], "anomaly_score": r["anomaly_score"]}
             for name, r in zip(crops, records)}
 

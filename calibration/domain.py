@@ -9,11 +9,14 @@ measures it (benchmarks/bench_site.py).
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from cytoedge.runtime.calibration_config import AnomalyNormalisation
 from cytoedge.runtime.decisions import anomaly_scores
 from cytoedge.runtime.domain_alarm import run_shift, typicality_values
+from cytoedge.runtime.errors import CalibrationError
 
 RUN_SIZES = (10, 20, 50, 100, 200, 500, 1000)
 BOOTSTRAP_RUNS = 2000
@@ -27,12 +30,30 @@ def _stats(a: np.ndarray, z: np.ndarray) -> dict:
             "typicality_mean": float(z.mean()), "typicality_std": float(z.std() + 1e-6), "cells": int(len(a))}
 
 
+def probe_stats(t: np.ndarray, min_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-probe mean and std of ``t [N, P]`` (NaN where a cell's race stopped before the probe). A late
+    probe that fewer than ``min_cells`` cells reach cannot show its spread (one cell gives a std of 0, and
+    a run cell there a z of millions): it takes the median spread of the probes that can, and, below two
+    cells, their median mean too."""
+    reached = np.isfinite(t).sum(axis=0)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: handled below
+        mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0)
+    enough = reached >= min_cells
+    if not enough.any():
+        raise CalibrationError(f"no probe was reached by {min_cells} calibration cells; the domain reference "
+                               "needs more cells")
+    std = np.where(enough, std, np.median(std[enough])) + 1e-12
+    mean = np.where(reached >= 2, mean, np.median(mean[enough]))
+    return mean, std
+
+
 def fit_domain(leader_weighted: np.ndarray, null_weighted: np.ndarray | None, called: list[str],
                anomaly_normalisation: AnomalyNormalisation, seed: int = 0, min_cells: int = 10) -> dict:
     """The domain reference from the race's weighted errors on calibration cells and the class each
     was called (classes called fewer than ``min_cells`` times use the pooled statistics)."""
     t = typicality_values(leader_weighted, null_weighted)
-    mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0) + 1e-12
+    mean, std = probe_stats(t, min_cells)
     typical = {"mean": mean.tolist(), "std": std.tolist()}
     z = np.nanmean((t - mean[None, :]) / std[None, :], axis=1)
     a = anomaly_scores(leader_weighted, null_weighted, anomaly_normalisation)

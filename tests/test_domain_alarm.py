@@ -109,3 +109,19 @@ def test_a_slide_that_raises_the_alarm_is_triaged_review_with_the_reason(bundle,
     entry = slide_entry("smear", records, summary)
     assert all(c["flags"]["out_of_domain"] for c in entry["cells"])
     assert not any((c.get("estimator_detail") or {}).get("confidence_label") == "confident" for c in entry["cells"])
+
+
+def test_a_late_probe_few_cells_reach_does_not_make_their_typicality_explode():
+    """The race stops most cells early, so the last probes' errors exist for a few calibration cells only.
+    Their spread cannot be measured from one cell (std 0): the probe takes the other probes' spread, and a
+    run cell that reaches it gets an ordinary z, not millions."""
+    rng = np.random.default_rng(2)
+    leader, null, y = errors(rng, 600)
+    leader[1:, 2] = null[1:, 2] = np.nan  # one calibration cell ran the third probe
+    reference = fit_domain(leader, null, [f"c{k}" for k in y], NORMALISATION, seed=1)
+    spread = reference["typicality"]["std"]
+    assert spread[2] == pytest.approx(np.median(spread[:2]), rel=1e-6)
+    run_leader, run_null, run_y = errors(np.random.default_rng(3), 60)
+    z = typicality_scores(run_leader, run_null, reference)
+    assert np.all(np.abs(z) < 10)
+    assert not run_alarm(*features(reference, run_leader, run_null, run_y), reference)["raised"]
