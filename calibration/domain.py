@@ -16,7 +16,6 @@ import numpy as np
 from cytoedge.runtime.calibration_config import AnomalyNormalisation
 from cytoedge.runtime.decisions import anomaly_scores
 from cytoedge.runtime.domain_alarm import run_shift, typicality_values
-from cytoedge.runtime.errors import CalibrationError
 
 RUN_SIZES = (10, 20, 50, 100, 200, 500, 1000)
 BOOTSTRAP_RUNS = 2000
@@ -33,16 +32,13 @@ def _stats(a: np.ndarray, z: np.ndarray) -> dict:
 def probe_stats(t: np.ndarray, min_cells: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-probe mean and std of ``t [N, P]`` (NaN where a cell's race stopped before the probe). A late
     probe that fewer than ``min_cells`` cells reach cannot show its spread (one cell gives a std of 0, and
-    a run cell there a z of millions): it takes the median spread of the probes that can, and, below two
-    cells, their median mean too."""
+    a run cell there a z of millions): it takes the median spread of the probes that can (with fewer than
+    ``min_cells`` cells in all, of those every cell reached), and, below two cells, their median mean too."""
     reached = np.isfinite(t).sum(axis=0)
     with np.errstate(invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: handled below
         mean, std = np.nanmean(t, axis=0), np.nanstd(t, axis=0)
-    enough = reached >= min_cells
-    if not enough.any():
-        raise CalibrationError(f"no probe was reached by {min_cells} calibration cells; the domain reference "
-                               "needs more cells")
+    enough = reached >= min(min_cells, int(reached.max()))  # the first probe: every cell runs it
     std = np.where(enough, std, np.median(std[enough])) + 1e-12
     mean = np.where(reached >= 2, mean, np.median(mean[enough]))
     return mean, std

@@ -122,7 +122,7 @@ def test_a_latent_bundle_keeps_the_host_loop(bundle, generated_batch, fake, monk
     manifest = copy.deepcopy(bundle.manifest)
     manifest["latent"] = {"channels": 3, "size": bundle.input_size}
     latent = dataclasses.replace(bundle, manifest=manifest)
-    monkeypatch.setattr(estimator, "create_encoder", lambda b: PixelSpace())
+    monkeypatch.setattr(estimator, "create_encoder", lambda b, backend=None: PixelSpace())
     probes, _ = probes_from_calibration(bundle)
     with caplog.at_level(logging.INFO, logger="cytoedge.runtime.estimator"):
         source = error_source_for(generated_batch, latent, fake, probes, noise_bank(bundle))
