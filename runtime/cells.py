@@ -41,14 +41,18 @@ class CellBatch:
         """The cells ``index`` on the same tiles, with their cuts so far."""
         return CellBatch(self.tiles, self.cells[index], {k: v[index] for k, v in self._cuts.items()})
 
+    def rows_in_view(self, angle: float, flip: bool) -> np.ndarray:
+        """The cell rows with every cell rotated by ``angle`` (and mirrored): one probe view of them all."""
+        cells = self.cells.copy()
+        cells[:, 3], cells[:, 4] = float(angle), float(flip)
+        return cells
+
     def inputs(self, angle: float, flip: bool, bundle: ModelBundle, colour: ColourTransform | None = None) -> np.ndarray:
         """``[N, 3, S, S]`` model inputs of every cell rotated by ``angle`` (and mirrored), cut once per view."""
         colour = colour or bundle.colour_transform()
         key = (float(angle), bool(flip), colour, bundle.input_size)
         if key not in self._cuts:
-            cells = self.cells.copy()
-            cells[:, 3], cells[:, 4] = key[0], float(key[1])
-            self._cuts[key] = model_inputs(self.tiles, cells, bundle, colour)
+            self._cuts[key] = model_inputs(self.tiles, self.rows_in_view(angle, flip), bundle, colour)
             self.cut_count += len(self)
         return self._cuts[key]
 

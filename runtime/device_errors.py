@@ -11,24 +11,20 @@ Pixel bundles only: a latent bundle's encoder runs on ONNX Runtime on the host, 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
 from cytoedge.kernels.cpu_twin import error_norm
 from cytoedge.runtime.backends import DeviceLoop
 from cytoedge.runtime.bundle import ModelBundle
+from cytoedge.runtime.calibration_config import Probe
 from cytoedge.runtime.cells import CellBatch, glass_values
 from cytoedge.runtime.errors import BackendError
-
-if TYPE_CHECKING:  # estimator.py imports this module
-    from cytoedge.runtime.estimator import Probe
 
 
 class DeviceErrorSource:
     """``(cell_idx [n], class_idx [n], k) -> float64 [n]``, as ``DenoiserErrorSource``, computed on a device."""
 
-    def __init__(self, batch: CellBatch, bundle: ModelBundle, loop: DeviceLoop, probes: list["Probe"],
+    def __init__(self, batch: CellBatch, bundle: ModelBundle, loop: DeviceLoop, probes: list[Probe],
                  noise: np.ndarray):
         if bundle.is_latent:
             raise BackendError(f"{bundle.path} is a latent bundle: its encoder runs on the host; use the host loop")
@@ -42,9 +38,8 @@ class DeviceErrorSource:
         self.view_index = {v: i for i, v in enumerate(views)}
         self.x0 = []
         for angle, flip in views:
-            cells = batch.cells.copy()
-            cells[:, 3], cells[:, 4] = angle, float(flip)
-            x, valid = kernels.prepare_batch_device(batch.tiles, cells, bundle.input_size, colour)
+            x, valid = kernels.prepare_batch_device(batch.tiles, batch.rows_in_view(angle, flip), bundle.input_size,
+                                                    colour)
             self.x0.append(xp.where(valid[:, None] > 0, x, glass))
         self.noise = kernels.to_device(np.ascontiguousarray(noise, np.float32))
         mask, self.inv_norm = error_norm(bundle.loss_mask(), (1, channels, size, size))

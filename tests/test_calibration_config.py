@@ -74,6 +74,15 @@ def _drop(path):
     return change
 
 
+def assert_refused(change, message: str) -> None:
+    """The bundled calibration, changed, fails to load with ``message`` after the file's name."""
+    doc = bundled("pbc32-ddpm")
+    change(doc)
+    with pytest.raises(CalibrationError) as e:
+        load(doc)
+    assert str(e.value).startswith(f"{WHERE}: ") and message in str(e.value)
+
+
 @pytest.mark.parametrize("change,message", [
     (_drop(["temperature"]), "field 'temperature' is missing (it must be a positive number"),
     (_set(["temperature"], -1), "field 'temperature' is -1; it must be a positive number"),
@@ -108,11 +117,7 @@ def _drop(path):
      "field 'triage.differential_ranges.neutrophil' is [0.4]; it must be [low, high]"),
 ])
 def test_the_schema_refuses_a_malformed_field_naming_it(change, message):
-    doc = bundled("pbc32-ddpm")
-    change(doc)
-    with pytest.raises(CalibrationError) as e:
-        load(doc)
-    assert str(e.value).startswith(f"{WHERE}: ") and message in str(e.value)
+    assert_refused(change, message)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -129,11 +134,7 @@ def test_the_schema_refuses_a_malformed_field_naming_it(change, message):
      "field 'class_offsets[7][2]' is 'x'"),
 ])
 def test_lengths_against_the_probes_classes_and_schedule_are_checked(change, message):
-    doc = bundled("pbc32-ddpm")
-    change(doc)
-    with pytest.raises(CalibrationError) as e:
-        load(doc)
-    assert str(e.value).startswith(f"{WHERE}: ") and message in str(e.value)
+    assert_refused(change, message)
 
 
 def test_a_fitted_quantile_one_rounding_step_past_1_is_accepted():

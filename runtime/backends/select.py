@@ -2,7 +2,8 @@
 
 auto = TensorRT (a cached engine for this bundle, GPU and TensorRT) > ONNX Runtime CUDA > ONNX Runtime
 CPU; each backend passed over is logged with the reason. ``torch-cuda`` (PyTorch FP16 on a GPU, the probe
-loop on the device with CuPy) is chosen by name only. ``backend_availability`` gives the same
+loop on the device with CuPy; written against the documented APIs and checked on the CPU through the
+emulated kernels only, not yet run on a GPU) is chosen by name only. ``backend_availability`` gives the same
 reasons to ``cytoedge doctor``.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto",
                    help="auto (TensorRT > ONNX Runtime CUDA > CPU) | tensorrt | onnxruntime-cuda | onnxruntime-cpu | "
                         "onnxruntime-cpu-int8 (after `cytoedge quantize`) | torch | torch-cuda (PyTorch FP16 on a GPU; "
-                        "with CuPy the probe loop stays on the GPU)")
+                        "with CuPy the probe loop stays on the GPU; not yet run on a GPU: benchmarks/gpu_check.sh)")
     p.add_argument("--estimator", choices=("fast", "reference"), default="fast",
                    help="fast: calibrated fixed-timestep estimator; reference: CytoDiffusion's protocol")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the backend")
