@@ -21,6 +21,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 from bench_site import bccd_labels
+from cytoedge.calibration.metrics import balanced_accuracy
 from results_md import write_section
 
 K_SHOTS = (5, 10, 20)
@@ -72,10 +73,6 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, np
     return classes, w[:d * k].reshape(d, k), w[d * k:]
 
 
-def balanced_accuracy(truth: np.ndarray, called: np.ndarray) -> float:
-    return float(np.mean([np.mean(called[truth == c] == c) for c in np.unique(truth)]))
-
-
 def feature_sets(E: np.ndarray) -> dict[str, np.ndarray]:
     logs = np.log(E)
     k = E.shape[1] - 1
@@ -93,7 +90,7 @@ def k_shot(X: np.ndarray, y: np.ndarray, k: int, C: float, draws: int) -> list[f
         rest = np.setdiff1d(np.arange(len(y)), fit)
         mu, sd = X[fit].mean(0), X[fit].std(0) + 1e-6
         classes, W, b = fit_logistic((X[fit] - mu) / sd, y[fit], C)
-        out.append(balanced_accuracy(y[rest], classes[(((X[rest] - mu) / sd) @ W + b).argmax(1)]))
+        out.append(balanced_accuracy(y[rest], classes[(((X[rest] - mu) / sd) @ W + b).argmax(1)], int(y.max()) + 1))
     return out
 
 
@@ -112,13 +109,14 @@ def main() -> None:
              "|---|---|---|" + "---|" * len(K_SHOTS)]
     classes_line = ""
     for model in args.model or [default_bundle_path()]:
-        names = ModelBundle.load(model).class_names
+        bundle = ModelBundle.load(model)
+        names = bundle.class_names
         E, y = bccd_errors(model, args.bccd, args.threads)
         keep = np.isin(y, [c for c in np.unique(y) if (y == c).sum() >= 10])  # BCCD's lone basophil cannot be split
         E, y = E[keep], y[keep]
         classes_line = ", ".join(f"{names[c]} ({int((y == c).sum())})" for c in np.unique(y))
-        zero = balanced_accuracy(y, np.log(E[:, :len(names)]).mean(2).argmin(1))
-        lines.append(f"| `{ModelBundle.load(model).name}` | none: lowest mean log error (zero-shot) | | {zero:.3f} |"
+        zero = balanced_accuracy(y, np.log(E[:, :len(names)]).mean(2).argmin(1), len(names))
+        lines.append(f"| `{bundle.name}` | none: lowest mean log error (zero-shot) | | {zero:.3f} |"
                      + " |" * (len(K_SHOTS) - 1))
         for what, X in feature_sets(E).items():
             for C in L2_STRENGTHS:
@@ -126,7 +124,7 @@ def main() -> None:
                 for k in K_SHOTS:
                     acc = k_shot(X, y, k, C, args.draws)
                     cells.append(f"{np.mean(acc):.3f} ± {np.std(acc):.3f}")
-                lines.append(f"| `{ModelBundle.load(model).name}` | {what} | {C} | " + " | ".join(cells) + " |")
+                lines.append(f"| `{bundle.name}` | {what} | {C} | " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
     body = (f"BCCD trainval fields with one white cell found ({classes_line}), every class's "
             f"error under the 16 candidate probes; a logistic regression fitted on k fields a class, balanced "
