@@ -151,7 +151,8 @@ def test_specificity_at_sensitivity_takes_the_highest_threshold_that_reaches_it(
     assert m.specificity_at_sensitivity(score, np.zeros(10), 0.95)["threshold"] is None
 
 
-def test_evaluation_names_the_normal_classes_an_abnormal_screen_would_flag():
+def _screen_of_six_cells(abstention: float) -> dict:
+    """evaluate_arrays on six cells of two normal classes and one abnormal one (sensitivity target 1)."""
     from cytoedge.runtime.commands.evaluate import evaluate_arrays
     from cytoedge.runtime.decisions import decide
 
@@ -159,8 +160,22 @@ def test_evaluation_names_the_normal_classes_an_abnormal_screen_would_flag():
     y = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([[.9, .05, .05], [.8, .1, .1], [.2, .2, .6], [.5, .1, .4], [.1, .1, .8], [.3, .2, .5]])
     d = decide(p, np.zeros(6), np.array([False, False, True]),
-               Thresholds(conformal=0.9, abstention=0.0, anomaly=np.inf, abnormal=0.5))
-    out = evaluate_arrays(y, p.argmax(1), np.ones(6), 1.0, names, ["abn"], d, abnormal_sensitivity=1.0)
+               Thresholds(conformal=0.9, abstention=abstention, anomaly=np.inf, abnormal=0.5))
+    return evaluate_arrays(y, p.argmax(1), np.ones(6), 1.0, names, ["abn"], d, abnormal_sensitivity=1.0)
+
+
+def test_evaluation_names_the_normal_classes_an_abnormal_screen_would_flag():
+    out = _screen_of_six_cells(abstention=0.0)
     best = out["abnormal_probability_at_target_sensitivity"]
     assert best["threshold"] == pytest.approx(0.5) and best["specificity"] == pytest.approx(0.75)
     assert best["false_positives_by_class"] == {"normal_a": 0, "normal_b": 1}
+
+
+def test_review_flag_at_target_sensitivity_counts_uncertain_cells_as_flagged():
+    out = _screen_of_six_cells(abstention=0.55)  # rows 3 and 5 (top probability 0.5) are uncertain
+    review = out["review_flag_at_target_sensitivity"]
+    # The uncertain abnormal cell (P 0.5) is flagged anyway, so the threshold may rise to the other's 0.8;
+    # the uncertain normal cell (row 3) is the one false positive, the 0.6 cell no longer is.
+    assert review["threshold"] == pytest.approx(0.8) and review["sensitivity"] == 1.0
+    assert review["specificity"] == pytest.approx(0.75)
+    assert out["abnormal_probability_at_target_sensitivity"]["threshold"] == pytest.approx(0.5)

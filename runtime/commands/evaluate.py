@@ -36,8 +36,9 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
     """Every metric the issue asks for, from labels and the estimator's outputs (pure).
 
     With ``abnormal_sensitivity`` (the calibration's target) it also reports the best specificity any
-    threshold on P(abnormal) reaches at that sensitivity, and which normal classes it flags: whether a
-    missed flag target is the operating point's fault or the model's."""
+    threshold on P(abnormal) reaches at that sensitivity, alone and as the review flag (with the uncertain
+    and anomalous cells, which the flag always holds), and which normal classes it flags: whether a missed
+    flag target is the operating point's fault or the model's."""
     from cytoedge.calibration import metrics as m
 
     k = len(class_names)
@@ -80,6 +81,9 @@ def evaluate_arrays(y: np.ndarray, pred: np.ndarray, nfe: np.ndarray, seconds: f
         best["false_positives_by_class"] = {n: int(flagged[y == c].sum()) for c, n in enumerate(class_names)
                                             if n not in abnormal_classes}
         out["abnormal_probability_at_target_sensitivity"] = best
+        always = d.uncertain | d.anomalous
+        out["review_flag_at_target_sensitivity"] = m.specificity_at_sensitivity(
+            np.where(always, np.inf, d.abnormal_probability), abnormal_truth, abnormal_sensitivity)
     return out
 
 
