@@ -33,6 +33,7 @@ from cytoedge.training.pbc_data import LEGACY_AUGMENT, STRONG_AUGMENT, CellSet, 
 
 log = logging.getLogger("cytoedge.training")
 
+DEFAULT_DATA = Path("../shared/data/pbc/train")  # PBC training crops, where ../shared/data holds them
 PBC_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 
 DEFAULTS = {
@@ -248,7 +249,8 @@ class Trainer:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("../shared/data/pbc/train"))
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"labelled crops DIR/<class>/<image> (default: the run's own, else {DEFAULT_DATA})")
     p.add_argument("--run", type=Path, required=True, help="run folder: checkpoint, log, config")
     p.add_argument("--cache", type=Path, default=Path(".cache"))
     p.add_argument("--max-steps", type=int, default=100_000)
@@ -266,9 +268,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     cfg_path = args.run / "config.json"
+    if args.export_weights and not cfg_path.exists():
+        raise SystemExit(f"{args.run}: not a training run (no config.json); nothing to export weights from")
     if cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
+        # Resuming or exporting a run reads the data it was started on unless told otherwise.
+        args.data = args.data or Path(cfg.get("data", DEFAULT_DATA))
     else:
+        args.data = args.data or DEFAULT_DATA
         cfg = dict(DEFAULTS)
         if args.config:
             cfg.update(json.loads(args.config.read_text()))

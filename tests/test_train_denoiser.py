@@ -1,0 +1,58 @@
+"""The trainer as a user runs it across machines: train a few steps, export the run's weights without
+naming its data again, and start a new run from them (``--init-from``)."""
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+TINY = {"classes": ["round", "oval"], "cache_size": 24, "batch_size": 4, "disc_batch": 2, "warmup_steps": 1,
+        "unet": {"image_size": 16, "in_channels": 3, "patch_size": 2, "base_channels": 8, "channel_mult": [1, 2],
+                 "blocks_per_level": 1, "attention_levels": [], "embed_dim": 16, "groups": 4, "extra": {}}}
+
+
+def _train(cwd, *args):
+    return subprocess.run([sys.executable, "-m", "cytoedge.training.train_denoiser", "--threads", "1", *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def crops(tmp_path):
+    rng = np.random.default_rng(0)
+    for name, axes in (("round", (14, 14)), ("oval", (18, 10))):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            img = np.full((48, 48, 3), 225, np.uint8)
+            cv2.ellipse(img, (24, 24), axes, int(rng.integers(0, 180)), 0, 360, (150, 60, 140), -1)
+            cv2.imwrite(str(tmp_path / "data" / name / f"{i}.png"), img)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY))
+    return tmp_path
+
+
+def test_a_run_is_exported_from_its_own_data_and_continued_elsewhere(crops):
+    data, run, cache = crops / "data", crops / "run", crops / "cache"
+    first = _train(crops, "--data", str(data), "--run", str(run), "--cache", str(cache), "--config",
+                   str(crops / "tiny.json"), "--max-steps", "2", "--ckpt-every", "1")
+    assert first.returncode == 0, first.stderr
+    # No --data: the run's own data is read (the PBC default does not exist in this folder).
+    exported = _train(crops, "--run", str(run), "--cache", str(cache), "--export-weights", str(crops / "w.npz"))
+    assert exported.returncode == 0, exported.stderr
+    with np.load(crops / "w.npz") as z:
+        meta = json.loads(bytes(z["__meta__"]).decode())
+    assert meta["step"] == 2 and meta["cfg"]["classes"] == ["round", "oval"]
+    again = _train(crops, "--data", str(data), "--run", str(crops / "run2"), "--cache", str(cache), "--config",
+                   str(crops / "tiny.json"), "--init-from", str(crops / "w.npz"), "--max-steps", "1")
+    assert again.returncode == 0, again.stderr
+    cfg = json.loads((crops / "run2" / "config.json").read_text())
+    assert cfg["init_from"] == {"weights": str(crops / "w.npz"), "steps": 2, "train_minutes": meta["train_minutes"],
+                                "from_run": None}
+
+
+def test_exporting_from_a_folder_that_is_no_run_names_it_and_leaves_nothing(tmp_path):
+    out = _train(tmp_path, "--run", str(tmp_path / "nope"), "--export-weights", str(tmp_path / "w.npz"))
+    assert out.returncode != 0 and "nope: not a training run" in out.stderr
+    assert not (tmp_path / "nope").exists() and not (tmp_path / "w.npz").exists()
