@@ -1,5 +1,5 @@
-"""The trainer as a user runs it across machines: train a few steps, export the run's weights without
-naming its data again, and start a new run from them (``--init-from``)."""
+"""The trainer as a user runs it across machines: train a few steps, resume without naming the data again,
+export the run's weights from its checkpoint alone, and start a new run from them (``--init-from``)."""
 import json
 import subprocess
 import sys
@@ -38,17 +38,23 @@ def test_a_run_is_exported_from_its_own_data_and_continued_elsewhere(crops):
     first = _train(crops, "--data", str(data), "--run", str(run), "--cache", str(cache), "--config",
                    str(crops / "tiny.json"), "--max-steps", "2", "--ckpt-every", "1")
     assert first.returncode == 0, first.stderr
-    # No --data: the run's own data is read (the PBC default does not exist in this folder).
-    exported = _train(crops, "--run", str(run), "--cache", str(cache), "--export-weights", str(crops / "w.npz"))
+    # No --data: resuming reads the run's own data (the PBC default does not exist in this folder).
+    resumed = _train(crops, "--run", str(run), "--cache", str(cache), "--max-steps", "3", "--ckpt-every", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+    # Exporting needs the checkpoint only: the data may be gone.
+    (crops / "data").rename(crops / "moved")
+    exported = _train(crops, "--run", str(run), "--export-weights", str(crops / "w.npz"))
     assert exported.returncode == 0, exported.stderr
     with np.load(crops / "w.npz") as z:
         meta = json.loads(bytes(z["__meta__"]).decode())
-    assert meta["step"] == 2 and meta["cfg"]["classes"] == ["round", "oval"]
+    assert meta["step"] == 3 and meta["cfg"]["classes"] == ["round", "oval"]
+    data = crops / "moved"
     again = _train(crops, "--data", str(data), "--run", str(crops / "run2"), "--cache", str(cache), "--config",
                    str(crops / "tiny.json"), "--init-from", str(crops / "w.npz"), "--max-steps", "1")
     assert again.returncode == 0, again.stderr
     cfg = json.loads((crops / "run2" / "config.json").read_text())
-    assert cfg["init_from"] == {"weights": str(crops / "w.npz"), "steps": 2, "train_minutes": meta["train_minutes"],
+    assert cfg["init_from"] == {"weights": str(crops / "w.npz"), "steps": 3, "train_minutes": meta["train_minutes"],
                                 "from_run": None}
 
 

@@ -142,14 +142,6 @@ class Trainer:
         log.info("resumed from %s at step %d (%.1f min trained)", self.ckpt_path, self.step, self.elapsed / 60)
         return True
 
-    def export_weights(self, path: Path) -> None:
-        """The EMA weights in FP16 (a third of a checkpoint's size) with the run's config and step: what a
-        fresh machine continues from (``--init-from`` this file); the optimiser state is not kept."""
-        arrays = {k: v.detach().half().numpy() for k, v in self.ema.state_dict().items()}
-        meta = {"cfg": self.cfg, "step": self.step, "train_minutes": round(self.elapsed / 60, 1)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-
     def init_from_weights(self, path: Path) -> None:
         """Warm start from ``export_weights``' file (model and EMA both start from the EMA weights)."""
         with np.load(path) as z:
@@ -247,6 +239,21 @@ class Trainer:
         log.info("stopped at step %d after %.1f min", self.step, self.elapsed / 60)
 
 
+def export_weights(run_dir: Path, path: Path) -> int:
+    """A run's EMA weights in FP16 (a third of a checkpoint's size) with its config and step, read from its
+    checkpoint alone (not its data): what a fresh machine continues from (``--init-from`` this file); the
+    optimiser state is not kept. Returns the step exported."""
+    ckpt = run_dir / "ckpt.pt"
+    if not ckpt.exists():
+        raise SystemExit(f"{run_dir}: not a training run (no ckpt.pt); nothing to export weights from")
+    state = torch.load(ckpt, weights_only=False)
+    arrays = {k: v.detach().half().numpy() for k, v in state["ema"].items()}
+    meta = {"cfg": state["cfg"], "step": state["step"], "train_minutes": round(state["elapsed"] / 60, 1)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, __meta__=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    return int(state["step"])
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None,
@@ -267,12 +274,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.export_weights:
+        log.info("wrote %s (step %d)", args.export_weights, export_weights(args.run, args.export_weights))
+        return
     cfg_path = args.run / "config.json"
-    if args.export_weights and not cfg_path.exists():
-        raise SystemExit(f"{args.run}: not a training run (no config.json); nothing to export weights from")
     if cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
-        # Resuming or exporting a run reads the data it was started on unless told otherwise.
+        # Resuming a run reads the data it was started on unless told otherwise.
         args.data = args.data or Path(cfg.get("data", DEFAULT_DATA))
     else:
         args.data = args.data or DEFAULT_DATA
@@ -293,12 +301,6 @@ def main(argv: list[str] | None = None) -> None:
                                 "train_minutes": prov.get("train_minutes"), "code_commit": prov.get("code_commit")}
         cfg_path.write_text(json.dumps(cfg, indent=2))
     trainer = Trainer(cfg, args.data, args.run, args.cache)
-    if args.export_weights:
-        if not trainer.resume():
-            raise SystemExit(f"{args.run}: no checkpoint to export weights from")
-        trainer.export_weights(args.export_weights)
-        log.info("wrote %s (step %d)", args.export_weights, trainer.step)
-        return
     if not trainer.resume() and args.init_from:
         if args.init_from.suffix == ".npz":
             trainer.init_from_weights(args.init_from)
