@@ -47,9 +47,11 @@ def held_out_cells(data: Path, max_fields: int | None) -> tuple[list[np.ndarray]
     return crops, np.array(labels, np.int64), np.array(field_of, np.int64)
 
 
-def grading_agreement(y: np.ndarray, pred: np.ndarray, field_of: np.ndarray, bundle: ModelBundle) -> dict:
-    """Per (field, ICSH feature): the grade from the model's calls of a field's labelled cells against the
-    grade from their labels (Chula labels a subset of each field's cells: both read the same cells)."""
+def grading_agreement(y: np.ndarray, called: np.ndarray, field_of: np.ndarray, bundle: ModelBundle) -> dict:
+    """Per (field, ICSH feature): the grade from the model's reading of a field's labelled cells against the
+    grade from their labels (Chula labels a subset of each field's cells: both read the same cells).
+    ``called`` is ``[cells, classes]``: one-hot calls (classify and count, as a slide is read now) or the
+    calibrated probabilities (their sum is the expected count, probabilistic classify and count)."""
     from cytoedge.runtime.rbc_grading import grade
 
     names, features = bundle.class_names, bundle.grading["features"]
@@ -61,10 +63,11 @@ def grading_agreement(y: np.ndarray, pred: np.ndarray, field_of: np.ndarray, bun
         for cls, spec in features.items():
             c = names.index(cls)
             truth = grade(100 * (y[sel] == c).sum() / n, int((y[sel] == c).sum()), spec["grade_starts_percent"])
-            called = grade(100 * (pred[sel] == c).sum() / n, int((pred[sel] == c).sum()), spec["grade_starts_percent"])
+            k = float(called[sel, c].sum())
+            reading = grade(100 * k / n, int(np.ceil(k)), spec["grade_starts_percent"])
             pairs += 1
-            agree += truth == called
-            by_feature.setdefault(spec["feature"], []).append(int(truth == called))
+            agree += truth == reading
+            by_feature.setdefault(spec["feature"], []).append(int(truth == reading))
     return {"pairs": pairs, "agreement": agree / pairs if pairs else float("nan"),
             "by_feature": {k: float(np.mean(v)) for k, v in by_feature.items()}}
 
@@ -128,11 +131,15 @@ def main() -> int:
         if i == 0:
             body = full_report(bundle, y, d, s, seconds, n_fields, args.threads)
             if bundle.grading is not None:
-                g = grading_agreement(y, d.class_id, field_of, bundle)
+                g = grading_agreement(y, np.eye(len(bundle.class_names))[d.class_id], field_of, bundle)
+                e = grading_agreement(y, d.probabilities, field_of, bundle)
                 body += (f"\n\nPer-field ICSH grade (0/1+/2+/3+, the bundle's grading.json) from the model's calls of a "
                          f"field's labelled cells against the grade from their labels: **{g['agreement']:.1%}** of "
                          f"{g['pairs']} (field, feature) pairs agree (target ≥ 90 %); by feature: " +
-                         ", ".join(f"{k} {v:.0%}" for k, v in g["by_feature"].items()) + ".")
+                         ", ".join(f"{k} {v:.0%}" for k, v in g["by_feature"].items()) + ". "
+                         f"Graded from the expected counts instead (the sum of each class's calibrated probability "
+                         f"over the field's cells): {e['agreement']:.1%}; by feature: " +
+                         ", ".join(f"{k} {v:.0%}" for k, v in e["by_feature"].items()) + ".")
     body += ("\n\n| bundle | class balance power | steps | balanced accuracy | accuracy | schistocyte recall / specificity "
              f"(argmax) | specificity at recall {TARGET_RECALL:.2f} | schistocyte AUROC | cells/s |\n"
              "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
