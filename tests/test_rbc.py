@@ -97,7 +97,9 @@ def test_the_bundle_validates_and_says_what_it_reads(rbc_bundle):
     assert rbc_bundle.class_names == CHULA_CLASSES and rbc_bundle.cell_type == "red"
     assert set(rbc_bundle.abnormal_classes) == set(CHULA_CLASSES) - {"normal"}
     assert rbc_bundle.crop_scale_estimators == [] and rbc_bundle.calibration is not None
-    assert rbc_bundle.um_per_px == pytest.approx(2 * CHULA_UM_PER_PX, rel=1e-3)
+    # The model's scale is Chula's one dataset scale times the source pixels each model pixel holds.
+    step = rbc_bundle.manifest["input"]["source_px_per_model_px"]
+    assert 1.0 <= step <= 3.0 and rbc_bundle.um_per_px == pytest.approx(step * CHULA_UM_PER_PX, rel=1e-3)
     bad = copy.deepcopy(rbc_bundle.manifest)
     bad["cell_type"] = "platelet"
     with pytest.raises(BundleError, match="cell_type"):
