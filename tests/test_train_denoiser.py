@@ -35,9 +35,14 @@ def crops(tmp_path):
 
 def test_a_run_is_exported_from_its_own_data_and_continued_elsewhere(crops):
     data, run, cache = crops / "data", crops / "run", crops / "cache"
+    # A second --config overrides the first one's keys (an ablation is one key on top of a recipe).
+    (crops / "smaller-batch.json").write_text(json.dumps({"batch_size": 3}))
     first = _train(crops, "--data", str(data), "--run", str(run), "--cache", str(cache), "--config",
-                   str(crops / "tiny.json"), "--max-steps", "2", "--ckpt-every", "1")
+                   str(crops / "tiny.json"), "--config", str(crops / "smaller-batch.json"),
+                   "--max-steps", "2", "--ckpt-every", "1")
     assert first.returncode == 0, first.stderr
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["batch_size"] == 3 and cfg["cache_size"] == 24 and cfg["classes"] == ["round", "oval"]
     # No --data: resuming reads the run's own data (the PBC default does not exist in this folder).
     resumed = _train(crops, "--run", str(run), "--cache", str(cache), "--max-steps", "3", "--ckpt-every", "1")
     assert resumed.returncode == 0, resumed.stderr

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--config", type=Path, help="JSON overriding DEFAULTS (only for a new run)")
+    p.add_argument("--config", type=Path, action="append", default=[],
+                   help="JSON overriding DEFAULTS (only for a new run); repeat it: later files override earlier keys")
     p.add_argument("--exclude-class", action="append", default=[], help="train without this class (new run only)")
     p.add_argument("--init-from", type=Path,
                    help="model bundle, or weights file from --export-weights, whose weights start a new run")
@@ -285,8 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         args.data = args.data or DEFAULT_DATA
         cfg = dict(DEFAULTS)
-        if args.config:
-            cfg.update(json.loads(args.config.read_text()))
+        for path in args.config:
+            cfg.update(json.loads(path.read_text()))
         cfg["exclude_classes"] = sorted(set(cfg.get("exclude_classes", [])) | set(args.exclude_class))
         args.run.mkdir(parents=True, exist_ok=True)
         cfg["data"] = str(args.data)
