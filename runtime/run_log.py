@@ -7,8 +7,8 @@ A row holds the model's identity, counts, rates, the out-of-domain statistic and
 names the slide only by its file name, as results.json already does: no patient identifier, no
 DICOM header field, no cell image (docs/monitoring.md).
 
-Writers are short-lived: one connection per row, WAL and a busy timeout, so ``score`` runs and the
-daemon's worker threads can append at once. Writing is never allowed to fail a slide: ``record_slide``
+Writers are short-lived: one connection per row, a log born in WAL mode, write transactions taken
+immediately and a busy timeout, so ``score`` runs and the daemon's worker threads can append at once. Writing is never allowed to fail a slide: ``record_slide``
 turns any fault into a warning.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sqlite3
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -148,26 +149,66 @@ def run_log_row(entry_or_summary: dict, audit: dict, seconds: float | None, when
     }
 
 
+def _initialise(db: sqlite3.Connection) -> None:
+    db.execute("PRAGMA journal_mode=WAL")
+    with db:
+        db.executescript(SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?), ('format_version', ?)",
+                   (FORMAT, str(FORMAT_VERSION)))
+
+
+def _create(path: Path) -> None:
+    """Build a new log beside ``path`` and link it into place. Writers that start together on a missing
+    file would otherwise race to switch it to WAL, and SQLite answers that race with "database is locked"
+    at once, without waiting out the busy timeout. If another writer links first, its file is the log."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
+    os.close(fd)
+    try:
+        db = sqlite3.connect(tmp)
+        try:
+            _initialise(db)
+        finally:
+            db.close()
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """A write connection to the log at ``path`` (created with its tables if new); RunLogError if the file
     is another program's database."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        _create(path)
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if tables and "meta" not in tables:
             raise RunLogError(f"{path}: an SQLite file that is not a cytoedge run log (tables {sorted(tables)}); "
                               f"choose another file")
-        db.execute("PRAGMA journal_mode=WAL")
-        with db:
-            db.executescript(SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?), ('format_version', ?)",
-                       (FORMAT, str(FORMAT_VERSION)))
+        if not tables:  # an empty file someone made for the log
+            _initialise(db)
         _check_meta(db, path)
     except BaseException:
         db.close()
         raise
     return db
+
+
+def _write(path: Path, sql: str, params: list | tuple) -> None:
+    """One statement in its own write transaction, taken with BEGIN IMMEDIATE: the write lock is claimed
+    (waiting out the busy timeout) before anything is read, so a deferred read can never need upgrading
+    while another writer commits, which SQLite would refuse without waiting."""
+    db = _connect(Path(path))
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(sql, params)
+        db.commit()
+    finally:
+        db.close()  # an uncommitted transaction is rolled back here
 
 
 def _check_meta(db: sqlite3.Connection, path: Path) -> None:
@@ -182,13 +223,8 @@ def _check_meta(db: sqlite3.Connection, path: Path) -> None:
 def append_run(path: Path, row: dict) -> None:
     """Append one row (from ``run_log_row``); raises sqlite3.Error, OSError or RunLogError."""
     names = [name for name, _ in RUN_COLUMNS]
-    db = _connect(Path(path))
-    try:
-        with db:
-            db.execute(f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
-                       [row.get(n) for n in names])
-    finally:
-        db.close()
+    _write(path, f"INSERT INTO runs ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+           [row.get(n) for n in names])
 
 
 def record_slide(path: Path | None, entry_or_summary: dict, audit: dict, seconds: float | None,
@@ -209,13 +245,8 @@ def record_revalidation(path: Path, when: datetime, details: dict) -> None:
     """Record a passed revalidation (``cytoedge compare`` against human readers) at ``when``, with JSON-ready
     ``details`` (what was compared, the figures). ``cytoedge monitor`` counts the days since the last one,
     and its control charts take a new baseline after it: the lab has accepted the current level."""
-    db = _connect(Path(path))
-    try:
-        with db:
-            db.execute("INSERT INTO revalidations (time, details) VALUES (?, ?)",
-                       (utc_text(when), json.dumps(details, sort_keys=True)))
-    finally:
-        db.close()
+    _write(path, "INSERT INTO revalidations (time, details) VALUES (?, ?)",
+           (utc_text(when), json.dumps(details, sort_keys=True)))
 
 
 def _open_existing(path: Path) -> sqlite3.Connection:

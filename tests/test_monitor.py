@@ -1,5 +1,5 @@
 """The run log and `cytoedge monitor`: each Westgard rule on hand-made z-scores, the rolling baseline and its
-SD floors, the row a slide gives, concurrent writers, `cytoedge score` and the daemon appending rows, and the
+SD floors, the row a slide gives, concurrent writers (threads, and processes on a new file), `cytoedge score` and the daemon appending rows, and the
 monitor run as a user runs it — an alarm and a real chart on a log whose abnormal rate jumps, none on a
 steady one, and one-line errors on a missing or foreign log. Run-log fixtures are written with the
 module's own functions, from synthetic slide summaries."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -251,6 +252,35 @@ def test_append_and_read_back_from_concurrent_writers(tmp_path):
                                                                         for i in range(10))
     R.record_revalidation(path, NOW, {"kappa": 0.8})
     assert R.read_revalidations(path) == [{"time": R.utc_text(NOW), "details": {"kappa": 0.8}}]
+
+
+def _append_at_barrier(path: Path, k: int, barrier, results) -> None:
+    barrier.wait()
+    try:
+        for i in range(3):
+            R.append_run(path, R.run_log_row(summary(source=f"p{k}-{i}.png"), AUDIT, 1.0, NOW))
+        results.put(None)
+    except Exception as e:  # sent back to the test
+        results.put(repr(e))
+
+
+def test_processes_starting_together_on_a_new_log_all_write(tmp_path):
+    """Eight processes released at once on a file that does not exist yet: they used to race to switch it to
+    WAL, and SQLite refused a few writers in a thousand with "database is locked", without waiting."""
+    ctx = multiprocessing.get_context("fork")
+    errors = []
+    for trial in range(40):
+        path = tmp_path / f"log{trial}.sqlite"
+        barrier, results = ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_append_at_barrier, args=(path, k, barrier, results)) for k in range(8)]
+        for proc in procs:
+            proc.start()
+        errors += [e for e in (results.get(timeout=60) for _ in procs) if e]
+        for proc in procs:
+            proc.join()
+        assert errors or len(R.read_runs(path)) == 24
+    assert errors == []
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".new")]  # no build file left behind
 
 
 def test_a_log_that_cannot_be_written_is_a_warning(tmp_path, caplog):
