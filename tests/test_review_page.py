@@ -171,6 +171,28 @@ def test_keyboard_review_updates_the_differential_and_exports_corrections(demo, 
     assert (demo / "pilot" / "disagreements.html").exists()
 
 
+def _storage_watcher(driver, page: Path) -> str:
+    """Open `page` in a new tab that records the keys of the storage events it receives; return its handle."""
+    home = driver.current_window_handle
+    driver.switch_to.new_window("tab")
+    driver.get(page.as_uri())
+    driver.execute_script("window.seenKeys = []; addEventListener('storage', e => seenKeys.push(e.key));")
+    handle = driver.current_window_handle
+    driver.switch_to.window(home)
+    return handle
+
+
+def _wait_for_storage_event(driver, watcher: str, home: str) -> None:
+    """Wait until the watcher tab has seen a storage change, close it, and return to `home`."""
+    driver.switch_to.window(watcher)
+    deadline = time.time() + 10
+    while not driver.execute_script("return seenKeys.length") and time.time() < deadline:
+        time.sleep(0.05)
+    assert driver.execute_script("return seenKeys.length"), "the review page's save reached no other page"
+    driver.close()
+    driver.switch_to.window(home)
+
+
 def test_saved_progress_returns_to_its_own_page_only(demo, browser, tmp_path):
     """Progress is kept in the browser's storage, which every file:// page shares: a reload gets it back; a
     page of the same slide name with other calls does not, and what comes back always validates."""
@@ -191,9 +213,14 @@ def test_saved_progress_returns_to_its_own_page_only(demo, browser, tmp_path):
     browser.get(first.as_uri())
     browser.execute_script("localStorage.clear()")
     browser.refresh()
+    # A second page of the same origin watches the storage. Chromium writes localStorage to the browser
+    # process asynchronously, and a page reloaded at once can read the store before the write lands (1 run
+    # in 20 here); once another page has seen the change, the reload reads it. A person reloads later.
+    page, watcher = browser.current_window_handle, _storage_watcher(browser, second)
     first_id = entry["cells"][0]["id"]
     browser.find_element("css selector", f'figure[data-id="{first_id}"]').click()
     browser.find_element("css selector", "body").send_keys(Keys.ENTER)
+    _wait_for_storage_event(browser, watcher, page)
     browser.refresh()
     assert _figures(browser)[first_id]["status"] == "confirmed"  # back after a reload
     browser.get(second.as_uri())
