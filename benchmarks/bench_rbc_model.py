@@ -47,29 +47,85 @@ def held_out_cells(data: Path, max_fields: int | None) -> tuple[list[np.ndarray]
     return crops, np.array(labels, np.int64), np.array(field_of, np.int64)
 
 
-def grading_agreement(y: np.ndarray, called: np.ndarray, field_of: np.ndarray, bundle: ModelBundle) -> dict:
+def _reading(calls: np.ndarray, probabilities: np.ndarray, names: list[str], grading: dict) -> dict:
+    """The product's reading (runtime/rbc_grading.red_cell_reading) of cells with these calls."""
+    from cytoedge.runtime.rbc_grading import red_cell_reading
+
+    counts = {c: int(k) for c, k in zip(names, np.bincount(calls, minlength=len(names)))}
+    return red_cell_reading(counts, grading, probabilities)
+
+
+def grading_agreement(y: np.ndarray, d, field_of: np.ndarray, bundle: ModelBundle, mode: str) -> dict:
     """Per (field, ICSH feature): the grade from the model's reading of a field's labelled cells against the
     grade from their labels (Chula labels a subset of each field's cells: both read the same cells).
-    ``called`` is ``[cells, classes]``: one-hot calls (classify and count, as a slide is read now) or the
-    calibrated probabilities (their sum is the expected count, probabilistic classify and count)."""
+    ``mode``: "corrected" (the shares corrected for the model's confusions, as a slide is read), "called"
+    (classify and count) or "expected" (the sum of each class's calibrated probability)."""
     from cytoedge.runtime.rbc_grading import grade
 
-    names, features = bundle.class_names, bundle.grading["features"]
+    names, grading = bundle.class_names, bundle.grading
     pairs = agree = 0
     by_feature: dict[str, list[int]] = {}
     for f in np.unique(field_of):
         sel = field_of == f
         n = int(sel.sum())
-        for cls, spec in features.items():
+        if mode != "expected":
+            read = _reading(d.class_id[sel], d.probabilities[sel], names,
+                            grading if mode == "corrected" else {**grading, "share_estimate": None})
+        for cls, spec in grading["features"].items():
             c = names.index(cls)
             truth = grade(100 * (y[sel] == c).sum() / n, int((y[sel] == c).sum()), spec["grade_starts_percent"])
-            k = float(called[sel, c].sum())
-            reading = grade(100 * k / n, int(np.ceil(k)), spec["grade_starts_percent"])
+            if mode == "expected":
+                k = float(d.probabilities[sel, c].sum())
+                reading = grade(100 * k / n, int(np.ceil(k)), spec["grade_starts_percent"])
+            else:
+                reading = read["grades"][spec["feature"]]["grade"]
             pairs += 1
             agree += truth == reading
             by_feature.setdefault(spec["feature"], []).append(int(truth == reading))
     return {"pairs": pairs, "agreement": agree / pairs if pairs else float("nan"),
             "by_feature": {k: float(np.mean(v)) for k, v in by_feature.items()}}
+
+
+# Slides a lab meets, as class shares (the rest normal): the schistocyte urgency must fire on the first
+# kind above 1 % and stay quiet on anaemias whose cells the model sometimes calls schistocytes.
+SLIDES = [({}, "normal"), ({"schistocyte": 0.005}, "0.5 % schistocytes"), ({"schistocyte": 0.01}, "1 % schistocytes"),
+          ({"schistocyte": 0.02}, "2 % schistocytes"), ({"schistocyte": 0.03}, "3 % schistocytes"),
+          ({"schistocyte": 0.05}, "5 % schistocytes"), ({"spherocyte": 0.3}, "30 % spherocytes"),
+          ({"microcyte": 0.3}, "30 % microcytes"), ({"microcyte": 0.3, "hypochromia": 0.2}, "30 % microcytes, 20 % hypochromic"),
+          ({"teardrop": 0.1}, "10 % teardrops"), ({"target_cell": 0.3}, "30 % target cells"),
+          ({"spherocyte": 0.3, "schistocyte": 0.02}, "30 % spherocytes + 2 % schistocytes"),
+          ({"microcyte": 0.3, "schistocyte": 0.02}, "30 % microcytes + 2 % schistocytes")]
+
+
+def urgency_on_resampled_slides(y: np.ndarray, d, bundle: ModelBundle, slides: int = 50, cells: int = 1000) -> str:
+    """Each SLIDES composition as ``slides`` slides of ``cells`` held-out cells drawn (with replacement)
+    from its classes, read from called counts and corrected: how often each is urgent, its schistocyte share."""
+    names, grading = bundle.class_names, bundle.grading
+    urgent_class, limit = grading["urgent"]["class"], grading["urgent"]["above_percent"]
+    estimate = grading["share_estimate"]
+    quick = {**grading, "share_estimate": {**estimate, "interval": {**estimate["interval"], "bootstrap_resamples": 10}}}
+    reads = {"called": {**grading, "share_estimate": None}, "corrected": quick}  # the interval decides nothing
+    rng = np.random.default_rng(0)
+    pools = {c: np.flatnonzero(y == names.index(c)) for c in names}
+    rows = []
+    for shares, label in SLIDES:
+        mix = {**shares, "normal": 1 - sum(shares.values())}
+        out: dict[str, list] = {"called": [], "corrected": []}
+        for _ in range(slides):
+            ids = np.concatenate([rng.choice(pools[c], int(round(f * cells))) for c, f in mix.items()])
+            for mode, g in reads.items():
+                r = _reading(d.class_id[ids], d.probabilities[ids], names, g)
+                share = r["by_class"][urgent_class]
+                out[mode].append((r["triage"]["level"], share.get("adjusted_percent", share["percent"])))
+        row = [label, f"{100 * shares.get(urgent_class, 0):g}"]
+        for mode in ("called", "corrected"):
+            row += [f"{np.mean([lv == 'urgent' for lv, _ in out[mode]]):.0%}", f"{np.mean([p for _, p in out[mode]]):.2f}"]
+        row.append(f"{np.mean([lv != 'routine' for lv, _ in out['corrected']]):.0%}")
+        rows.append("| " + " | ".join(row) + " |")
+    return (f"\n\nSchistocyte urgency (> {limit:g} %) on {slides} slides of {cells} cells per composition, drawn with "
+            "replacement from the held-out cells of each class (the rest normal), read as `score` reads a slide:\n\n"
+            f"| slide | true {urgent_class} % | urgent, called counts | mean % called | urgent, corrected | "
+            "mean % corrected | review or urgent, corrected |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def score(bundle: ModelBundle, crops: list[np.ndarray], threads: int, backend: str):
@@ -131,15 +187,18 @@ def main() -> int:
         if i == 0:
             body = full_report(bundle, y, d, s, seconds, n_fields, args.threads)
             if bundle.grading is not None:
-                g = grading_agreement(y, np.eye(len(bundle.class_names))[d.class_id], field_of, bundle)
-                e = grading_agreement(y, d.probabilities, field_of, bundle)
-                body += (f"\n\nPer-field ICSH grade (0/1+/2+/3+, the bundle's grading.json) from the model's calls of a "
-                         f"field's labelled cells against the grade from their labels: **{g['agreement']:.1%}** of "
-                         f"{g['pairs']} (field, feature) pairs agree (target ≥ 90 %); by feature: " +
-                         ", ".join(f"{k} {v:.0%}" for k, v in g["by_feature"].items()) + ". "
-                         f"Graded from the expected counts instead (the sum of each class's calibrated probability "
-                         f"over the field's cells): {e['agreement']:.1%}; by feature: " +
-                         ", ".join(f"{k} {v:.0%}" for k, v in e["by_feature"].items()) + ".")
+                g = {mode: grading_agreement(y, d, field_of, bundle, mode) for mode in ("corrected", "called", "expected")}
+                body += ("\n\nPer-field ICSH grade (0/1+/2+/3+, the bundle's grading.json) from the model's reading of a "
+                         "field's labelled cells against the grade from their labels, (field, feature) pairs that agree "
+                         "(target ≥ 90 %):\n\n| shares read from | agreement | by feature |\n|---|---|---|\n" +
+                         "\n".join(f"| {mode} | **{r['agreement']:.1%}** of {r['pairs']} | " +
+                                   ", ".join(f"{k} {v:.0%}" for k, v in r["by_feature"].items()) + " |"
+                                   for mode, r in g.items()) +
+                         "\n\ncorrected: the shares corrected for the model's confusions (EM prior adjustment, "
+                         "calibration/prior_shift.py), as `score` grades a slide; called: classify and count; expected: "
+                         "the sum of each class's calibrated probability.")
+                if bundle.grading.get("urgent") and bundle.grading.get("share_estimate"):
+                    body += urgency_on_resampled_slides(y, d, bundle)
     body += ("\n\n| bundle | class balance power | steps | balanced accuracy | accuracy | schistocyte recall / specificity "
              f"(argmax) | specificity at recall {TARGET_RECALL:.2f} | schistocyte AUROC | cells/s |\n"
              "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")

@@ -23,6 +23,14 @@ ICSH_2015 = "Palmer L, et al. Int J Lab Hematol 2015;37:287-303 (ICSH grading of
 ICSH_SCHISTOCYTES = ("Zini G, et al. Int J Lab Hematol 2012;34:107-16, and the 2021 update, Int J Lab Hematol "
                      "2021;43:1264-71: > 1 % schistocytes in adults is suspicious for thrombotic microangiopathy")
 
+SHARE_ESTIMATE_PROVENANCE = (
+    "Saerens M, Latinne P, Decaestecker C. Neural Comput 2002;14:21-41 (EM re-estimate of class priors). Chosen "
+    "by measurement on the held-out Chula fields (benchmarks/bench_rbc_model.py, 2026-12-04, cytoedge-rbc32-ddpm "
+    "at 10,600 steps): per-field grade agreement 85.6 % from called counts, 88.2 % corrected; on 1,000-cell slides "
+    "resampled from held-out cells, slides of 30 % microcytes and no schistocytes urgent 94 % of the time from "
+    "called counts, 4 % corrected, and slides of 2 % schistocytes urgent 100 % / 78 % (the rest sent to review); "
+    "RESULTS.md, 'Red-cell morphology bundle'")
+
 # Where each grade starts, in % of red cells, as the published ranges read on a continuous share:
 # "5-20 / 21-50 / > 50" is 1+ from 5 %, 2+ above 20 %, 3+ above 50 %; schistocytes' "< 1 / 1-2 / > 2" is
 # 1+ from one cell, 2+ from 1 %, 3+ above 2 %.
@@ -59,6 +67,10 @@ def icsh_grading(class_names: list[str]) -> dict:
         if "schistocyte" in class_names else None,
         # Grades from fewer red cells than this are reported as provisional (ICSH: count at least 1,000).
         "min_red_cells": 1000,
+        # Shares are read corrected for the model's confusions (calibration/prior_shift.py), not as called.
+        "share_estimate": {"method": "EM prior adjustment of the calibrated probabilities (uniform calibration prior)",
+                           "interval": {"bootstrap_resamples": 200, "level": 0.95, "seed": 0},
+                           "provenance": SHARE_ESTIMATE_PROVENANCE},
         "provenance": {"grading": ICSH_2015, "schistocytes": ICSH_SCHISTOCYTES,
                        "note": "transcribed for cytoedge; verify against the published tables before clinical use; "
                                "a grade is read from the point estimate, as on a manual count",

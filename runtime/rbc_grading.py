@@ -1,15 +1,24 @@
 """A slide's red-cell reading: the share of each morphology class with its interval, the ICSH grade of
 each feature, and what enters triage.
 
-Pure over class counts and the red-cell bundle's grading artefact (``grading.json``, written by
-calibration/icsh_grading.py with its provenance): a grade is read from the point estimate, as on a
-manual count, each grade starting where the table says (``at_least`` or ``above`` a share: "5–20 /
-21–50 / > 50" is 1+ from 5 %, 2+ above 20 %). The 95 % interval of each
-share is the exact binomial (Clopper–Pearson) interval of the count. Fewer red cells than
+Pure over class counts, the cells' calibrated probabilities and the red-cell bundle's grading artefact
+(``grading.json``, written by calibration/icsh_grading.py with its provenance): a grade is read from the
+point estimate, as on a manual count, each grade starting where the table says (``at_least`` or
+``above`` a share: "5–20 / 21–50 / > 50" is 1+ from 5 %, 2+ above 20 %). The 95 % interval of each
+called share is the exact binomial (Clopper–Pearson) interval of the count. Fewer red cells than
 ``min_red_cells`` make the reading provisional, and it says so.
+
+Where the artefact asks for it (``share_estimate``), the grades and the schistocyte urgency are read
+from the shares corrected for the model's confusions (calibration/prior_shift.py), with a bootstrap
+interval; the called shares stay beside them. A slide whose called schistocytes pass the urgent
+threshold while the corrected share does not is still sent to review, with both figures: the correction
+never hides a call.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from cytoedge.calibration.prior_shift import bootstrap_interval, prior_adjusted_shares
 from cytoedge.runtime.intervals import exact_interval
 
 GRADES = ("0", "1+", "2+", "3+")
@@ -29,38 +38,79 @@ def grade(percent: float, count: int, starts: dict) -> str:
     return "0"
 
 
-def red_cell_reading(counts: dict[str, int], grading: dict) -> dict:
-    """The slide's red-cell block: counts, shares with intervals, grades, and the triage it asks for."""
+def _adjusted(names: list[str], probabilities: np.ndarray | None, estimate: dict | None) -> dict | None:
+    """Each class's corrected share and its interval, in %, or None where they cannot be had."""
+    if not estimate or probabilities is None or not len(probabilities):
+        return None
+    p = np.asarray(probabilities, np.float64)
+    if p.shape[1] != len(names):
+        raise ValueError(f"red-cell probabilities have {p.shape[1]} classes; the counts have {len(names)}")
+    interval = estimate["interval"]
+    shares = prior_adjusted_shares(p)
+    lo, hi = bootstrap_interval(p, resamples=interval["bootstrap_resamples"], level=interval["level"],
+                                seed=interval["seed"])
+    return {c: (100 * shares[i], [round(100 * lo[i], 3), round(100 * hi[i], 3)]) for i, c in enumerate(names)}
+
+
+def red_cell_reading(counts: dict[str, int], grading: dict, probabilities: np.ndarray | None = None) -> dict:
+    """The slide's red-cell block: counts, shares with intervals, grades, and the triage it asks for.
+
+    ``probabilities``: the classified cells' calibrated probabilities ``[cells, classes]``, columns in the
+    order of ``counts``; without them (or without ``share_estimate`` in ``grading``) the grades are read
+    from the called counts.
+    """
     n = int(sum(counts.values()))
+    adjusted = _adjusted(list(counts), probabilities, grading.get("share_estimate"))
     by_class = {}
     for c, k in counts.items():
         lo, hi = exact_interval(int(k), n) if n else (0.0, 1.0)
         by_class[c] = {"count": int(k), "percent": round(100 * k / n, 3) if n else None,
                        "ci95_percent": [round(100 * lo, 3), round(100 * hi, 3)]}
+        if adjusted:
+            by_class[c].update(adjusted_percent=round(adjusted[c][0], 3), adjusted_ci95_percent=adjusted[c][1])
     grades = {}
     for c, spec in grading["features"].items():
         k = int(counts.get(c, 0))
         p = 100 * k / n if n else 0.0
-        grades[spec["feature"]] = {"class": c, "count": k, "percent": round(p, 3),
-                                   "ci95_percent": by_class.get(c, {}).get("ci95_percent"),
-                                   "grade": grade(p, k, spec["grade_starts_percent"]) if n else "not assessed"}
+        g = {"class": c, "count": k, "percent": round(p, 3), "ci95_percent": by_class.get(c, {}).get("ci95_percent")}
+        graded_k = k
+        if adjusted:
+            graded_k = int(round(adjusted[c][0] * n / 100))  # the corrected share as a count of this sample
+            g.update(adjusted_percent=round(adjusted[c][0], 3), adjusted_ci95_percent=adjusted[c][1])
+        g["grade"] = grade(100 * graded_k / n, graded_k, spec["grade_starts_percent"]) if n else "not assessed"
+        grades[spec["feature"]] = g
     provisional = n < grading["min_red_cells"]
     reasons, level = [], "routine"
     review_at = GRADES.index(grading["review_grade"])
+    corrected = ", corrected for the model's confusions" if adjusted else ""
     for feature, g in grades.items():
         if g["grade"] in GRADES and GRADES.index(g["grade"]) >= review_at:
             level = "review"
-            reasons.append(f"{feature} {g['grade']} ({g['percent']:.1f} % of {n} red cells)")
+            reasons.append(f"{feature} {g['grade']} ({g.get('adjusted_percent', g['percent']):.1f} % of {n} red cells"
+                           f"{corrected})")
     urgent = grading.get("urgent")
     if urgent and n:
-        k = int(counts.get(urgent["class"], 0))
-        if 100 * k / n > urgent["above_percent"]:
-            lo, hi = by_class[urgent["class"]]["ci95_percent"]
+        c, limit = urgent["class"], urgent["above_percent"]
+        called = 100 * int(counts.get(c, 0)) / n
+        lo, hi = by_class[c]["ci95_percent"]
+        why = f"above {limit:g} %, the ICSH threshold for suspecting a thrombotic microangiopathy"
+        if adjusted is None and called > limit:
             level = "urgent"
-            reasons.insert(0, f"{urgent['class']}s {100 * k / n:.1f} % of {n} red cells (95 % CI {lo:.1f}–{hi:.1f} %): "
-                              f"above {urgent['above_percent']:g} %, the ICSH threshold for suspecting a "
-                              "thrombotic microangiopathy")
+            reasons.insert(0, f"{c}s {called:.1f} % of {n} red cells (95 % CI {lo:.1f}–{hi:.1f} %): {why}")
+        elif adjusted is not None:
+            share, (alo, ahi) = adjusted[c]
+            if share > limit:
+                level = "urgent"
+                reasons.insert(0, f"{c}s {share:.1f} % of {n} red cells, corrected for the model's confusions "
+                                  f"(95 % CI {alo:.1f}–{ahi:.1f} %; called on {called:.1f} %): {why}")
+            elif called > limit:
+                level = "review" if level == "routine" else level
+                reasons.insert(0, f"{c}s called on {called:.1f} % of {n} red cells, {why}, but {share:.1f} % once "
+                                  f"corrected for the model's confusions (95 % CI {alo:.1f}–{ahi:.1f} %): "
+                                  f"review the {c} calls")
     if provisional:
         reasons.append(f"only {n} red cells classified (grading needs {grading['min_red_cells']}): provisional")
-    return {"red_cells_classified": n, "provisional": provisional, "by_class": by_class, "grades": grades,
-            "triage": {"level": level, "reasons": reasons}}
+    return {"red_cells_classified": n, "provisional": provisional,
+            "shares": "corrected for the model's confusions (EM prior adjustment), bootstrap 95 % interval"
+            if adjusted else "called counts",
+            "by_class": by_class, "grades": grades, "triage": {"level": level, "reasons": reasons}}

@@ -61,6 +61,7 @@ class RedCellReader:
         self.seen = 0  # separated red cells met in the tile cores read until the sample was complete
         self.seconds = 0.0
         self.sample: list[dict] = []  # each classified cell: slide centre and class (for the DICOM annotations)
+        self.probabilities: list[list[float]] = []  # each classified cell's, in class order (for the corrected shares)
         self._tiles: list[np.ndarray] = []
         self._rows: list[np.ndarray] = []
         self._centres: list[tuple[float, float]] = []
@@ -108,17 +109,22 @@ class RedCellReader:
         for record, centre in zip(records, self._centres):
             self.counts[record["class"]] += 1
             self.sample.append({"centre": list(centre), "class": record["class"]})
+            self.probabilities.append([record["probabilities"][c] for c in self.bundle.class_names])
         self._tiles, self._rows, self._centres = [], [], []
 
     def checkpoint(self) -> dict:
         """What the slide's tiles so far left (JSON-ready): with ``restore``, a resumed slide goes on."""
         self.flush()
-        return {"counts": dict(self.counts), "seen": self.seen, "seconds": self.seconds}
+        return {"counts": dict(self.counts), "seen": self.seen, "seconds": self.seconds,
+                "probabilities": [[round(v, 5) for v in row] for row in self.probabilities]}
 
     def restore(self, checkpoint: dict) -> None:
         self.reset()
         self.counts.update({c: int(k) for c, k in checkpoint["counts"].items() if c in self.counts})
         self.seen, self.seconds = int(checkpoint["seen"]), float(checkpoint["seconds"])
+        rows = checkpoint.get("probabilities") or []
+        if all(len(r) == len(self.bundle.class_names) for r in rows):  # else graded from the counts
+            self.probabilities = [[float(v) for v in r] for r in rows]
 
     def reading(self, scale_source: str | None) -> dict:
         """The slide's red-cell block (runtime/rbc_grading.red_cell_reading), with the sample; its cost is
@@ -128,7 +134,8 @@ class RedCellReader:
         estimated = scale_source == "red-cells"
         if estimated:  # the size features cannot be read at a scale taken from the cells' own size
             grading = {**grading, "features": {c: f for c, f in grading["features"].items() if c not in SIZE_CLASSES}}
-        out = red_cell_reading(self.counts, grading)
+        probabilities = np.array(self.probabilities) if len(self.probabilities) == self.sampled else None
+        out = red_cell_reading(self.counts, grading, probabilities)
         out.update({"model": self.bundle.name, "bundle_sha256": self.bundle.sha256,
                     "separated_red_cells_seen": self.seen, "target_cells": self.sampling.target_cells,
                     "size_features": "not assessed: the slide's scale was estimated from its red cells" if estimated

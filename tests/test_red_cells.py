@@ -60,6 +60,15 @@ def test_a_slides_red_cells_are_sampled_classified_and_graded(bundle, ort_backen
                         open_source(png, smear.um_per_px))
     assert [c["class"] for c in plain["cells"]] == [c["class"] for c in entry["cells"]]
     assert len(scorer.red_sample["cells"]) == red["red_cells_classified"]
+    # graded on the shares corrected for the model's confusions, which a resumed slide gets back
+    assert red["shares"].startswith("corrected")
+    assert sum(v["adjusted_percent"] for v in red["by_class"].values()) == pytest.approx(100, abs=0.01)
+    resumed = RedCellReader(red_bundle, reader.backend)
+    resumed.restore(json.loads(json.dumps(reader.checkpoint())))
+    again = resumed.reading(None)
+    assert {f: g["grade"] for f, g in again["grades"].items()} == {f: g["grade"] for f, g in red["grades"].items()}
+    assert all(again["by_class"][c]["adjusted_percent"] == pytest.approx(v["adjusted_percent"], abs=0.01)
+               for c, v in red["by_class"].items())
 
 
 def test_size_features_are_not_graded_at_a_scale_read_off_the_red_cells(red_bundle):

@@ -26,6 +26,10 @@ def _img(rgb: np.ndarray | None, alt: str, width: str = "100%") -> str:
             f'src="data:image/png;base64,{base64.b64encode(buf.tobytes()).decode()}">')
 
 
+def _fmt_share(percent: float | None, interval: list | None) -> str:
+    return "–" if percent is None else f"{percent:.1f} ({interval[0]:.1f}–{interval[1]:.1f})"
+
+
 def _fmt(p: float | None) -> str:
     return "" if p is None else f"{p:.3f}"
 
@@ -97,10 +101,14 @@ def render_html(entry: dict, audit: dict, overlay_rgb: np.ndarray | None, galler
             parts += [f"<h2>Red cells ({red['red_cells_classified']} classified"
                       f"{', provisional' if red['provisional'] else ''}; {red['model']})</h2>",
                       _table([[f, g["count"], f"{g['percent']:.1f}",
-                               "–".join(f"{v:.1f}" for v in g["ci95_percent"] or []), g["grade"]]
+                               "–".join(f"{v:.1f}" for v in g["ci95_percent"] or []),
+                               _fmt_share(g.get("adjusted_percent"), g.get("adjusted_ci95_percent")), g["grade"]]
                               for f, g in red["grades"].items()],
-                             ["feature (ICSH 2015)", "cells", "%", "95 % interval", "grade"]),
-                      f"<p><small>size features: {html.escape(red['size_features'])}</small></p>"]
+                             ["feature (ICSH 2015)", "cells called", "% called", "95 % interval",
+                              "% corrected (95 % interval)", "grade"]),
+                      f"<p><small>graded on: {html.escape(red.get('shares', 'called counts'))}; the corrected share "
+                      "undoes the model's known confusions (e.g. spherocytes called schistocytes); "
+                      f"size features: {html.escape(red['size_features'])}</small></p>"]
         dm = s.get("density_map")
         if dm:
             parts += [f"<h2>Abnormal-cell density ({dm['bin_um']:.0f} µm bins)</h2>",

@@ -66,7 +66,9 @@ def review_data(entry: dict, audit: dict, views: dict, overlays: dict[int, bytes
         "triage": (summary.get("triage") or {}).get("level"), "domain_alarm": bool((summary.get("domain_alarm") or {}).get("raised")),
         "cells_without_view": sum(1 for c in cells if c["img"] is None), "cells": cells,
         "red_cells": ({"classified": red["red_cells_classified"], "provisional": red["provisional"],
-                       "grades": {f: [g["percent"], g["grade"]] for f, g in red["grades"].items()}}
+                       "corrected": "adjusted_percent" in next(iter(red["grades"].values()), {}),
+                       "grades": {f: [g.get("adjusted_percent", g["percent"]), g["grade"]]
+                                  for f, g in red["grades"].items()}}
                       if (red := summary.get("red_cells")) else None),
     }
 
@@ -294,7 +296,7 @@ document.getElementById("keys").innerHTML = K.map((k, i) => `<kbd>${i + 1}</kbd>
   (D.cells_without_view ? `<br>${D.cells_without_view} cells beyond the page's limit are listed without a picture` : "");
 if (D.red_cells) document.getElementById("red").innerHTML =
   `<h3>Red cells (${D.red_cells.classified} read${D.red_cells.provisional ? ", provisional" : ""})</h3><table>` +
-  "<tr><th>feature</th><th>%</th><th>grade</th></tr>" + Object.entries(D.red_cells.grades).map(([f, [p, g]]) =>
+  `<tr><th>feature</th><th>${D.red_cells.corrected ? "% corrected" : "%"}</th><th>grade</th></tr>` + Object.entries(D.red_cells.grades).map(([f, [p, g]]) =>
     `<tr><td>${esc(f)}</td><td>${p.toFixed(1)}</td><td>${esc(g)}</td></tr>`).join("") + "</table>";
 window.cytoedgeReview = {exportDocument, rumke, state};
 render();
