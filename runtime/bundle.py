@@ -78,6 +78,18 @@ def validate_manifest(manifest: Any, where: str) -> None:
             raise BundleError(f"{where}: field '{key}' names {manifest[key]!r}, which 'files' does not list")
 
 
+def _read_grading(gpath: Path, class_names: list[str]) -> dict:
+    """A red-cell bundle's grading table, checked field by field (calibration/icsh_grading.check_grading)."""
+    from cytoedge.calibration.icsh_grading import check_grading
+
+    try:
+        doc = json.loads(gpath.read_text())
+        check_grading(doc, class_names)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise BundleError(f"{gpath}: {e}") from None
+    return doc
+
+
 @dataclass(frozen=True)
 class ModelBundle:
     """A validated, hash-checked model bundle."""
@@ -131,7 +143,7 @@ class ModelBundle:
             calibration = Calibration.from_dict(doc, len(manifest["class_names"]), schedule.num_train_timesteps,
                                                 str(cpath))
         domain = json.loads((path / manifest["domain"]).read_text()) if manifest.get("domain") else None
-        grading = json.loads((path / manifest["grading"]).read_text()) if manifest.get("grading") else None
+        grading = _read_grading(path / manifest["grading"], manifest["class_names"]) if manifest.get("grading") else None
         return cls(path, manifest, hashlib.sha256(raw).hexdigest(), schedule, calibration, domain, grading)
 
     @property

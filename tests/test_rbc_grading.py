@@ -120,3 +120,34 @@ def test_probabilities_of_another_class_count_are_refused():
     counts, p = calibrated_slide({"normal": 50})
     with pytest.raises(ValueError, match="12 classes"):
         red_cell_reading(counts, GRADING, np.asarray(p)[:, :12])
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda g: g.update(review_grade="4+"), "review_grade"),
+    (lambda g: g["features"]["schistocyte"]["grade_starts_percent"].update({"2+": {"from": 1.0}}),
+     "features.schistocyte.grade_starts_percent.2+"),
+    (lambda g: g["features"]["spherocyte"]["grade_starts_percent"].update({"1+": {"at_least": 500}}),
+     "features.spherocyte.grade_starts_percent.1+"),
+    (lambda g: g["urgent"].update({"class": "blast"}), "urgent.class"),
+    (lambda g: g["share_estimate"]["interval"].update(bootstrap_resamples=0), "share_estimate.interval.bootstrap_resamples"),
+    (lambda g: g.update(min_red_cells="1000"), "min_red_cells"),
+])
+def test_a_red_cell_bundle_with_a_broken_grading_table_is_refused_naming_the_field(tmp_path, change, field):
+    import json
+    import re
+    import shutil
+
+    from cytoedge.models import red_cell_bundle_path
+    from cytoedge.runtime.bundle import BundleError, ModelBundle, write_manifest
+
+    path = tmp_path / "rbc"
+    shutil.copytree(red_cell_bundle_path(), path)
+    bundle = ModelBundle.load(path)
+    grading = json.loads(json.dumps(bundle.grading))
+    change(grading)
+    (path / "grading.json").write_text(json.dumps(grading))
+    manifest = bundle.manifest
+    manifest["files"]["grading.json"] = {"sha256": ""}
+    write_manifest(path, manifest)
+    with pytest.raises(BundleError, match=re.escape(f"grading.json: field '{field}'")):
+        ModelBundle.load(path)
