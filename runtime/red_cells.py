@@ -115,13 +115,14 @@ class RedCellReader:
     def checkpoint(self) -> dict:
         """What the slide's tiles so far left (JSON-ready): with ``restore``, a resumed slide goes on."""
         self.flush()
-        return {"counts": dict(self.counts), "seen": self.seen, "seconds": self.seconds,
+        return {"counts": dict(self.counts), "seen": self.seen, "seconds": self.seconds, "sample": self.sample,
                 "probabilities": [[round(v, 5) for v in row] for row in self.probabilities]}
 
     def restore(self, checkpoint: dict) -> None:
         self.reset()
         self.counts.update({c: int(k) for c, k in checkpoint["counts"].items() if c in self.counts})
         self.seen, self.seconds = int(checkpoint["seen"]), float(checkpoint["seconds"])
+        self.sample = [{"centre": list(c["centre"]), "class": c["class"]} for c in checkpoint.get("sample") or []]
         rows = checkpoint.get("probabilities") or []
         if all(len(r) == len(self.bundle.class_names) for r in rows):  # else graded from the counts
             self.probabilities = [[float(v) for v in r] for r in rows]

@@ -66,6 +66,7 @@ def test_a_slides_red_cells_are_sampled_classified_and_graded(bundle, ort_backen
     resumed = RedCellReader(red_bundle, reader.backend)
     resumed.restore(json.loads(json.dumps(reader.checkpoint())))
     again = resumed.reading(None)
+    assert resumed.sample == reader.sample  # the DICOM annotations' points survive a resume too
     assert {f: g["grade"] for f, g in again["grades"].items()} == {f: g["grade"] for f, g in red["grades"].items()}
     assert all(again["by_class"][c]["adjusted_percent"] == pytest.approx(v["adjusted_percent"], abs=0.01)
                for c, v in red["by_class"].items())
