@@ -67,7 +67,7 @@ def icsh_grading(class_names: list[str]) -> dict:
         if "schistocyte" in class_names else None,
         # Grades from fewer red cells than this are reported as provisional (ICSH: count at least 1,000).
         "min_red_cells": 1000,
-        # Shares are read corrected for the model's confusions (calibration/prior_shift.py), not as called.
+        # Shares are read corrected for the model's confusions (runtime/prior_shift.py), not as called.
         "share_estimate": {"method": "EM prior adjustment of the calibrated probabilities (uniform calibration prior)",
                            "interval": {"bootstrap_resamples": 200, "level": 0.95, "seed": 0},
                            "provenance": SHARE_ESTIMATE_PROVENANCE},
@@ -76,51 +76,6 @@ def icsh_grading(class_names: list[str]) -> dict:
                                "a grade is read from the point estimate, as on a manual count",
                        "writer": "calibration/icsh_grading.py"},
     }
-
-
-def _number(value, where: str, low: float, high: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(f"field '{where}' is {value!r}; it must be a number in [{low:g}, {high:g}]")
-
-
-def check_grading(doc, class_names: list[str]) -> None:
-    """Raise ValueError naming the first field of a grading artefact that a reading could not use."""
-    if not isinstance(doc, dict) or doc.get("format_version") != 1:
-        raise ValueError("field 'format_version' must be 1")
-    features = doc.get("features")
-    if not isinstance(features, dict):
-        raise ValueError("field 'features' must be an object of class -> {feature, grade_starts_percent}")
-    for c, spec in features.items():
-        if c not in class_names:
-            raise ValueError(f"field 'features.{c}' names a class the bundle does not have")
-        starts = spec.get("grade_starts_percent") if isinstance(spec, dict) else None
-        if not isinstance(spec.get("feature") if isinstance(spec, dict) else None, str) or not isinstance(starts, dict):
-            raise ValueError(f"field 'features.{c}' needs 'feature' (text) and 'grade_starts_percent'")
-        for g in ("1+", "2+", "3+"):
-            start = starts.get(g)
-            if not isinstance(start, dict) or len(start) != 1 or next(iter(start)) not in ("at_least", "above"):
-                raise ValueError(f"field 'features.{c}.grade_starts_percent.{g}' must be {{\"at_least\" or \"above\": %}}")
-            _number(next(iter(start.values())), f"features.{c}.grade_starts_percent.{g}", 0, 100)
-    if doc.get("review_grade") not in ("1+", "2+", "3+"):
-        raise ValueError(f"field 'review_grade' is {doc.get('review_grade')!r}; it must be 1+, 2+ or 3+")
-    if isinstance(doc.get("min_red_cells"), bool) or not isinstance(doc.get("min_red_cells"), int) or doc["min_red_cells"] < 1:
-        raise ValueError("field 'min_red_cells' must be a positive whole number")
-    urgent = doc.get("urgent")
-    if urgent is not None:
-        if not isinstance(urgent, dict) or urgent.get("class") not in class_names:
-            raise ValueError("field 'urgent.class' must name one of the bundle's classes")
-        _number(urgent.get("above_percent"), "urgent.above_percent", 0, 100)
-    estimate = doc.get("share_estimate")
-    if estimate is not None:
-        interval = estimate.get("interval") if isinstance(estimate, dict) else None
-        if not isinstance(interval, dict):
-            raise ValueError("field 'share_estimate.interval' must be {bootstrap_resamples, level, seed}")
-        n = interval.get("bootstrap_resamples")
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10000:
-            raise ValueError(f"field 'share_estimate.interval.bootstrap_resamples' is {n!r}; it must be 1-10000")
-        _number(interval.get("level"), "share_estimate.interval.level", 0.5, 0.999)
-        if isinstance(interval.get("seed"), bool) or not isinstance(interval.get("seed"), int):
-            raise ValueError("field 'share_estimate.interval.seed' must be a whole number")
 
 
 def write_grading(bundle) -> Path:

@@ -79,8 +79,8 @@ def validate_manifest(manifest: Any, where: str) -> None:
 
 
 def _read_grading(gpath: Path, class_names: list[str]) -> dict:
-    """A red-cell bundle's grading table, checked field by field (calibration/icsh_grading.check_grading)."""
-    from cytoedge.calibration.icsh_grading import check_grading
+    """A red-cell bundle's grading table, checked field by field (runtime/rbc_grading.check_grading)."""
+    from cytoedge.runtime.rbc_grading import check_grading
 
     try:
         doc = json.loads(gpath.read_text())

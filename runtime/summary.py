@@ -4,6 +4,10 @@ Triage follows how a lab reads a smear: a routine slide has enough white cells f
 differential, no abnormal or anomalous cell, few uncertain calls and a differential inside the
 reference ranges; anything else goes to *review* with the reasons; enough abnormal cells
 (immature granulocytes, erythroblasts, … the bundle's ``abnormal_classes``) make it *urgent*.
+"Enough" is read from the abnormal classes' share of the slide corrected for the model's confusions
+(runtime/prior_shift.py), not from the count of flagged cells: a flag tuned for sensitivity on single
+cells marks about one normal cell in eight, which made nearly every normal slide urgent. Flagged cells
+that the corrected share does not confirm still send the slide to review.
 The thresholds are a :class:`TriagePolicy`; a bundle may override them under ``triage`` in its
 calibration.json (runtime/calibration_config.py). The defaults are the usual adult reference ranges
 and a 100-cell differential; a site must validate its own.
@@ -16,6 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cytoedge.runtime.prior_shift import bootstrap_draws, percentile_interval, prior_adjusted_shares
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.domain_alarm import records_alarm
 from cytoedge.runtime.scale import ScaleEstimate
@@ -35,6 +40,8 @@ class TriagePolicy:
     urgent_abnormal_fraction: float = 0.05
     review_uncertain_fraction: float = 0.2
     review_min_anomalous: int = 1
+    urgent_abnormal_from: str = "corrected"  # or "flagged": the count of cells flagged abnormal
+    share_interval_resamples: int = 100  # bootstrap resamples of the corrected shares' 95 % interval
     differential_ranges: dict[str, list[float]] = field(default_factory=_default_ranges)
     not_in_differential: tuple[str, ...] = ("platelet",)
 
@@ -90,22 +97,54 @@ def join_triage(slide: dict, part: dict, what: str) -> dict:
             else (slide["reasons"] + reasons)}
 
 
+def corrected_shares(records: list[dict], names: list[str], abnormal: list[str], resamples: int) -> dict | None:
+    """Each class's share of the slide's cells corrected for the model's confusions, in %, with a 95 %
+    bootstrap interval, and the same for the abnormal classes together; None where a cell has no
+    calibrated probabilities (the reference estimator)."""
+    if not records or any(not r.get("probabilities") for r in records):
+        return None
+    p = np.array([[r["probabilities"].get(c, 0.0) for c in names] for r in records])
+    shares, draws = prior_adjusted_shares(p), bootstrap_draws(p, resamples=resamples)
+    group = [names.index(c) for c in abnormal]
+    shares = np.append(shares, shares[group].sum())
+    lo, hi = percentile_interval(np.column_stack([draws, draws[:, group].sum(1)]))
+
+    def share(i: int) -> dict:
+        return {"percent": round(100 * float(shares[i]), 3), "ci95_percent": [round(100 * float(lo[i]), 3),
+                                                                               round(100 * float(hi[i]), 3)]}
+    return {"by_class": {c: share(i) for i, c in enumerate(names)}, "abnormal": share(len(names)),
+            "method": "EM prior adjustment of the calibrated probabilities (runtime/prior_shift.py), "
+                      f"bootstrap 95 % interval over {resamples} resamples"}
+
+
 def triage(flagged_classes: dict[str, int], n_cells: int, n_white: int, n_abnormal: int, n_uncertain: int,
-           n_anomalous: int, differential: dict[str, float], policy: TriagePolicy) -> dict:
+           n_anomalous: int, differential: dict[str, float], policy: TriagePolicy,
+           corrected_abnormal: dict | None = None) -> dict:
     """Level (routine / review / urgent) and the reasons, in words a haematologist reads.
 
     ``n_cells``: all scored cells; ``n_white``: those in the differential; ``flagged_classes``:
-    predicted classes of the cells flagged abnormal.
+    predicted classes of the cells flagged abnormal; ``corrected_abnormal``: the abnormal classes' corrected
+    share of the cells (``{"percent", "ci95_percent"}``), which decides urgency unless the policy says
+    "flagged" or it is None.
     """
     reasons, level = [], "routine"
     frac_abn = n_abnormal / n_cells if n_cells else 0.0
-    if n_abnormal >= policy.urgent_min_abnormal and frac_abn >= policy.urgent_abnormal_fraction:
+    flagged = (f"{n_abnormal} abnormal cell{'s' if n_abnormal != 1 else ''} ({frac_abn:.1%} of cells; predicted "
+               + ", ".join(f"{c} {k}" for c, k in sorted(flagged_classes.items())) + ")")
+    if corrected_abnormal is None or policy.urgent_abnormal_from == "flagged":
+        share, count = frac_abn, n_abnormal
+    else:
+        share = corrected_abnormal["percent"] / 100
+        count = share * n_cells
+        lo, hi = corrected_abnormal["ci95_percent"]
+        flagged += (f"; abnormal classes {100 * share:.1f} % of cells once corrected for the model's confusions "
+                    f"(95 % CI {lo:.1f}–{hi:.1f} %)")
+    if count >= policy.urgent_min_abnormal - 1e-9 and share >= policy.urgent_abnormal_fraction and n_abnormal:
         level = "urgent"
-        reasons.append(f"{n_abnormal} abnormal cells ({frac_abn:.1%} of cells; predicted "
-                       + ", ".join(f"{c} {k}" for c, k in sorted(flagged_classes.items())) + ")")
+        reasons.append(flagged)
     elif n_abnormal:
         level = "review"
-        reasons.append(f"{n_abnormal} abnormal cell{'s' if n_abnormal > 1 else ''} ({frac_abn:.1%} of cells)")
+        reasons.append(flagged)
     if n_anomalous >= policy.review_min_anomalous:
         level = "review" if level == "routine" else level
         reasons.append(f"{n_anomalous} cell{'s' if n_anomalous > 1 else ''} unlike any trained class (anomalous)")
@@ -165,8 +204,9 @@ def summarise_slide(records: list[dict], tally: SlideTally, scale: ScaleEstimate
     flagged_classes: dict[str, int] = {}
     for r in abnormal:
         flagged_classes[r["class"]] = flagged_classes.get(r["class"], 0) + 1
+    corrected = corrected_shares(records, names, list(bundle.abnormal_classes), policy.share_interval_resamples)
     level = triage(flagged_classes, len(records), n_diff, len(abnormal), len(uncertain), len(anomalous),
-                   differential, policy)
+                   differential, policy, corrected["abnormal"] if corrected else None)
     not_assessed = sum(r["flags"].get("anomalous") is None for r in records)
     if not_assessed:  # a cell nobody checked for novelty is not a clean one
         level = {"level": "review" if level["level"] == "routine" else level["level"],
@@ -189,7 +229,8 @@ def summarise_slide(records: list[dict], tally: SlideTally, scale: ScaleEstimate
                    "anomaly_not_assessed": not_assessed},
         "by_class": counts,
         "differential": differential,
-        "differential_classes": in_diff,  # the classes a differential counts (platelets are not), even when empty
+        "differential_classes": in_diff,
+        "corrected_shares": corrected,  # the shares corrected for the model's confusions (urgency reads them)  # the classes a differential counts (platelets are not), even when empty
         "abnormal_cells": [_cell_ref(r) for r in abnormal],
         "uncertain_cells": [_cell_ref(r) for r in uncertain],
         "anomalous_cells": [_cell_ref(r) for r in anomalous],

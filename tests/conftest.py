@@ -88,3 +88,17 @@ def crop_files(tmp_path_factory, bundle, generated_cells):
         write_image_with_scale(path, big, bundle.um_per_px / factor)
         paths.append(path)
     return paths
+
+
+def _known_posteriors(labels: np.ndarray, means: np.ndarray, seed: int) -> np.ndarray:
+    """Exact equal-prior posteriors ``[N, K]`` of cells drawn from a known model: one unit-variance feature
+    per cell, class c centred on ``means[c]``; what a perfectly calibrated classifier would output."""
+    x = np.random.default_rng(seed).normal(means[labels], 1.0)
+    loglik = -0.5 * (x[:, None] - means[None]) ** 2
+    p = np.exp(loglik - loglik.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def known_posteriors():
+    return _known_posteriors

@@ -1,4 +1,4 @@
-"""Class shares corrected for a classifier's confusions (calibration/prior_shift.py), on samples drawn from
+"""Class shares corrected for a classifier's confusions (runtime/prior_shift.py), on samples drawn from
 a known model: three overlapping Gaussian classes whose exact posteriors under equal priors are the
 calibrated probabilities. Counting the argmax carries the overlap into the shares; EM undoes it."""
 from __future__ import annotations
@@ -6,22 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoedge.calibration.prior_shift import _em_step, bootstrap_interval, prior_adjusted_shares
+from cytoedge.runtime.prior_shift import _em_step, bootstrap_interval, prior_adjusted_shares
 
 MEANS = np.array([0.0, 2.5, 5.0])  # class means on one feature, unit variance: neighbours overlap
 
 
-def sample(shares: list[float], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and exact equal-prior posteriors of ``n`` cells drawn with class ``shares``."""
-    rng = np.random.default_rng(seed)
-    y = rng.choice(len(MEANS), size=n, p=shares)
-    x = rng.normal(MEANS[y], 1.0)
-    loglik = -0.5 * (x[:, None] - MEANS[None]) ** 2
-    p = np.exp(loglik - loglik.max(1, keepdims=True))
-    return y, p / p.sum(1, keepdims=True)
+@pytest.fixture
+def sample(known_posteriors):
+    """Labels and exact posteriors of ``n`` cells drawn with class ``shares``."""
+    def draw(shares: list[float], n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        y = np.random.default_rng(seed + 1000).choice(len(MEANS), size=n, p=shares)
+        return y, known_posteriors(y, MEANS, seed)
+    return draw
 
 
-def test_corrected_shares_recover_a_skewed_sample_that_counting_gets_wrong():
+def test_corrected_shares_recover_a_skewed_sample_that_counting_gets_wrong(sample):
     truth = np.array([0.9, 0.02, 0.08])
     _, p = sample(truth.tolist(), 20000, seed=1)
     called = np.bincount(p.argmax(1), minlength=3) / len(p)
@@ -29,13 +28,13 @@ def test_corrected_shares_recover_a_skewed_sample_that_counting_gets_wrong():
     assert np.abs(prior_adjusted_shares(p) - truth).max() < 0.01
 
 
-def test_a_class_absent_from_the_sample_is_estimated_near_zero():
+def test_a_class_absent_from_the_sample_is_estimated_near_zero(sample):
     _, p = sample([0.7, 0.0, 0.3], 5000, seed=2)
     shares = prior_adjusted_shares(p)
     assert shares[1] < 0.01 and shares.sum() == pytest.approx(1.0)
 
 
-def test_the_accelerated_answer_is_plain_ems_fixed_point():
+def test_the_accelerated_answer_is_plain_ems_fixed_point(sample):
     _, p = sample([0.6, 0.1, 0.3], 2000, seed=3)
     plain = p.mean(0)
     for _ in range(20000):
@@ -43,7 +42,7 @@ def test_the_accelerated_answer_is_plain_ems_fixed_point():
     assert np.abs(prior_adjusted_shares(p) - plain).max() < 1e-4
 
 
-def test_a_known_calibration_prior_is_divided_out():
+def test_a_known_calibration_prior_is_divided_out(sample):
     """Posteriors calibrated under a 1:1:2 prior, re-weighted to equal priors, give the same shares."""
     _, p = sample([0.5, 0.3, 0.2], 5000, seed=4)
     prior = np.array([0.25, 0.25, 0.5])
@@ -52,7 +51,7 @@ def test_a_known_calibration_prior_is_divided_out():
     assert np.abs(prior_adjusted_shares(skewed, prior) - prior_adjusted_shares(p)).max() < 1e-4
 
 
-def test_the_bootstrap_interval_is_seeded_and_covers_the_truth():
+def test_the_bootstrap_interval_is_seeded_and_covers_the_truth(sample):
     truth = np.array([0.8, 0.05, 0.15])
     _, p = sample(truth.tolist(), 1000, seed=5)
     lo, hi = bootstrap_interval(p, resamples=100)

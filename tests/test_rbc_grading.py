@@ -69,25 +69,24 @@ def test_the_grading_artefact_names_its_sources_and_maps_only_the_bundles_classe
     assert icsh_grading(["normal", "spherocyte"])["urgent"] is None
 
 
-def calibrated_slide(composition: dict[str, int], seed: int = 0):
-    """Counts and exact equal-prior posteriors of a slide drawn from a known model: one unit-variance
-    feature per cell, each class 10 apart except schistocytes, 2 from spherocytes (which the model then
-    calls schistocytes one time in six)."""
+@pytest.fixture
+def calibrated_slide(known_posteriors):
+    """Counts and exact posteriors of a slide drawn from a known model: classes 10 apart except
+    schistocytes, 2 from spherocytes (which the model then calls schistocytes one time in six)."""
     import numpy as np
 
     means = 10.0 * np.arange(len(CLASSES))
     means[CLASSES.index("schistocyte")] = means[CLASSES.index("spherocyte")] + 2.0
-    rng = np.random.default_rng(seed)
-    y = np.concatenate([np.full(k, CLASSES.index(c)) for c, k in composition.items()])
-    x = rng.normal(means[y], 1.0)
-    loglik = -0.5 * (x[:, None] - means[None]) ** 2
-    p = np.exp(loglik - loglik.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    called = np.bincount(p.argmax(1), minlength=len(CLASSES))
-    return {c: int(k) for c, k in zip(CLASSES, called)}, p
+
+    def draw(composition: dict[str, int], seed: int = 0):
+        y = np.concatenate([np.full(k, CLASSES.index(c)) for c, k in composition.items()])
+        p = known_posteriors(y, means, seed)
+        called = np.bincount(p.argmax(1), minlength=len(CLASSES))
+        return {c: int(k) for c, k in zip(CLASSES, called)}, p
+    return draw
 
 
-def test_schistocytes_called_on_a_spherocytic_slide_are_corrected_away_and_sent_to_review():
+def test_schistocytes_called_on_a_spherocytic_slide_are_corrected_away_and_sent_to_review(calibrated_slide):
     counts, p = calibrated_slide({"normal": 700, "spherocyte": 300})
     assert counts["schistocyte"] > 10  # called on > 1 %: urgent from the counts alone
     assert red_cell_reading(counts, {**GRADING, "share_estimate": None})["triage"]["level"] == "urgent"
@@ -102,7 +101,7 @@ def test_schistocytes_called_on_a_spherocytic_slide_are_corrected_away_and_sent_
     assert reading["shares"].startswith("corrected")
 
 
-def test_true_schistocytes_stay_urgent_once_corrected():
+def test_true_schistocytes_stay_urgent_once_corrected(calibrated_slide):
     counts, p = calibrated_slide({"normal": 960, "schistocyte": 30, "spherocyte": 10}, seed=1)
     reading = red_cell_reading(counts, GRADING, p)
     schisto = reading["grades"]["schistocytes"]
@@ -114,7 +113,7 @@ def test_true_schistocytes_stay_urgent_once_corrected():
     assert f"called on {schisto['percent']:.1f} %" in first
 
 
-def test_probabilities_of_another_class_count_are_refused():
+def test_probabilities_of_another_class_count_are_refused(calibrated_slide):
     import numpy as np
 
     counts, p = calibrated_slide({"normal": 50})

@@ -162,6 +162,37 @@ def test_triage_levels_and_reasons():
     assert skewed["level"] == "review" and any("lymphocyte 60.0%" in r for r in skewed["reasons"])
 
 
+def _records_from_a_known_model(composition: dict[str, int], names: list[str], seed: int, posteriors) -> list[dict]:
+    """Cells of a known model (``posteriors``: the conftest fixture): classes 10 apart except ig, 2 from
+    neutrophils (whose flag then fires on one in six)."""
+    means = 10.0 * np.arange(len(names))
+    means[names.index("ig")] = means[names.index("neutrophil")] + 2.0
+    y = np.concatenate([np.full(k, names.index(c)) for c, k in composition.items()])
+    return [{"class": names[int(q.argmax())], "probabilities": dict(zip(names, q.tolist())),
+             "flags": {"abnormal": names[int(q.argmax())] == "ig"}} for q in posteriors(y, means, seed)]
+
+
+@pytest.mark.parametrize("ig,expected", [(0, "review"), (30, "urgent")])
+def test_urgency_reads_the_corrected_abnormal_share_not_the_flag_count(ig, expected, known_posteriors):
+    """200 cells of which ~1 in 6 neutrophils is called ig: the flag count alone makes every slide urgent."""
+    from cytoedge.runtime.summary import corrected_shares
+
+    names = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+    records = _records_from_a_known_model({"neutrophil": 120 - ig, "lymphocyte": 60, "monocyte": 12, "eosinophil": 8,
+                                           "ig": ig}, names, ig, known_posteriors)
+    flagged = sum(r["flags"]["abnormal"] for r in records)
+    differential = {c: sum(r["class"] == c for r in records) / 200 for c in names}
+    by_count = triage({"ig": flagged}, 200, 200, flagged, 0, 0, differential,
+                      TriagePolicy(urgent_abnormal_from="flagged"))
+    assert flagged >= 10 and by_count["level"] == "urgent"
+    corrected = corrected_shares(records, names, ["erythroblast", "ig"], resamples=50)
+    lo, hi = corrected["abnormal"]["ci95_percent"]
+    assert lo <= 100 * ig / 200 <= hi and corrected["abnormal"]["percent"] == pytest.approx(100 * ig / 200, abs=4)
+    read = triage({"ig": flagged}, 200, 200, flagged, 0, 0, differential, TriagePolicy(), corrected["abnormal"])
+    assert read["level"] == expected
+    assert "once corrected for the model's confusions" in read["reasons"][0]
+
+
 def test_cli_scores_good_slides_and_reports_bad_ones(smear_png, tmp_path, capsys):
     from cytoedge.runtime.cli import main
 

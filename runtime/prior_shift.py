@@ -52,13 +52,22 @@ def prior_adjusted_shares(probabilities: np.ndarray, calibration_prior: np.ndarr
     return shares
 
 
-def bootstrap_interval(probabilities: np.ndarray, calibration_prior: np.ndarray | None = None,
-                       resamples: int = 200, level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval ``(low [K], high [K])`` of the adjusted shares, resampling cells
-    (seeded: a slide's report is the same on every run)."""
+def bootstrap_draws(probabilities: np.ndarray, calibration_prior: np.ndarray | None = None, resamples: int = 200,
+                    seed: int = 0) -> np.ndarray:
+    """Adjusted shares ``[resamples, K]`` of the sample resampled with replacement (seeded: a slide's report
+    is the same on every run); the spread of any sum of classes is read off the same draws."""
     p = np.asarray(probabilities, np.float64)
     rng = np.random.default_rng(seed)
-    draws = np.stack([prior_adjusted_shares(p[rng.integers(0, len(p), len(p))], calibration_prior)
-                      for _ in range(resamples)])
+    return np.stack([prior_adjusted_shares(p[rng.integers(0, len(p), len(p))], calibration_prior)
+                     for _ in range(resamples)])
+
+
+def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     tail = 100 * (1 - level) / 2
     return np.percentile(draws, tail, axis=0), np.percentile(draws, 100 - tail, axis=0)
+
+
+def bootstrap_interval(probabilities: np.ndarray, calibration_prior: np.ndarray | None = None,
+                       resamples: int = 200, level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval ``(low [K], high [K])`` of the adjusted shares, resampling cells."""
+    return percentile_interval(bootstrap_draws(probabilities, calibration_prior, resamples, seed), level)
