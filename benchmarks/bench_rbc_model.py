@@ -195,7 +195,7 @@ def main() -> int:
                                    ", ".join(f"{k} {v:.0%}" for k, v in r["by_feature"].items()) + " |"
                                    for mode, r in g.items()) +
                          "\n\ncorrected: the shares corrected for the model's confusions (EM prior adjustment, "
-                         "calibration/prior_shift.py), as `score` grades a slide; called: classify and count; expected: "
+                         "runtime/prior_shift.py), as `score` grades a slide; called: classify and count; expected: "
                          "the sum of each class's calibrated probability.")
                 if bundle.grading.get("urgent") and bundle.grading.get("share_estimate"):
                     body += urgency_on_resampled_slides(y, d, bundle)

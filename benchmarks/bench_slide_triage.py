@@ -97,14 +97,18 @@ def main() -> int:
             print(rows[-1], flush=True)
     flags = np.array([r["flags"]["abnormal"] for r in records])
     truth = np.isin(labels, [names.index(c) for c in abnormal])
-    body = (f"`{bundle.path}` ({bundle.name}), the held-out half of `{args.data}` ({len(records)} cells) scored once "
+    body = (f"`{bundle.name}`, the held-out half of `{args.data}` ({len(records)} cells) scored once "
             f"by the fast estimator ({args.threads} threads); per-cell abnormal flag sensitivity {flags[truth].mean():.3f}, "
             f"specificity {1 - flags[~truth].mean():.3f}. {args.slides} slides per row, each drawn with replacement "
             "from those cells (normal adult differential, the abnormal share half ig, half erythroblasts), read by "
             f"runtime/summary.triage with the bundle's policy (urgent: ≥ {policy.urgent_min_abnormal} abnormal cells "
             f"and ≥ {policy.urgent_abnormal_fraction:.0%} of cells).\n\n"
             "| cells | true abnormal % | urgent, flag count | mean flagged % | urgent, corrected | mean corrected % | "
-            "review or urgent, corrected |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "review or urgent, corrected |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
+            "A slide with any flagged cell is at least review, so 'review or urgent' counts every slide with a "
+            "flag; 'urgent, corrected' is what the urgency now says. The corrected share reads below the truth "
+            "where abnormal cells' probabilities spread to the classes they resemble (ig to neutrophils and "
+            "monocytes): the correction is as good as the calibration on this site's cells.\n")
     print(body)
     if args.write:
         sys.path.insert(0, str(Path(__file__).parent))
