@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cytoedge.runtime.prior_shift import bootstrap_interval, prior_adjusted_shares
 from cytoedge.runtime.intervals import exact_interval
+from cytoedge.runtime.prior_shift import bootstrap_interval, prior_adjusted_shares
 
 GRADES = ("0", "1+", "2+", "3+")
 
@@ -39,9 +39,10 @@ def check_grading(doc, class_names: list[str]) -> None:
     for c, spec in features.items():
         if c not in class_names:
             raise ValueError(f"field 'features.{c}' names a class the bundle does not have")
-        starts = spec.get("grade_starts_percent") if isinstance(spec, dict) else None
-        if not isinstance(spec.get("feature") if isinstance(spec, dict) else None, str) or not isinstance(starts, dict):
+        if not (isinstance(spec, dict) and isinstance(spec.get("feature"), str)
+                and isinstance(spec.get("grade_starts_percent"), dict)):
             raise ValueError(f"field 'features.{c}' needs 'feature' (text) and 'grade_starts_percent'")
+        starts = spec["grade_starts_percent"]
         for g in ("1+", "2+", "3+"):
             start = starts.get(g)
             if not isinstance(start, dict) or len(start) != 1 or next(iter(start)) not in ("at_least", "above"):
