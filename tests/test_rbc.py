@@ -20,8 +20,8 @@ from cytoedge.runtime.cells import declared_um_per_px, write_image_with_scale
 from cytoedge.runtime.crop_scale import CropScaleEstimator
 from cytoedge.runtime.detection import holds_a_cell
 from cytoedge.runtime.errors import BundleError, CytoedgeError
-from cytoedge.training.rbc_data import (CHULA_CLASSES, CHULA_UM_PER_PX, cut_crops, field_files, held_out, read_labels,
-                                        write_crops)
+from cytoedge.training.rbc_data import (CHULA_CLASSES, CHULA_UM_PER_PX, calibration_field, cut_crops, field_files,
+                                        held_out, read_labels, write_crops)
 
 RBC_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "rbc32-ddpm"
 PINK, PLASMA = (200, 120, 130), (225, 225, 215)
@@ -44,11 +44,15 @@ def rbc_bundle() -> ModelBundle:
 def test_split_follows_the_bytes_not_the_name(tmp_path):
     assert held_out(b"") is (hashlib.sha256(b"").digest()[0] % 2 == 1)
     (tmp_path / "images").mkdir()
-    for i in range(8):
+    for i in range(16):
         cv2.imwrite(str(tmp_path / "images" / f"{i}.jpg"), disc_field((40, 40), [(20, 20)], 5 + i))
     train, held = field_files(tmp_path, "train"), field_files(tmp_path, "held-out")
-    assert sorted(train + held) == field_files(tmp_path, "all") and not set(train) & set(held)
+    assert set(train) | set(held) == set(field_files(tmp_path, "all")) and not set(train) & set(held)
     assert field_files(tmp_path, "held-out") == held  # deterministic
+    calibration, measure = field_files(tmp_path, "calibration"), field_files(tmp_path, "measure")
+    assert set(calibration) | set(measure) == set(held) and not set(calibration) & set(measure)
+    assert all(calibration_field(p.read_bytes()) == (hashlib.sha256(p.read_bytes()).digest()[1] % 3 == 0)
+               for p in held)
     moved = held[0].rename(tmp_path / "images" / "renamed.jpg")
     assert moved in field_files(tmp_path, "held-out")
     with pytest.raises(CytoedgeError, match="half must be"):

@@ -50,19 +50,33 @@ NORMAL_SHARE_FOR_SCALE = 0.8
 
 
 def held_out(image_bytes: bytes) -> bool:
-    """The measured half of Chula's fields: odd first byte of the sha256 of the file's bytes."""
+    """The half never trained on: odd first byte of the sha256 of the field file's bytes."""
     return hashlib.sha256(image_bytes).digest()[0] % 2 == 1
 
 
+def calibration_field(image_bytes: bytes) -> bool:
+    """A third of the held-out half, kept to calibrate on cells the model never trained on: second byte of the
+    sha256 divisible by 3. The rest of the held-out half is measured."""
+    return held_out(image_bytes) and hashlib.sha256(image_bytes).digest()[1] % 3 == 0
+
+
+HALVES = ("train", "held-out", "calibration", "measure", "all")
+
+
 def field_files(data_root: Path, half: str) -> list[Path]:
-    """Chula fields of one half ("train", "held-out" or "all"), sorted by name."""
-    if half not in ("train", "held-out", "all"):
-        raise CytoedgeError(f"half must be 'train', 'held-out' or 'all', got {half!r}")
+    """Chula fields of one part, sorted by name: "train", "held-out" (never trained on), its "calibration"
+    third and the "measure" rest, or "all"."""
+    if half not in HALVES:
+        raise CytoedgeError(f"half must be one of {', '.join(HALVES)}; got {half!r}")
     images = Path(data_root) / "images"
     if not images.is_dir():
         raise CytoedgeError(f"{data_root}: not a Chula RBC-12 folder (no images/ inside)")
     fields = sorted(images.glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
-    return [p for p in fields if half == "all" or held_out(p.read_bytes()) == (half == "held-out")]
+    if half == "all":
+        return fields
+    test = {"train": lambda b: not held_out(b), "held-out": held_out, "calibration": calibration_field,
+            "measure": lambda b: held_out(b) and not calibration_field(b)}[half]
+    return [p for p in fields if test(p.read_bytes())]
 
 
 def read_labels(data_root: Path, field: Path) -> list[tuple[float, float, int]]:
@@ -137,7 +151,7 @@ def write_crops(data_root: Path, out: Path, half: str, per_class: int | None = N
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("../shared/data/chula_rbc12"))
-    p.add_argument("--half", choices=["train", "held-out"], default="train")
+    p.add_argument("--half", choices=HALVES[:-1], default="train")
     p.add_argument("--out", type=Path, required=True, help="labelled folder to write (never inside the repository)")
     p.add_argument("--per-class", type=int, help="at most this many random cells of each class")
     p.add_argument("--seed", type=int, default=0)
@@ -148,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
              "crops declare %.4f", measured, n, 100 * spread, CHULA_UM_PER_PX)
     counts = write_crops(args.data, args.out, args.half, args.per_class, args.seed)
     (args.out / "dataset.json").write_text(json.dumps({
-        "source": str(args.data), "half": args.half, "split": "sha256(field file bytes)[0] odd -> held-out",
+        "source": str(args.data), "half": args.half, "split": "sha256(field file bytes)[0] odd -> held-out; of those, [1] % 3 == 0 -> calibration, "
+                                                       "the rest measure",
         "um_per_px": CHULA_UM_PER_PX, "remeasured_um_per_px": round(measured, 4), "scale_fields": n,
         "crop_px": CROP_SOURCE_PX, "per_class": args.per_class, "seed": args.seed, "counts": counts}, indent=2))
     log.info("wrote %d crops to %s: %s", sum(counts.values()), args.out, counts)
