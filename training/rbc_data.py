@@ -61,6 +61,7 @@ def calibration_field(image_bytes: bytes) -> bool:
 
 
 HALVES = ("train", "held-out", "calibration", "measure", "all")
+SPLIT_RULE = "sha256(field file bytes)[0] odd -> held-out; of those, [1] % 3 == 0 -> calibration, the rest measure"
 
 
 def field_files(data_root: Path, half: str) -> list[Path]:
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> None:
              "crops declare %.4f", measured, n, 100 * spread, CHULA_UM_PER_PX)
     counts = write_crops(args.data, args.out, args.half, args.per_class, args.seed)
     (args.out / "dataset.json").write_text(json.dumps({
-        "source": str(args.data), "half": args.half, "split": "sha256(field file bytes)[0] odd -> held-out; of those, [1] % 3 == 0 -> calibration, "
-                                                       "the rest measure",
+        "source": str(args.data), "half": args.half, "split": SPLIT_RULE,
         "um_per_px": CHULA_UM_PER_PX, "remeasured_um_per_px": round(measured, 4), "scale_fields": n,
         "crop_px": CROP_SOURCE_PX, "per_class": args.per_class, "seed": args.seed, "counts": counts}, indent=2))
     log.info("wrote %d crops to %s: %s", sum(counts.values()), args.out, counts)
