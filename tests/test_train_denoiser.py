@@ -63,6 +63,30 @@ def test_a_run_is_exported_from_its_own_data_and_continued_elsewhere(crops):
                                 "from_run": None}
 
 
+def test_a_wider_network_starts_from_the_tensors_that_match(crops):
+    """--init-matching: the tensors a narrower run shares by name and shape are copied, the rest start fresh;
+    without it the mismatch is refused, naming the file."""
+    data, cache = crops / "data", crops / "cache"
+    assert _train(crops, "--data", str(data), "--run", str(crops / "narrow"), "--cache", str(cache), "--config",
+                  str(crops / "tiny.json"), "--max-steps", "1").returncode == 0
+    assert _train(crops, "--run", str(crops / "narrow"), "--export-weights", str(crops / "w.npz")).returncode == 0
+    (crops / "wide.json").write_text(json.dumps({**TINY, "lr": 0.0, "unet": {**TINY["unet"], "channel_mult": [1, 3]}}))
+    start = ["--data", str(data), "--cache", str(cache), "--config", str(crops / "wide.json"), "--init-from",
+             str(crops / "w.npz"), "--max-steps", "1"]
+    refused = _train(crops, "--run", str(crops / "strict"), *start)
+    assert refused.returncode != 0 and "w.npz" in refused.stderr and "--init-matching" in refused.stderr
+    wide = _train(crops, "--run", str(crops / "wide"), *start, "--init-matching")
+    assert wide.returncode == 0, wide.stderr
+    loaded = json.loads((crops / "wide" / "config.json").read_text())["init_from"]["loaded"]
+    k, n = (int(w) for w in loaded.split()[::2][:2])
+    assert 0 < k < n
+    assert _train(crops, "--run", str(crops / "wide"), "--export-weights", str(crops / "w2.npz")).returncode == 0
+    with np.load(crops / "w.npz") as a, np.load(crops / "w2.npz") as b:
+        same = [key for key in a.files if key != "__meta__" and key in b.files and a[key].shape == b[key].shape]
+        assert len(same) == k and all(np.array_equal(a[key], b[key]) for key in same)  # lr 0: still the copies
+        assert any(a[key].shape != b[key].shape for key in a.files if key in b.files)
+
+
 def test_exporting_from_a_folder_that_is_no_run_names_it_and_leaves_nothing(tmp_path):
     out = _train(tmp_path, "--run", str(tmp_path / "nope"), "--export-weights", str(tmp_path / "w.npz"))
     assert out.returncode != 0 and "nope: not a training run" in out.stderr

@@ -142,13 +142,25 @@ class Trainer:
         log.info("resumed from %s at step %d (%.1f min trained)", self.ckpt_path, self.step, self.elapsed / 60)
         return True
 
-    def init_from_weights(self, path: Path) -> None:
-        """Warm start from ``export_weights``' file (model and EMA both start from the EMA weights)."""
+    def init_from_weights(self, path: Path, matching_only: bool = False) -> str:
+        """Warm start from ``export_weights``' file (model and EMA both start from the EMA weights). With
+        ``matching_only`` a wider network takes the tensors whose name and shape match and starts the rest
+        fresh. Returns "k of n tensors"."""
         with np.load(path) as z:
             state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files if k != "__meta__"}
-        self.model.load_state_dict(state)
-        self.ema.load_state_dict(state)
-        log.info("initialised from %s", path)
+        own = self.model.state_dict()
+        if matching_only:
+            state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+            if not state:
+                raise ValueError(f"{path}: no tensor matches this run's network by name and shape")
+        if not matching_only and (wrong := [k for k in own if k not in state or state[k].shape != own[k].shape]):
+            raise ValueError(f"{path}: {len(wrong)} of this run's {len(own)} tensors are missing or of another shape "
+                             f"(first: {wrong[0]}); a wider network starts from narrower weights with --init-matching")
+        self.model.load_state_dict(state, strict=not matching_only)
+        self.ema.load_state_dict(state, strict=not matching_only)
+        loaded = f"{len(state)} of {len(own)} tensors"
+        log.info("initialised from %s (%s)", path, loaded)
+        return loaded
 
     def init_from_bundle(self, bundle_path: Path) -> None:
         """Warm start a new run from a bundle's exported weights (checkpoints are not kept across
@@ -270,9 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--exclude-class", action="append", default=[], help="train without this class (new run only)")
     p.add_argument("--init-from", type=Path,
                    help="model bundle, or weights file from --export-weights, whose weights start a new run")
+    p.add_argument("--init-matching", action="store_true",
+                   help="with a weights file in --init-from: take only the tensors whose name and shape match this "
+                        "run's network (a wider network from a narrower one's weights); the rest start fresh")
     p.add_argument("--export-weights", type=Path,
                    help="write the run's EMA weights (FP16 .npz, committable) from its checkpoint and stop")
     args = p.parse_args(argv)
+    if args.init_matching and not (args.init_from and args.init_from.suffix == ".npz"):
+        p.error("--init-matching needs --init-from with a weights file (.npz)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     if args.export_weights:
@@ -296,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                 meta = json.loads(bytes(z["__meta__"]).decode())
             cfg["init_from"] = {"weights": str(args.init_from), "steps": meta["step"],
                                 "train_minutes": meta["train_minutes"], "from_run": meta["cfg"].get("init_from")}
+            if args.init_matching:
+                cfg["init_from"]["matching_only"] = True
         elif args.init_from:
             prov = json.loads((args.init_from / "manifest.json").read_text()).get("provenance", {})
             cfg["init_from"] = {"bundle": str(args.init_from), "steps": prov.get("steps"),
@@ -304,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(cfg, args.data, args.run, args.cache)
     if not trainer.resume() and args.init_from:
         if args.init_from.suffix == ".npz":
-            trainer.init_from_weights(args.init_from)
+            loaded = trainer.init_from_weights(args.init_from, args.init_matching)
+            if args.init_matching:
+                cfg.setdefault("init_from", {})["loaded"] = loaded
+                cfg_path.write_text(json.dumps(cfg, indent=2))
         else:
             trainer.init_from_bundle(args.init_from)
     trainer.train(args.max_steps, args.max_minutes, args.ckpt_every, args.log_every)
