@@ -33,6 +33,8 @@ def prior_adjusted_shares(probabilities: np.ndarray, calibration_prior: np.ndarr
     p = np.asarray(probabilities, np.float64)
     if p.ndim != 2 or not len(p):
         raise ValueError(f"probabilities must be a non-empty [cells, classes] array, got shape {p.shape}")
+    if not np.all(np.isfinite(p)) or (p < 0).any():
+        raise ValueError("probabilities must be finite and non-negative")
     k = p.shape[1]
     base = np.full(k, 1.0 / k) if calibration_prior is None else np.asarray(calibration_prior, np.float64)
     shares = p.mean(0)

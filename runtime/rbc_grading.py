@@ -106,6 +106,8 @@ def red_cell_reading(counts: dict[str, int], grading: dict, probabilities: np.nd
     from the called counts.
     """
     n = int(sum(counts.values()))
+    if probabilities is not None and len(probabilities) != n:
+        raise ValueError(f"probabilities of {len(probabilities)} cells for counts of {n}")
     adjusted = _adjusted(list(counts), probabilities, grading.get("share_estimate"))
     by_class = {}
     for c, k in counts.items():
@@ -119,11 +121,12 @@ def red_cell_reading(counts: dict[str, int], grading: dict, probabilities: np.nd
         k = int(counts.get(c, 0))
         p = 100 * k / n if n else 0.0
         g = {"class": c, "count": k, "percent": round(p, 3), "ci95_percent": by_class.get(c, {}).get("ci95_percent")}
-        graded_k = k
+        graded_p, graded_k = p, k
         if adjusted:
-            graded_k = int(round(adjusted[c][0] * n / 100))  # the corrected share as a count of this sample
-            g.update(adjusted_percent=round(adjusted[c][0], 3), adjusted_ci95_percent=adjusted[c][1])
-        g["grade"] = grade(100 * graded_k / n, graded_k, spec["grade_starts_percent"]) if n else "not assessed"
+            graded_p = adjusted[c][0]
+            graded_k = int(round(graded_p * n / 100))  # under half a cell of this sample grades 0
+            g.update(adjusted_percent=round(graded_p, 3), adjusted_ci95_percent=adjusted[c][1])
+        g["grade"] = grade(graded_p, graded_k, spec["grade_starts_percent"]) if n else "not assessed"
         grades[spec["feature"]] = g
     provisional = n < grading["min_red_cells"]
     reasons, level = [], "routine"

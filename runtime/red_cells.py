@@ -116,7 +116,7 @@ class RedCellReader:
         """What the slide's tiles so far left (JSON-ready): with ``restore``, a resumed slide goes on."""
         self.flush()
         return {"counts": dict(self.counts), "seen": self.seen, "seconds": self.seconds, "sample": self.sample,
-                "probabilities": [[round(v, 5) for v in row] for row in self.probabilities]}
+                "probabilities": [list(row) for row in self.probabilities]}  # as the records round them
 
     def restore(self, checkpoint: dict) -> None:
         self.reset()

@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import sqlite3
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -157,23 +157,29 @@ def _initialise(db: sqlite3.Connection) -> None:
                    (FORMAT, str(FORMAT_VERSION)))
 
 
+def _build(path: Path) -> None:
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S)
+    try:
+        _initialise(db)
+    finally:
+        db.close()
+
+
 def _create(path: Path) -> None:
     """Build a new log beside ``path`` and link it into place. Writers that start together on a missing
     file would otherwise race to switch it to WAL, and SQLite answers that race with "database is locked"
     at once, without waiting out the busy timeout. If another writer links first, its file is the log."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # the umask's mode, as sqlite3 makes it
     try:
-        db = sqlite3.connect(tmp)
-        try:
-            _initialise(db)
-        finally:
-            db.close()
+        _build(tmp)
         try:
             os.link(tmp, path)
         except FileExistsError:
             pass
+        except OSError:  # a filesystem without hard links: the log is made in place
+            _build(path)
     finally:
         os.unlink(tmp)
 

@@ -229,8 +229,8 @@ def summarise_slide(records: list[dict], tally: SlideTally, scale: ScaleEstimate
                    "anomaly_not_assessed": not_assessed},
         "by_class": counts,
         "differential": differential,
-        "differential_classes": in_diff,
-        "corrected_shares": corrected,  # the shares corrected for the model's confusions (urgency reads them)  # the classes a differential counts (platelets are not), even when empty
+        "differential_classes": in_diff,  # the classes a differential counts (platelets are not), even when empty
+        "corrected_shares": corrected,  # the shares corrected for the model's confusions (urgency reads them)
         "abnormal_cells": [_cell_ref(r) for r in abnormal],
         "uncertain_cells": [_cell_ref(r) for r in uncertain],
         "anomalous_cells": [_cell_ref(r) for r in anomalous],

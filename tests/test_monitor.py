@@ -5,12 +5,14 @@ steady one, and one-line errors on a missing or foreign log. Run-log fixtures ar
 module's own functions, from synthetic slide summaries."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import multiprocessing
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -281,6 +283,24 @@ def test_processes_starting_together_on_a_new_log_all_write(tmp_path):
         assert errors or len(R.read_runs(path)) == 24
     assert errors == []
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".new")]  # no build file left behind
+
+
+def test_a_new_log_has_the_umasks_mode_and_is_made_where_hard_links_fail(tmp_path, monkeypatch):
+    """The daemon's log is read by other users' runs and the monitor: it gets the mode sqlite3 would give it,
+    not a temporary file's 0600; on a filesystem without hard links it is made in place."""
+    old = os.umask(0o022)
+    try:
+        assert R.record_slide(tmp_path / "a.sqlite", summary(), AUDIT, 1.0, "score") is True
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.sqlite").stat().st_mode) == 0o644
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(R.os, "link", no_links)
+    assert R.record_slide(tmp_path / "b.sqlite", summary(), AUDIT, 1.0, "score") is True
+    assert len(R.read_runs(tmp_path / "b.sqlite")) == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".new")]
 
 
 def test_a_log_that_cannot_be_written_is_a_warning(tmp_path, caplog):

@@ -64,3 +64,9 @@ def test_the_bootstrap_interval_is_seeded_and_covers_the_truth(sample):
 def test_an_empty_or_flat_array_is_refused(bad):
     with pytest.raises(ValueError, match="non-empty"):
         prior_adjusted_shares(bad)
+
+
+@pytest.mark.parametrize("bad", [np.array([[0.5, np.nan, 0.5]]), np.array([[1.2, -0.2, 0.0]])])
+def test_non_finite_or_negative_probabilities_are_refused(bad):
+    with pytest.raises(ValueError, match="finite and non-negative"):
+        prior_adjusted_shares(bad)

@@ -2,6 +2,7 @@
 exact intervals and a provisional small sample (pure, on hand-made counts)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from scipy.stats import beta
 
@@ -73,8 +74,6 @@ def test_the_grading_artefact_names_its_sources_and_maps_only_the_bundles_classe
 def calibrated_slide(known_posteriors):
     """Counts and exact posteriors of a slide drawn from a known model: classes 10 apart except
     schistocytes, 2 from spherocytes (which the model then calls schistocytes one time in six)."""
-    import numpy as np
-
     means = 10.0 * np.arange(len(CLASSES))
     means[CLASSES.index("schistocyte")] = means[CLASSES.index("spherocyte")] + 2.0
 
@@ -114,11 +113,24 @@ def test_true_schistocytes_stay_urgent_once_corrected(calibrated_slide):
 
 
 def test_probabilities_of_another_class_count_are_refused(calibrated_slide):
-    import numpy as np
-
     counts, p = calibrated_slide({"normal": 50})
     with pytest.raises(ValueError, match="12 classes"):
         red_cell_reading(counts, GRADING, np.asarray(p)[:, :12])
+    with pytest.raises(ValueError, match="probabilities of 49 cells for counts of 50"):
+        red_cell_reading(counts, GRADING, np.asarray(p)[:49])
+
+
+def test_a_corrected_share_is_graded_as_it_is_not_as_whole_cells(monkeypatch):
+    """20.04 % target cells of 1,000 is above 2+'s "above 20 %" start; rounded to 200 cells it would be 1+."""
+    import cytoedge.runtime.rbc_grading as rg
+
+    assert GRADING["features"]["target_cell"]["grade_starts_percent"]["2+"] == {"above": 20.0}
+    shares = {**{c: (0.0, [0.0, 0.1]) for c in CLASSES}, "normal": (79.96, [78.0, 82.0]),
+              "target_cell": (20.04, [18.0, 22.0])}
+    monkeypatch.setattr(rg, "_adjusted", lambda names, p, estimate: shares)
+    counts = {**{c: 0 for c in CLASSES}, "normal": 800, "target_cell": 200}
+    reading = red_cell_reading(counts, GRADING, np.full((1000, len(CLASSES)), 1 / len(CLASSES)))
+    assert reading["grades"]["target cells"]["grade"] == "2+"
 
 
 @pytest.mark.parametrize("change,field", [

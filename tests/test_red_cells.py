@@ -67,9 +67,7 @@ def test_a_slides_red_cells_are_sampled_classified_and_graded(bundle, ort_backen
     resumed.restore(json.loads(json.dumps(reader.checkpoint())))
     again = resumed.reading(None)
     assert resumed.sample == reader.sample  # the DICOM annotations' points survive a resume too
-    assert {f: g["grade"] for f, g in again["grades"].items()} == {f: g["grade"] for f, g in red["grades"].items()}
-    assert all(again["by_class"][c]["adjusted_percent"] == pytest.approx(v["adjusted_percent"], abs=0.01)
-               for c, v in red["by_class"].items())
+    assert again["grades"] == red["grades"] and again["by_class"] == red["by_class"]  # the same reading
 
 
 def test_size_features_are_not_graded_at_a_scale_read_off_the_red_cells(red_bundle):

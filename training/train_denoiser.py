@@ -153,9 +153,11 @@ class Trainer:
             state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
             if not state:
                 raise ValueError(f"{path}: no tensor matches this run's network by name and shape")
-        if not matching_only and (wrong := [k for k in own if k not in state or state[k].shape != own[k].shape]):
-            raise ValueError(f"{path}: {len(wrong)} of this run's {len(own)} tensors are missing or of another shape "
-                             f"(first: {wrong[0]}); a wider network starts from narrower weights with --init-matching")
+        wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
+        if wrong and not matching_only:
+            raise ValueError(f"{path}: {len(wrong)} tensors are missing, extra or of another shape for this run's "
+                             f"network (first: {wrong[0]}); a wider network starts from narrower weights with "
+                             f"--init-matching")
         self.model.load_state_dict(state, strict=not matching_only)
         self.ema.load_state_dict(state, strict=not matching_only)
         loaded = f"{len(state)} of {len(own)} tensors"
