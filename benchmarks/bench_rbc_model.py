@@ -5,7 +5,7 @@ balanced accuracy, the confusion matrix, schistocyte recall and specificity, cel
       [--model OTHER_BUNDLE ...] [--half held-out|measure] [--threads 2] [--write]
 
 The fields are split by content hash (training/rbc_data.held_out); the bundle never trained on this half.
-``--half measure`` leaves out its calibration third (training/rbc_data.calibration_field), for a bundle
+``--half measure`` leaves out its calibration third (training/rbc_data.field_part), for a bundle
 calibrated on those fields.
 Each labelled cell is cut as the training crops were (training/rbc_data.cut_crops, at Chula's one
 dataset scale) and classified by the fast estimator as `cytoedge classify` does. Balanced accuracy is
@@ -35,7 +35,7 @@ TARGET_RECALL = 0.90
 CHUNK = 256
 
 
-def held_out_cells(data: Path, half: str, max_fields: int | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+def labelled_cells(data: Path, half: str, max_fields: int | None) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """Every labelled cell of ``half``'s fields (the first ``max_fields``) as a crop, its Chula class id, and
     the index of its field."""
     crops, labels, field_of = [], [], []
@@ -167,7 +167,7 @@ def main() -> int:
     ap.add_argument("--half", choices=["held-out", "measure"], default="held-out")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="onnxruntime-cpu")
-    ap.add_argument("--fields", type=int, help="only the first N held-out fields (a quick check; not with --write)")
+    ap.add_argument("--fields", type=int, help="only the first N fields (a quick check; not with --write)")
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     if args.write and args.fields:
@@ -176,7 +176,7 @@ def main() -> int:
         print(f"{args.data}: not here (real data is not shipped); nothing to measure", file=sys.stderr)
         return 0
     models = args.model or [Path("models/rbc32-ddpm")]
-    crops, y, field_of = held_out_cells(args.data, args.half, args.fields)
+    crops, y, field_of = labelled_cells(args.data, args.half, args.fields)
     n_fields = len(np.unique(field_of))
     rows, body = [], ""
     for i, path in enumerate(models):

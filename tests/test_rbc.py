@@ -20,8 +20,8 @@ from cytoedge.runtime.cells import declared_um_per_px, write_image_with_scale
 from cytoedge.runtime.crop_scale import CropScaleEstimator
 from cytoedge.runtime.detection import holds_a_cell
 from cytoedge.runtime.errors import BundleError, CytoedgeError
-from cytoedge.training.rbc_data import (CHULA_CLASSES, CHULA_UM_PER_PX, calibration_field, cut_crops, field_files,
-                                        held_out, read_labels, write_crops)
+from cytoedge.training.rbc_data import (CHULA_CLASSES, CHULA_UM_PER_PX, cut_crops, field_files, field_part, held_out,
+                                        read_labels, write_crops)
 
 RBC_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "rbc32-ddpm"
 PINK, PLASMA = (200, 120, 130), (225, 225, 215)
@@ -52,8 +52,8 @@ def test_split_follows_the_bytes_not_the_name(tmp_path):
     calibration, measure = field_files(tmp_path, "calibration"), field_files(tmp_path, "measure")
     assert calibration and measure and set(calibration) | set(measure) == set(held)
     assert not set(calibration) & set(measure)
-    assert all(calibration_field(p.read_bytes()) == (hashlib.sha256(p.read_bytes()).digest()[1] % 3 == 0)
-               for p in held)
+    assert all(field_part(p.read_bytes()) == ("calibration" if hashlib.sha256(p.read_bytes()).digest()[1] % 3 == 0
+                                              else "measure") for p in held)
     moved = held[0].rename(tmp_path / "images" / "renamed.jpg")
     assert moved in field_files(tmp_path, "held-out")
     with pytest.raises(CytoedgeError, match="half must be"):

@@ -75,6 +75,7 @@ def test_a_wider_network_starts_from_the_tensors_that_match(crops):
              str(crops / "w.npz"), "--max-steps", "1"]
     refused = _train(crops, "--run", str(crops / "strict"), *start)
     assert refused.returncode != 0 and "w.npz" in refused.stderr and "--init-matching" in refused.stderr
+    assert "Traceback" not in refused.stderr
     wide = _train(crops, "--run", str(crops / "wide"), *start, "--init-matching")
     assert wide.returncode == 0, wide.stderr
     loaded = json.loads((crops / "wide" / "config.json").read_text())["init_from"]["loaded"]

@@ -49,18 +49,23 @@ CROP_SOURCE_PX = 96  # 48 model px: the 32-px input rotated by any angle (32Â·âˆ
 NORMAL_SHARE_FOR_SCALE = 0.8
 
 
+def field_part(image_bytes: bytes) -> str:
+    """Which part a field belongs to, from the sha256 of its file's bytes: "train" (even first byte), or of
+    the held-out half never trained on, "calibration" (second byte divisible by 3: a third, to calibrate on
+    cells the model never saw) or "measure" (the rest)."""
+    digest = hashlib.sha256(image_bytes).digest()
+    if digest[0] % 2 == 0:
+        return "train"
+    return "calibration" if digest[1] % 3 == 0 else "measure"
+
+
 def held_out(image_bytes: bytes) -> bool:
-    """The half never trained on: odd first byte of the sha256 of the field file's bytes."""
-    return hashlib.sha256(image_bytes).digest()[0] % 2 == 1
+    """The half never trained on."""
+    return field_part(image_bytes) != "train"
 
 
-def calibration_field(image_bytes: bytes) -> bool:
-    """A third of the held-out half, kept to calibrate on cells the model never trained on: second byte of the
-    sha256 divisible by 3. The rest of the held-out half is measured."""
-    return held_out(image_bytes) and hashlib.sha256(image_bytes).digest()[1] % 3 == 0
-
-
-HALVES = ("train", "held-out", "calibration", "measure", "all")
+HALVES = {"train": {"train"}, "held-out": {"calibration", "measure"}, "calibration": {"calibration"},
+          "measure": {"measure"}, "all": {"train", "calibration", "measure"}}
 SPLIT_RULE = "sha256(field file bytes)[0] odd -> held-out; of those, [1] % 3 == 0 -> calibration, the rest measure"
 
 
@@ -73,11 +78,7 @@ def field_files(data_root: Path, half: str) -> list[Path]:
     if not images.is_dir():
         raise CytoedgeError(f"{data_root}: not a Chula RBC-12 folder (no images/ inside)")
     fields = sorted(images.glob("*.jpg"), key=lambda p: (len(p.stem), p.stem))
-    if half == "all":
-        return fields
-    test = {"train": lambda b: not held_out(b), "held-out": held_out, "calibration": calibration_field,
-            "measure": lambda b: held_out(b) and not calibration_field(b)}[half]
-    return [p for p in fields if test(p.read_bytes())]
+    return fields if half == "all" else [p for p in fields if field_part(p.read_bytes()) in HALVES[half]]
 
 
 def read_labels(data_root: Path, field: Path) -> list[tuple[float, float, int]]:
@@ -152,7 +153,7 @@ def write_crops(data_root: Path, out: Path, half: str, per_class: int | None = N
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=Path("../shared/data/chula_rbc12"))
-    p.add_argument("--half", choices=HALVES[:-1], default="train")
+    p.add_argument("--half", choices=[h for h in HALVES if h != "all"], default="train")
     p.add_argument("--out", type=Path, required=True, help="labelled folder to write (never inside the repository)")
     p.add_argument("--per-class", type=int, help="at most this many random cells of each class")
     p.add_argument("--seed", type=int, default=0)

@@ -149,15 +149,13 @@ class Trainer:
         with np.load(path) as z:
             state = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files if k != "__meta__"}
         own = self.model.state_dict()
-        if matching_only:
-            state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-            if not state:
-                raise ValueError(f"{path}: no tensor matches this run's network by name and shape")
-        wrong = [k for k in own if k not in state or state[k].shape != own[k].shape] + [k for k in state if k not in own]
-        if wrong and not matching_only:
-            raise ValueError(f"{path}: {len(wrong)} tensors are missing, extra or of another shape for this run's "
-                             f"network (first: {wrong[0]}); a wider network starts from narrower weights with "
-                             f"--init-matching")
+        fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        if matching_only and not fits:
+            raise ValueError(f"{path}: no tensor matches this run's network by name and shape")
+        if not matching_only and not len(fits) == len(state) == len(own):
+            raise ValueError(f"{path}: {len(fits)} of its {len(state)} tensors fit this run's network of {len(own)}; "
+                             f"a wider network starts from narrower weights with --init-matching")
+        state = fits
         self.model.load_state_dict(state, strict=not matching_only)
         self.ema.load_state_dict(state, strict=not matching_only)
         loaded = f"{len(state)} of {len(own)} tensors"
@@ -325,7 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     trainer = Trainer(cfg, args.data, args.run, args.cache)
     if not trainer.resume() and args.init_from:
         if args.init_from.suffix == ".npz":
-            loaded = trainer.init_from_weights(args.init_from, args.init_matching)
+            try:
+                loaded = trainer.init_from_weights(args.init_from, args.init_matching)
+            except ValueError as e:
+                raise SystemExit(f"train_denoiser: {e}") from None
             if args.init_matching:
                 cfg.setdefault("init_from", {})["loaded"] = loaded
                 cfg_path.write_text(json.dumps(cfg, indent=2))
