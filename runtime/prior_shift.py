@@ -69,7 +69,13 @@ def percentile_interval(draws: np.ndarray, level: float = 0.95) -> tuple[np.ndar
     return np.percentile(draws, tail, axis=0), np.percentile(draws, 100 - tail, axis=0)
 
 
-def bootstrap_interval(probabilities: np.ndarray, calibration_prior: np.ndarray | None = None,
-                       resamples: int = 200, level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval ``(low [K], high [K])`` of the adjusted shares, resampling cells."""
-    return percentile_interval(bootstrap_draws(probabilities, calibration_prior, resamples, seed), level)
+def shares_with_interval(probabilities: np.ndarray, groups: tuple[list[int], ...] = (), resamples: int = 200,
+                         level: float = 0.95, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Adjusted shares of each class, then of each group of classes (their sum), with the percentile
+    bootstrap interval of each, resampling cells: ``(shares, low, high)``, each ``[K + len(groups)]``.
+    A group's interval is read off the same draws as its classes', not summed from theirs."""
+    p = np.asarray(probabilities, np.float64)
+    shares, draws = prior_adjusted_shares(p), bootstrap_draws(p, resamples=resamples, seed=seed)
+    shares = np.append(shares, [shares[g].sum() for g in groups])
+    low, high = percentile_interval(np.column_stack([draws] + [draws[:, g].sum(1) for g in groups]), level)
+    return shares, low, high

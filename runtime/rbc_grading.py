@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from cytoedge.runtime.intervals import exact_interval
-from cytoedge.runtime.prior_shift import bootstrap_interval, prior_adjusted_shares
+from cytoedge.runtime.prior_shift import shares_with_interval
 
 GRADES = ("0", "1+", "2+", "3+")
 
@@ -92,9 +92,8 @@ def _adjusted(names: list[str], probabilities: np.ndarray | None, estimate: dict
     if p.shape[1] != len(names):
         raise ValueError(f"red-cell probabilities have {p.shape[1]} classes; the counts have {len(names)}")
     interval = estimate["interval"]
-    shares = prior_adjusted_shares(p)
-    lo, hi = bootstrap_interval(p, resamples=interval["bootstrap_resamples"], level=interval["level"],
-                                seed=interval["seed"])
+    shares, lo, hi = shares_with_interval(p, resamples=interval["bootstrap_resamples"], level=interval["level"],
+                                          seed=interval["seed"])
     return {c: (100 * shares[i], [round(100 * lo[i], 3), round(100 * hi[i], 3)]) for i, c in enumerate(names)}
 
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from cytoedge.runtime.prior_shift import bootstrap_draws, percentile_interval, prior_adjusted_shares
+from cytoedge.runtime.prior_shift import shares_with_interval
 from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.domain_alarm import records_alarm
 from cytoedge.runtime.scale import ScaleEstimate
@@ -104,10 +104,7 @@ def corrected_shares(records: list[dict], names: list[str], abnormal: list[str],
     if not records or any(not r.get("probabilities") for r in records):
         return None
     p = np.array([[r["probabilities"].get(c, 0.0) for c in names] for r in records])
-    shares, draws = prior_adjusted_shares(p), bootstrap_draws(p, resamples=resamples)
-    group = [names.index(c) for c in abnormal]
-    shares = np.append(shares, shares[group].sum())
-    lo, hi = percentile_interval(np.column_stack([draws, draws[:, group].sum(1)]))
+    shares, lo, hi = shares_with_interval(p, ([names.index(c) for c in abnormal],), resamples=resamples)
 
     def share(i: int) -> dict:
         return {"percent": round(100 * float(shares[i]), 3), "ci95_percent": [round(100 * float(lo[i]), 3),

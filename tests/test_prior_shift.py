@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cytoedge.runtime.prior_shift import _em_step, bootstrap_interval, prior_adjusted_shares
+from cytoedge.runtime.prior_shift import _em_step, prior_adjusted_shares, shares_with_interval
 
 MEANS = np.array([0.0, 2.5, 5.0])  # class means on one feature, unit variance: neighbours overlap
 
@@ -54,10 +54,15 @@ def test_a_known_calibration_prior_is_divided_out(sample):
 def test_the_bootstrap_interval_is_seeded_and_covers_the_truth(sample):
     truth = np.array([0.8, 0.05, 0.15])
     _, p = sample(truth.tolist(), 1000, seed=5)
-    lo, hi = bootstrap_interval(p, resamples=100)
-    again = bootstrap_interval(p, resamples=100)
-    assert np.array_equal(lo, again[0]) and np.array_equal(hi, again[1])
+    shares, lo, hi = shares_with_interval(p, ([1, 2],), resamples=100)
+    again = shares_with_interval(p, ([1, 2],), resamples=100)
+    assert np.array_equal(lo, again[1]) and np.array_equal(hi, again[2])
+    truth = np.append(truth, truth[1:].sum())
     assert np.all(lo <= truth) and np.all(truth <= hi) and np.all(hi - lo < 0.12)
+    assert shares[3] == pytest.approx(shares[1] + shares[2])
+    # The group's interval comes from the same draws: narrower than the sum of its classes' widths
+    # wherever the two classes trade cells between them.
+    assert hi[3] - lo[3] <= (hi[1] - lo[1]) + (hi[2] - lo[2])
 
 
 @pytest.mark.parametrize("bad", [np.zeros((0, 3)), np.ones(3)])
