@@ -26,7 +26,7 @@ from cytoedge.runtime.bundle import ModelBundle
 from cytoedge.runtime.classify_cells import fast_records, score_cells_fast
 from cytoedge.runtime.labelled_data import labelled_subset
 from cytoedge.runtime.site_cells import crop_cells
-from cytoedge.runtime.summary import TriagePolicy, corrected_shares, triage
+from cytoedge.runtime.summary import SlideTally, TriagePolicy, summarise_slide
 
 NORMAL = {"neutrophil": 0.58, "lymphocyte": 0.30, "monocyte": 0.06, "eosinophil": 0.04, "basophil": 0.02}
 ABNORMAL = {"ig": 0.5, "erythroblast": 0.5}
@@ -39,24 +39,19 @@ def held_out_records(bundle: ModelBundle, data: Path, threads: int) -> tuple[lis
     cells = crop_cells(files, labels, bundle, None)
     backend = create_backend(bundle, "onnxruntime-cpu", threads=threads)
     records = [r for b in cells.batches for r in fast_records(score_cells_fast(b, bundle, backend), bundle.class_names)]
+    for i, r in enumerate(records):  # what a slide's record has besides the reading: a crop has no place
+        r.update(id=i, centre=[0, 0], bbox=[0, 0, 0, 0])
     return records, labels
 
 
-def read_slide(records: list[dict], names: list[str], abnormal: list[str], policy: TriagePolicy) -> tuple[str, float]:
-    """Level and abnormal share (%) of one resampled slide, as summarise_slide reads them."""
-    n = len(records)
-    counts = {c: sum(r["class"] == c for r in records) for c in names}
-    in_diff = [c for c in names if c not in policy.not_in_differential]
-    n_diff = sum(counts[c] for c in in_diff)
-    differential = {c: counts[c] / n_diff for c in in_diff} if n_diff else {}
-    flagged = [r for r in records if r["flags"]["abnormal"]]
-    by_class: dict[str, int] = {}
-    for r in flagged:
-        by_class[r["class"]] = by_class.get(r["class"], 0) + 1
-    corrected = corrected_shares(records, names, abnormal, policy.share_interval_resamples) \
-        if policy.urgent_abnormal_from == "corrected" else None
-    level = triage(by_class, n, n_diff, len(flagged), 0, 0, differential, policy, corrected and corrected["abnormal"])
-    return level["level"], corrected["abnormal"]["percent"] if corrected else 100 * len(flagged) / n
+def read_slide(records: list[dict], bundle: ModelBundle, policy: TriagePolicy) -> tuple[str, float]:
+    """Level and abnormal share (%) of one resampled slide, read by the product's summarise_slide (its
+    uncertain and anomalous cells and the out-of-domain alarm included); no scale or stain map."""
+    summary = summarise_slide(records, SlideTally("resampled slide"), None, None, bundle, policy, bin_um=100.0)
+    corrected = summary["corrected_shares"]
+    share = corrected["abnormal"]["percent"] if policy.urgent_abnormal_from == "corrected" and corrected \
+        else 100 * len(summary["abnormal_cells"]) / len(records)
+    return summary["triage"]["level"], share
 
 
 def main() -> int:
@@ -88,7 +83,7 @@ def main() -> int:
                 cls = rng.choice(list(mix), size=n, p=p / p.sum())
                 slide = [records[rng.choice(pools[c])] for c in cls]
                 for m, pol in policies.items():
-                    out[m].append(read_slide(slide, names, abnormal, pol))
+                    out[m].append(read_slide(slide, bundle, pol))
             row = [str(n), f"{100 * a:g}"]
             for m in policies:
                 row += [f"{np.mean([lv == 'urgent' for lv, _ in out[m]]):.0%}", f"{np.mean([s for _, s in out[m]]):.1f}"]
@@ -101,12 +96,13 @@ def main() -> int:
             f"by the fast estimator ({args.threads} threads); per-cell abnormal flag sensitivity {flags[truth].mean():.3f}, "
             f"specificity {1 - flags[~truth].mean():.3f}. {args.slides} slides per row, each drawn with replacement "
             "from those cells (normal adult differential, the abnormal share half ig, half erythroblasts), read by "
-            f"runtime/summary.triage with the bundle's policy (urgent: ≥ {policy.urgent_min_abnormal} abnormal cells "
+            f"runtime/summary.summarise_slide with the bundle's policy (urgent: ≥ {policy.urgent_min_abnormal} abnormal cells "
             f"and ≥ {policy.urgent_abnormal_fraction:.0%} of cells).\n\n"
             "| cells | true abnormal % | urgent, flag count | mean flagged % | urgent, corrected | mean corrected % | "
             "review or urgent, corrected |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-            "A slide with any flagged cell is at least review, so 'review or urgent' counts every slide with a "
-            "flag; 'urgent, corrected' is what the urgency now says. The corrected share reads below the truth "
+            "A slide with any abnormal or anomalous cell, or a fifth of its cells uncertain, is at least review, "
+            "so 'review or urgent' counts every slide a reader is asked to look at; 'urgent, corrected' is what "
+            "the urgency now says; the out-of-domain alarm turns an urgent slide into review. The corrected share reads below the truth "
             "where abnormal cells' probabilities spread to the classes they resemble (ig to neutrophils and "
             "monocytes): the correction is as good as the calibration on this site's cells.\n")
     print(body)
