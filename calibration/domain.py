@@ -44,6 +44,12 @@ def probe_stats(t: np.ndarray, min_cells: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, std
 
 
+def _run_reference(a: np.ndarray, z: np.ndarray, called: np.ndarray, min_cells: int) -> dict:
+    """Pooled and per-class (classes called at least ``min_cells`` times) anomaly and typicality statistics."""
+    return {"all": _stats(a, z), "by_class": {c: _stats(a[called == c], z[called == c])
+                                              for c in sorted(set(called.tolist())) if (called == c).sum() >= min_cells}}
+
+
 def fit_domain(leader_weighted: np.ndarray, null_weighted: np.ndarray | None, called: list[str],
                anomaly_normalisation: AnomalyNormalisation, seed: int = 0, min_cells: int = 10) -> dict:
     """The domain reference from the race's weighted errors on calibration cells and the class each
@@ -56,9 +62,8 @@ def fit_domain(leader_weighted: np.ndarray, null_weighted: np.ndarray | None, ca
     lo, hi = np.quantile(z, CELL_QUANTILES)
     called = np.asarray(called)
     classes = sorted(set(called.tolist()))
-    by_class = {c: _stats(a[called == c], z[called == c]) for c in classes if (called == c).sum() >= min_cells}
     domain = {"typicality": {**typical, "range": [float(lo), float(hi)]},
-              "run": {"all": _stats(a, z), "by_class": by_class, "sizes": list(RUN_SIZES)}}
+              "run": {**_run_reference(a, z, called, min_cells), "sizes": list(RUN_SIZES)}}
     rng = np.random.default_rng(seed)
     members = [np.flatnonzero(called == c) for c in classes]
     names = called.tolist()
@@ -68,14 +73,17 @@ def fit_domain(leader_weighted: np.ndarray, null_weighted: np.ndarray | None, ca
         for _ in range(BOOTSTRAP_RUNS):
             counts = rng.multinomial(n, rng.dirichlet(np.full(len(classes), DIRICHLET_ALPHA)))
             idx = np.concatenate([rng.choice(m, k) for m, k in zip(members, counts) if k])
-            shifts.append(run_shift(a[idx], z[idx], [names[i] for i in idx], domain))
+            ref = rng.integers(0, len(a), len(a))
+            resampled = {"run": _run_reference(a[ref], z[ref], called[ref], min_cells)}
+            shifts.append(run_shift(a[idx], z[idx], [names[i] for i in idx], resampled))
         thresholds.append(float(np.quantile(shifts, RUN_QUANTILE)))
     domain["run"]["thresholds"] = thresholds
     domain["method"] = ("cell: typicality (z of log null-class error) outside its calibration quantiles "
                         f"{list(CELL_QUANTILES)}; run: shift of mean anomaly and typicality, standardised by "
                         "the called class's calibration cells, above the "
                         f"{RUN_QUANTILE} quantile of {BOOTSTRAP_RUNS} bootstrap runs per size with "
-                        f"Dirichlet({DIRICHLET_ALPHA}) class mixes")
+                        f"Dirichlet({DIRICHLET_ALPHA}) class mixes, each against a reference from a resample of "
+                        "the cells")
     return domain
 
 
