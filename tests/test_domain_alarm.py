@@ -127,7 +127,6 @@ def test_a_late_probe_few_cells_reach_does_not_make_their_typicality_explode():
     assert not run_alarm(*features(reference, run_leader, run_null, run_y), reference)["raised"]
 
 
-
 def test_a_reference_from_few_cells_does_not_alarm_on_large_runs_of_new_cells_like_them():
     """The per-class means of a reference fitted on a few dozen cells a class are off by a fraction of a
     standard deviation, and a run of 200 new cells measures its mean that precisely: thresholds from runs

@@ -60,9 +60,10 @@ def test_the_bootstrap_interval_is_seeded_and_covers_the_truth(sample):
     truth = np.append(truth, truth[1:].sum())
     assert np.all(lo <= truth) and np.all(truth <= hi) and np.all(hi - lo < 0.12)
     assert shares[3] == pytest.approx(shares[1] + shares[2])
-    # The group's interval comes from the same draws: narrower than the sum of its classes' widths
-    # wherever the two classes trade cells between them.
-    assert hi[3] - lo[3] <= (hi[1] - lo[1]) + (hi[2] - lo[2])
+    # A group's interval is read off the same draws as its classes': all classes together are 100 % in
+    # every draw, an interval of no width (summing the classes' intervals would give a wide one).
+    whole, lo_all, hi_all = shares_with_interval(p, ([0, 1, 2],), resamples=100)
+    assert whole[3] == pytest.approx(1.0) and hi_all[3] - lo_all[3] < 1e-9
 
 
 @pytest.mark.parametrize("bad", [np.zeros((0, 3)), np.ones(3)])
